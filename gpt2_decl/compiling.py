@@ -1,0 +1,60 @@
+"""Compiled mode: the whole model as one `torch.compile` graph, with checks kept at the boundary."""
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from gpt2_decl.model import GPT2
+from gpt2_decl.typecheck import shape_checked
+
+
+class CompiledGPT2:
+    """A GPT-2 compiled with `fullgraph=True`. Call it like the model.
+
+    Input validation and typechecked mode's checks of the tokens and logits run eagerly around
+    the compiled graph; the per-layer checks are not traced into it (they cannot be: see
+    `typecheck.py`). Parameters stay shared with `model`, so training it trains the model.
+    """
+
+    def __init__(self, model: GPT2, compiled: Callable[[Tensor], Tensor]):
+        self.model = model
+        self.compiled = compiled
+
+    @shape_checked
+    def __call__(self, tokens: Int[Tensor, "batch seq"]) -> Float[Tensor, "batch seq vocab"]:
+        self.model.check_tokens(tokens)
+        return self.compiled(tokens)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+
+def compile(
+    model: GPT2,
+    *,
+    mode: str | None = None,
+    freeze: bool = False,
+    dynamic: bool | None = None,
+    backend: str | Callable = "inductor",
+) -> CompiledGPT2:
+    """Compile `model` whole (`fullgraph=True`: a graph break is an error, never a slowdown).
+
+    mode: torch.compile's mode ("default", "reduce-overhead", "max-autotune", ...).
+    freeze: inductor's weight freezing, which folds weights into the graph as constants for
+        inference (applies under `torch.no_grad()`): faster on CPU, but later weight updates are
+        not seen, so never use it for training.
+    dynamic: None compiles for the first sequence length and makes the sequence axis dynamic on
+        the first change (one extra compilation, never one per length); True is dynamic at once.
+    """
+    options: dict[str, Any] = {}
+    if mode is not None:
+        options.update(torch._inductor.list_mode_options(mode, dynamic))
+    if freeze:
+        options["freezing"] = True
+    compiled = torch.compile(
+        model, fullgraph=True, dynamic=dynamic, backend=backend, options=options or None
+    )
+    return CompiledGPT2(model, compiled)
