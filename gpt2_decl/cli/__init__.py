@@ -1,0 +1,33 @@
+"""The `gpt2-decl` command (also `python -m gpt2_decl`): one subcommand per module here."""
+
+import argparse
+import importlib
+import sys
+
+# Each module defines add_parser(subparsers), which registers its subcommand and its handler.
+SUBCOMMAND_MODULES = ("summary", "bench", "generate", "train")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gpt2-decl", description="GPT-2 as shape-annotated, declarative PyTorch."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"gpt2_decl.cli.{name}")
+        except ModuleNotFoundError as error:
+            if error.name != f"gpt2_decl.cli.{name}":
+                raise
+            continue
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
