@@ -10,7 +10,7 @@ from gpt2_decl.model import GPT2
 
 @dataclass(frozen=True)
 class ParameterCounts:
-    """`tied` counts each tensor once; `untied` counts per module, as torchinfo does (head twice)."""
+    """`tied` counts each tensor once; `untied` counts per module (the head twice), as torchinfo."""
 
     tied: int
     untied: int

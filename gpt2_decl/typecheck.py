@@ -56,7 +56,7 @@ F = TypeVar("F", bound=Callable)
 
 
 def shape_checked(fn: F) -> F:
-    """Check `fn`'s jaxtyping annotations on every call made in typechecked mode, outside compile."""
+    """Check `fn`'s jaxtyping annotations on each call in typechecked mode, outside compile."""
     checked = jaxtyping.jaxtyped(typechecker=beartype)(fn)
     signature = inspect.signature(fn)
 
@@ -96,7 +96,7 @@ def _one_line(fn: Callable, error: Exception, arguments: dict) -> str:
         got = _describe(arguments.get(argument.group(1)))
     else:
         where = "return value"
-        got = actual.group(1).removesuffix("(torch)") if actual else "?"
+        got = _expand_summary(actual.group(1)) if actual else "an unknown value"
     line = f"{fn.__module__}.{fn.__qualname__}(): {where}"
     if expected:
         line += f" expected {expected.group(1)}"
@@ -107,10 +107,25 @@ def _one_line(fn: Callable, error: Exception, arguments: dict) -> str:
     return line
 
 
+_SHORT_DTYPE_PREFIXES = {"bf": "bfloat", "f": "float", "i": "int", "u": "uint", "c": "complex"}
+
+
+def _expand_summary(summary: str) -> str:
+    """jaxtyping's "f32[2,4](torch)" in the same words as arguments get: "float32[2, 4]"."""
+    match = re.fullmatch(r"([a-z]+)(\d*)\[([\d,]*)\].*", summary)
+    if not match:
+        return summary
+    prefix, bits, sizes = match.groups()
+    dtype = _SHORT_DTYPE_PREFIXES.get(prefix, prefix) + bits
+    return f"{dtype}[{', '.join(sizes.split(','))}]" if sizes else f"{dtype}[]"
+
+
 def _root_reason(error: BaseException) -> str:
     """beartype's explanation ("the size of dimension seq is 8 which does not equal ...")."""
     while error.__cause__ is not None:
         error = error.__cause__
     reason = str(error).rpartition(", as ")[2].strip().rstrip(".")
     # beartype lists every accepted dtype; the annotation already names the dtype family.
-    return re.sub(r"not any of \(.*\) as expected by the type hint", "not one the hint allows", reason)
+    return re.sub(
+        r"not any of \(.*\) as expected by the type hint", "not one the hint allows", reason
+    )

@@ -12,14 +12,21 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 def add_model_arguments(parser: argparse.ArgumentParser, preset: bool = True) -> None:
     if preset:
         parser.add_argument(
-            "--preset", default="small", choices=sorted(GPT2Config.PRESETS),
+            "--preset",
+            default="small",
+            choices=sorted(GPT2Config.PRESETS),
             help="GPT-2 size (default: small)",
         )
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="parameter dtype")
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)"
+    )
+    parser.add_argument(
+        "--dtype", default="float32", choices=sorted(DTYPES), help="parameter dtype"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed for weights and inputs")
     parser.add_argument(
-        "--typecheck", action="store_true",
+        "--typecheck",
+        action="store_true",
         help="check every annotated shape and dtype at runtime (typechecked mode)",
     )
 
@@ -29,7 +36,9 @@ def resolve_device(name: str | None) -> torch.device:
 
     device = torch.device(name) if name else default_device()
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {name} asked for CUDA, but torch.cuda.is_available() is False")
+        raise SystemExit(
+            f"error: --device {name} asked for CUDA, but torch.cuda.is_available() is False"
+        )
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise SystemExit(f"error: --device {name} asked for MPS, which this machine does not have")
     return device

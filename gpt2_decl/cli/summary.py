@@ -8,7 +8,8 @@ from gpt2_decl.summary import format_summary
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "summary", help="parameter counts by part, tied and untied",
+        "summary",
+        help="parameter counts by part, tied and untied",
         description="Print a preset's parameters by part, and why 163M and 124M both appear.",
     )
     parser.add_argument("--preset", default="small", choices=sorted(GPT2Config.PRESETS))

@@ -1,0 +1,36 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_forward(*flags: str) -> str:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "forward.py"), *flags],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_forward_example_runs_gpt2_small_end_to_end():
+    out = run_forward("--batch", "2", "--seq", "8", "--typecheck")
+    assert "124,439,808 (tied); 163,037,184 counted untied" in out
+    assert "logits      (2, 8, 50257) torch.float32" in out
+    assert "typechecked mode on" in out
+    next_tokens = out.split("next token  ")[1].split(" (")[0]
+    assert len(json.loads(next_tokens)) == 2  # one id per sequence
+    assert "eager forward" in out
+
+
+def test_forward_example_compiled_in_bfloat16():
+    out = run_forward(
+        "--preset", "small", "--seq", "4", "--batch", "1", "--dtype", "bfloat16", "--compile"
+    )
+    assert "logits      (1, 4, 50257) torch.bfloat16" in out
+    assert "compiled forward" in out and "compile     " in out

@@ -1,0 +1,149 @@
+import math
+
+import pytest
+import torch
+
+from gpt2_decl import GPT2, GPT2Config, default_device
+
+
+def reference_logits(model: GPT2, tokens: torch.Tensor) -> torch.Tensor:
+    """GPT-2 written out longhand (explicit mask, softmax and tanh GELU formula), from the paper's
+    description rather than from our layers, reading the same weights."""
+    config = model.config
+    batch, seq = tokens.shape
+    n_head, d_head = config.n_head, config.d_head
+    x = model.token_embedding.weight[tokens] + model.position_embedding.weight[:seq]
+
+    def norm(x, module):
+        mean = x.mean(-1, keepdim=True)
+        var = ((x - mean) ** 2).mean(-1, keepdim=True)
+        return (x - mean) / torch.sqrt(var + config.layer_norm_eps) * module.weight + module.bias
+
+    def gelu_tanh(x):
+        return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+    mask = torch.ones(seq, seq).tril().bool()
+    for block in model.blocks:
+        qkv = norm(x, block.ln_1) @ block.qkv.weight.T + block.qkv.bias
+        q, k, v = qkv.split(config.d_model, dim=-1)
+        q, k, v = (t.reshape(batch, seq, n_head, d_head).transpose(1, 2) for t in (q, k, v))
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(d_head)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        heads = scores.softmax(-1) @ v
+        merged = heads.transpose(1, 2).reshape(batch, seq, config.d_model)
+        x = x + merged @ block.attn_out.weight.T + block.attn_out.bias
+        hidden = gelu_tanh(norm(x, block.ln_2) @ block.mlp_in.weight.T + block.mlp_in.bias)
+        x = x + hidden @ block.mlp_out.weight.T + block.mlp_out.bias
+    return norm(x, model.ln_f) @ model.token_embedding.weight.T
+
+
+def test_logits_shape_and_dtype(tiny_model, tokens, tiny_config):
+    logits = tiny_model(tokens)
+    assert logits.shape == (3, 11, tiny_config.vocab_size)
+    assert logits.dtype == torch.float32
+
+
+def test_matches_a_longhand_reference(tiny_model, tokens):
+    with torch.no_grad():
+        torch.testing.assert_close(
+            tiny_model(tokens), reference_logits(tiny_model, tokens), atol=1e-5, rtol=1e-5
+        )
+
+
+def test_causal_later_tokens_never_change_earlier_logits(tiny_model, tokens, tiny_config):
+    changed = tokens.clone()
+    changed[:, 6:] = (changed[:, 6:] + 1) % tiny_config.vocab_size
+    before, after = tiny_model(tokens), tiny_model(changed)
+    torch.testing.assert_close(before[:, :6], after[:, :6], rtol=0, atol=0)
+    assert not torch.allclose(before[:, 6:], after[:, 6:])
+
+
+def test_output_head_shares_storage_with_the_token_embedding(tiny_model):
+    assert tiny_model.lm_head.weight is tiny_model.token_embedding.weight
+    state = tiny_model.state_dict()
+    assert state["lm_head.weight"].data_ptr() == state["token_embedding.weight"].data_ptr()
+
+
+def test_same_seed_same_weights_other_seed_other_weights(tiny_config):
+    first, second = GPT2(tiny_config), GPT2(tiny_config)
+    other = GPT2(tiny_config.replace(seed=tiny_config.seed + 1))
+    for (name, a), b, c in zip(
+        first.state_dict().items(),
+        second.state_dict().values(),
+        other.state_dict().values(),
+        strict=True,
+    ):
+        assert torch.equal(a, b), name
+        if a.std() > 0:
+            assert not torch.equal(a, c), name
+
+
+def test_gpt2_initialisation_statistics():
+    config = GPT2Config(vocab_size=512, n_ctx=64, d_model=256, n_layer=8, n_head=4)
+    model = GPT2(config)
+    residual_std = 0.02 / math.sqrt(2 * config.n_layer)
+    block = model.blocks[3]
+    assert model.token_embedding.weight.std().item() == pytest.approx(0.02, rel=0.02)
+    assert block.qkv.weight.std().item() == pytest.approx(0.02, rel=0.02)
+    assert block.mlp_out.weight.std().item() == pytest.approx(residual_std, rel=0.02)
+    assert block.attn_out.weight.std().item() == pytest.approx(residual_std, rel=0.05)
+    assert torch.equal(block.ln_1.weight, torch.ones(256)) and torch.equal(
+        block.qkv.bias, torch.zeros(768)
+    )
+
+
+def test_dropout_only_in_training(tokens):
+    model = GPT2(GPT2Config(vocab_size=97, n_ctx=32, d_model=48, n_layer=2, n_head=4, dropout=0.5))
+    model.train()
+    assert not torch.equal(model(tokens), model(tokens))
+    model.eval()
+    assert torch.equal(model(tokens), model(tokens))
+
+
+def test_positions_follow_the_input_device(tiny_model, tokens):
+    meta_model = GPT2(tiny_model.config).to("meta")
+    logits = meta_model.unembed(meta_model.embed(tokens.to("meta")))
+    assert logits.device.type == "meta"
+
+
+def test_default_device_is_available():
+    device = default_device()
+    assert torch.empty(1, device=device).device.type == device.type
+
+
+@pytest.mark.parametrize(
+    ("bad", "error", "message"),
+    [
+        ([[1, 2, 3]], TypeError, "must be a torch.Tensor of token ids, got list"),
+        (torch.zeros(2, 4), TypeError, "integer dtype.*got torch.float32"),
+        (torch.zeros(2, 4, dtype=torch.bool), TypeError, "integer dtype.*got torch.bool"),
+        (torch.zeros(4, dtype=torch.long), ValueError, r"shape \[batch, seq\].*got 1 dimensions"),
+        (
+            torch.zeros(1, 2, 4, dtype=torch.long),
+            ValueError,
+            r"got 3 dimensions with shape \(1, 2, 4\)",
+        ),
+        (torch.zeros(2, 0, dtype=torch.long), ValueError, r"must not be empty, got shape \(2, 0\)"),
+        (torch.zeros(0, 5, dtype=torch.long), ValueError, "must not be empty"),
+        (
+            torch.zeros(1, 33, dtype=torch.long),
+            ValueError,
+            "33 tokens is longer than the context of 32",
+        ),
+        (torch.full((1, 4), 97), ValueError, r"token id 97 is outside the vocabulary \[0, 97\)"),
+        (torch.full((1, 4), -1), ValueError, r"token id -1 is outside the vocabulary"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(tiny_model, bad, error, message):
+    with pytest.raises(error, match=message):
+        tiny_model(bad)
+
+
+def test_tokens_on_another_device_name_both_devices(tiny_model):
+    meta_tokens = torch.zeros(1, 4, dtype=torch.long, device="meta")
+    with pytest.raises(ValueError, match="tokens are on meta but the model is on cpu"):
+        tiny_model(meta_tokens)
+
+
+def test_int32_ids_are_accepted(tiny_model, tokens):
+    torch.testing.assert_close(tiny_model(tokens.int()), tiny_model(tokens))
