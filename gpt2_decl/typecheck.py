@@ -88,7 +88,9 @@ def _one_line(fn: Callable, error: Exception, arguments: dict) -> str:
     argument = re.search(r"typechecking parameter '(\w+)'", text)
     expected = re.search(r"Expected type: (?:<class ')?(.*?)(?:'>)?\.?$", text, re.MULTILINE)
     actual = re.search(r"Actual value: (\S+)", text)
-    axes = text.partition("are as follows.")[2].split()
+    bound_axes = text.partition("are as follows.")[2]
+    axes = re.sub(r"torch\.Size\((\[.*?\])\)", r"\1", bound_axes).split("\n")
+    axes = [axis for axis in axes if axis]
     reason = _root_reason(error)
 
     if argument:
