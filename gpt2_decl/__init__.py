@@ -2,9 +2,11 @@
 
 import torch
 
+from gpt2_decl.compiling import CompiledGPT2, compile
 from gpt2_decl.config import GPT2Config
 from gpt2_decl.model import GPT2
 from gpt2_decl.summary import ParameterCounts, count_parameters
+from gpt2_decl.tokenizer import GPT2Tokenizer
 from gpt2_decl.typecheck import ShapeError, is_typechecked, set_typechecked, typechecked
 
 
@@ -19,9 +21,12 @@ def default_device() -> torch.device:
 
 __all__ = [
     "GPT2",
+    "CompiledGPT2",
     "GPT2Config",
+    "GPT2Tokenizer",
     "ParameterCounts",
     "ShapeError",
+    "compile",
     "count_parameters",
     "default_device",
     "is_typechecked",

@@ -4,11 +4,13 @@ Every tensor carries its shape; typechecked mode checks them (see `typecheck.py`
 matrices use torch's (out_features, in_features) layout, as `F.linear` expects.
 """
 
+import torch
 import torch.nn.functional as F
 from einops import rearrange
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from gpt2_decl.kv_cache import LayerCache
 from gpt2_decl.typecheck import shape_checked
 
 
@@ -56,10 +58,24 @@ def causal_self_attention(
     out_bias: Float[Tensor, " d_model"],
     n_head: int,
     dropout: float = 0.0,
+    cache: LayerCache | None = None,
 ) -> Float[Tensor, "batch seq d_model"]:
-    """Multi-head attention where each position sees itself and the positions before it."""
+    """Multi-head attention where each position sees itself and the positions before it.
+
+    With a `cache` (keys, values, positions of `x`'s tokens), the new keys and values are written
+    into it in place, and the queries attend over every cached position up to their own.
+    """
     q, k, v = split_heads(F.linear(x, qkv_weight, qkv_bias), n_head)
-    heads = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+    if cache is None:
+        heads = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+    else:
+        keys, values, positions = cache
+        keys.index_copy_(2, positions, k)
+        values.index_copy_(2, positions, v)
+        visible = torch.arange(keys.shape[2], device=positions.device) <= positions[:, None]
+        heads = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=visible, dropout_p=dropout
+        )
     merged = rearrange(heads, "batch head seq d_head -> batch seq (head d_head)")
     return maybe_dropout(F.linear(merged, out_weight, out_bias), dropout)
 

@@ -1,6 +1,7 @@
 """GPT-2 as a composition of the layers: embed, transformer blocks, unembed."""
 
 import math
+import os
 
 import torch
 from jaxtyping import Float, Int
@@ -8,6 +9,7 @@ from torch import Tensor, nn
 
 from gpt2_decl import layers
 from gpt2_decl.config import GPT2Config
+from gpt2_decl.kv_cache import KVCache, LayerCache
 from gpt2_decl.typecheck import shape_checked
 
 
@@ -26,17 +28,29 @@ class Block(nn.Module):
         self.mlp_out = nn.Linear(d_mlp, d_model)
 
     @shape_checked
-    def forward(self, residual: Float[Tensor, "batch seq d_model"]) -> Float[Tensor, "batch seq d_model"]:
+    def forward(
+        self, residual: Float[Tensor, "batch seq d_model"], cache: LayerCache | None = None
+    ) -> Float[Tensor, "batch seq d_model"]:
         eps, dropout = self.config.layer_norm_eps, self.dropout
         attn_in = layers.layer_norm(residual, self.ln_1.weight, self.ln_1.bias, eps)
         attn_out = layers.causal_self_attention(
-            attn_in, self.qkv.weight, self.qkv.bias, self.attn_out.weight, self.attn_out.bias,
-            self.config.n_head, dropout,
+            attn_in,
+            self.qkv.weight,
+            self.qkv.bias,
+            self.attn_out.weight,
+            self.attn_out.bias,
+            self.config.n_head,
+            dropout,
+            cache,
         )
         residual_mid = residual + attn_out
         mlp_in = layers.layer_norm(residual_mid, self.ln_2.weight, self.ln_2.bias, eps)
         mlp_out = layers.mlp(
-            mlp_in, self.mlp_in.weight, self.mlp_in.bias, self.mlp_out.weight, self.mlp_out.bias,
+            mlp_in,
+            self.mlp_in.weight,
+            self.mlp_in.bias,
+            self.mlp_out.weight,
+            self.mlp_out.bias,
             dropout,
         )
         return residual_mid + mlp_out
@@ -62,23 +76,45 @@ class GPT2(nn.Module):
         self.reset_parameters()
 
     @shape_checked
-    def forward(self, tokens: Int[Tensor, "batch seq"]) -> Float[Tensor, "batch seq vocab"]:
-        """Next-token logits for every position of `tokens`."""
+    def forward(
+        self, tokens: Int[Tensor, "batch seq"], cache: KVCache | None = None
+    ) -> Float[Tensor, "batch seq vocab"]:
+        """Next-token logits for every position of `tokens`.
+
+        With a `cache`, `tokens` continue the cached ones at `cache.positions`: attention reads
+        the earlier keys and values from the cache and adds these tokens' own.
+        """
         self.check_tokens(tokens)
-        residual = self.embed(tokens)
-        for block in self.blocks:
-            residual = block(residual)
+        residual = self.embed(tokens, None if cache is None else cache.positions)
+        for index, block in enumerate(self.blocks):
+            residual = block(residual, None if cache is None else cache.layer(index))
         return self.unembed(residual)
 
+    def generate(self, tokens: Tensor, max_new_tokens: int, **options) -> Tensor:
+        """`tokens` continued by up to `max_new_tokens` sampled tokens: see `generation.generate`."""
+        # Imported here: generation builds on this module.
+        from gpt2_decl.generation import generate
+
+        return generate(self, tokens, max_new_tokens, **options)
+
     @shape_checked
-    def embed(self, tokens: Int[Tensor, "batch seq"], start: int = 0) -> Float[Tensor, "batch seq d_model"]:
-        positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
-        embedded = layers.embed(tokens, positions, self.token_embedding.weight, self.position_embedding.weight)
+    def embed(
+        self, tokens: Int[Tensor, "batch seq"], positions: Int[Tensor, " seq"] | None = None
+    ) -> Float[Tensor, "batch seq d_model"]:
+        if positions is None:
+            positions = torch.arange(tokens.shape[1], device=tokens.device)
+        embedded = layers.embed(
+            tokens, positions, self.token_embedding.weight, self.position_embedding.weight
+        )
         return layers.maybe_dropout(embedded, self.config.dropout if self.training else 0.0)
 
     @shape_checked
-    def unembed(self, residual: Float[Tensor, "batch seq d_model"]) -> Float[Tensor, "batch seq vocab"]:
-        normed = layers.layer_norm(residual, self.ln_f.weight, self.ln_f.bias, self.config.layer_norm_eps)
+    def unembed(
+        self, residual: Float[Tensor, "batch seq d_model"]
+    ) -> Float[Tensor, "batch seq vocab"]:
+        normed = layers.layer_norm(
+            residual, self.ln_f.weight, self.ln_f.bias, self.config.layer_norm_eps
+        )
         return layers.unembed(normed, self.lm_head.weight)
 
     def check_tokens(self, tokens: object, start: int = 0) -> None:
@@ -109,7 +145,9 @@ class GPT2(nn.Module):
         if self.device.type == "meta":
             return
         config = self.config
-        generator = torch.Generator(device=self.device).manual_seed(config.seed if seed is None else seed)
+        generator = torch.Generator(device=self.device).manual_seed(
+            config.seed if seed is None else seed
+        )
         residual_std = config.init_std / math.sqrt(2 * config.n_layer)
         for name, parameter in self.named_parameters():
             if name.endswith(("attn_out.weight", "mlp_out.weight")):
@@ -120,6 +158,36 @@ class GPT2(nn.Module):
                 parameter.fill_(1.0 if name.endswith("weight") else 0.0)
             else:
                 parameter.zero_()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        config: GPT2Config | None = None,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+    ) -> "GPT2":
+        """A GPT-2 with released (Hugging Face layout) or saved weights, in eval mode.
+
+        path: a directory holding `config.json` and `model.safetensors` or `pytorch_model.bin`
+            (or shards of either with their `.index.json`), or one weights file with `config`.
+        config: the architecture; overrides the directory's `config.json`.
+        dtype: the parameters' dtype (default: the checkpoint's).
+        device: where the weights are loaded, directly (default: cpu).
+        Raises `weights.CheckpointError` (a ValueError) naming what is missing, unexpected,
+        misshapen, corrupt or unsupported.
+        """
+        # Imported here: weights builds on this module.
+        from gpt2_decl.weights import load_pretrained
+
+        return load_pretrained(path, config=config, dtype=dtype, device=device, model_class=cls)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write `config.json` + `model.safetensors` (Hugging Face names and layout) atomically."""
+        from gpt2_decl.weights import save_pretrained
+
+        save_pretrained(self, directory)
 
 
 def check_tokens(tokens: object, config: GPT2Config, device: torch.device, start: int = 0) -> None:
