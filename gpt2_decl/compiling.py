@@ -19,14 +19,19 @@ class CompiledGPT2:
     `typecheck.py`). Parameters stay shared with `model`, so training it trains the model.
     """
 
-    def __init__(self, model: GPT2, compiled: Callable[[Tensor], Tensor]):
+    def __init__(self, model: GPT2, compiled: Callable[[Tensor], Tensor], freeze: bool = False):
         self.model = model
         self.compiled = compiled
+        self.freeze = freeze
 
     @shape_checked
     def __call__(self, tokens: Int[Tensor, "batch seq"]) -> Float[Tensor, "batch seq vocab"]:
         self.model.check_tokens(tokens)
-        return self.compiled(tokens)
+        # Dynamo decides whether parameters may become constants from inductor's global config,
+        # while it traces (torch.compile's `options` arrive too late for that), so freezing is
+        # switched on around every call that may compile.
+        with torch._inductor.config.patch(freezing=self.freeze):
+            return self.compiled(tokens)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.model, name)
@@ -49,12 +54,8 @@ def compile(
     dynamic: None compiles for the first sequence length and makes the sequence axis dynamic on
         the first change (one extra compilation, never one per length); True is dynamic at once.
     """
-    options: dict[str, Any] = {}
-    if mode is not None:
-        options.update(torch._inductor.list_mode_options(mode, dynamic))
-    if freeze:
-        options["freezing"] = True
+    options = torch._inductor.list_mode_options(mode, dynamic) if mode is not None else None
     compiled = torch.compile(
-        model, fullgraph=True, dynamic=dynamic, backend=backend, options=options or None
+        model, fullgraph=True, dynamic=dynamic, backend=backend, options=options
     )
-    return CompiledGPT2(model, compiled)
+    return CompiledGPT2(model, compiled, freeze)

@@ -68,3 +68,16 @@ def test_compiled_training_step_updates_the_shared_parameters(tiny_config, token
     loss.backward()
     torch.optim.SGD(model.parameters(), lr=0.1).step()
     assert not torch.equal(model.blocks[0].qkv.weight, before)
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_freeze_folds_the_weights_into_the_graph(tiny_config, tokens, freeze):
+    model = gpt2_decl.GPT2(tiny_config).eval()
+    with torch.no_grad():
+        compiled = compile_model(model, freeze=freeze)
+        before = compiled(tokens)
+        torch.testing.assert_close(before, model(tokens), atol=1e-5, rtol=0)
+        # Frozen matmul weights are packed copies, so the update is not seen; unfrozen, it is.
+        model.blocks[0].mlp_in.weight.mul_(2.0)
+        after = compiled(tokens)
+    assert torch.equal(after, before) == freeze
