@@ -1,0 +1,225 @@
+"""The training loop: it learns, it resumes exactly, it stops safely, and eval measures it."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_data import ByteTokenizer
+
+from gpt2_decl import GPT2, GPT2Config
+from gpt2_decl.cli import main
+from gpt2_decl.training import (
+    NonFiniteLossError,
+    TrainConfig,
+    TrainingInterrupted,
+    learning_rate,
+    parameter_groups,
+    train,
+)
+
+TEXT = "the quick brown fox jumps over the lazy dog. " * 40
+TINY = dict(
+    vocab_size=ByteTokenizer.vocab_size, n_layer=2, n_head=4, d_model=64, n_ctx=32, batch_size=8,
+    warmup_steps=10, eval_batches=2, measure_mfu=False, progress=False, device="cpu",
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models run several times faster on one thread than on a busy shared CPU's two.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def run(text_file, out, **options):
+    settings = {**TINY, "cache_dir": text_file.parent / "cache", **options}
+    return train(text_file, out, tokenizer=ByteTokenizer(), **settings)
+
+
+def weights(directory) -> dict[str, torch.Tensor]:
+    return GPT2.from_pretrained(directory).state_dict()
+
+
+def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_min_lr():
+    config = TrainConfig(data="", out="", lr=1e-3, min_lr=1e-4, warmup_steps=10, steps=110)
+    assert learning_rate(0, config) == pytest.approx(1e-4)
+    assert learning_rate(4, config) == pytest.approx(5e-4)
+    assert learning_rate(9, config) == pytest.approx(1e-3)
+    assert learning_rate(10, config) == pytest.approx(1e-3)
+    # Halfway through the decay cos(pi/2) = 0: midway between lr and min_lr.
+    assert learning_rate(60, config) == pytest.approx(5.5e-4)
+    # A quarter of the way: min + (lr - min) (1 + cos(pi/4)) / 2.
+    assert learning_rate(35, config) == pytest.approx(1e-4 + 9e-4 * (1 + math.sqrt(0.5)) / 2)
+    assert learning_rate(110, config) == pytest.approx(1e-4)
+    assert TrainConfig(data="", out="", lr=6e-4).final_lr == pytest.approx(6e-5)
+
+
+def test_weight_decay_applies_to_matrices_only_and_the_tied_one_once():
+    model = GPT2(GPT2Config(vocab_size=50, n_ctx=8, d_model=16, n_layer=2, n_head=2))
+    decayed, kept = parameter_groups(model, weight_decay=0.1)
+    assert (decayed["weight_decay"], kept["weight_decay"]) == (0.1, 0.0)
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    matrices = {"token_embedding.weight", "position_embedding.weight"} | {
+        f"blocks.{block}.{part}.weight"
+        for block in range(2) for part in ("qkv", "attn_out", "mlp_in", "mlp_out")
+    }
+    vectors = {"ln_f.weight", "ln_f.bias"} | {
+        f"blocks.{block}.{part}"
+        for block in range(2)
+        for part in ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias", "qkv.bias",
+                     "attn_out.bias", "mlp_in.bias", "mlp_out.bias")
+    }
+    assert sorted(names[id(p)] for p in decayed["params"]) == sorted(matrices)
+    assert sorted(names[id(p)] for p in kept["params"]) == sorted(vectors)
+    assert model.lm_head.weight is model.token_embedding.weight
+    tied = sum(p is model.lm_head.weight for p in decayed["params"] + kept["params"])
+    assert tied == 1
+
+
+def test_a_tiny_model_memorises_a_repeated_sentence(text_file, tmp_path):
+    out = tmp_path / "out"
+    result = run(text_file, out, steps=150, lr=3e-3, eval_every=50, checkpoint_every=1000)
+
+    first_loss = result.history["train"][0][1]
+    assert first_loss == pytest.approx(math.log(ByteTokenizer.vocab_size), abs=0.3)  # ~uniform
+    last_losses = [loss for _, loss, _ in result.history["train"][-10:]]
+    assert sum(last_losses) / len(last_losses) < 0.1
+    assert result.eval_loss < 0.1
+    assert [step for step, _ in result.history["eval"]] == [50, 100, 150]
+
+    # Given 16 characters of context, it predicts every following character of the sentence.
+    model = GPT2.from_pretrained(out / "latest")
+    window = torch.tensor([list(TEXT[7:39].encode())])
+    predicted = model(window).argmax(-1)[0, 15:-1]
+    assert bytes(predicted.tolist()) == TEXT[7 + 16 : 39].encode()
+
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["train"]) == 150 and len(metrics["eval"]) == 3
+
+
+def test_a_stopped_and_resumed_run_reaches_the_uninterrupted_weights(text_file, tmp_path):
+    options = dict(steps=6, lr=3e-3, grad_accum=2, eval_every=2, checkpoint_every=4, warmup_steps=2)
+    whole = run(text_file, tmp_path / "whole", **options)
+
+    def stop_at_3(report):
+        if report.step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(TrainingInterrupted) as stopped:
+        run(text_file, tmp_path / "parts", on_step=stop_at_3, **options)
+    assert stopped.value.step == 3
+    assert os.readlink(tmp_path / "parts" / "latest") == os.path.join("checkpoints", "step-0000003")
+    state = torch.load(stopped.value.checkpoint / "training_state.pt", weights_only=True)
+    assert state["step"] == 3
+
+    resumed = run(text_file, tmp_path / "parts", resume=True, **options)
+    assert resumed.step == whole.step == 6
+    final = weights(tmp_path / "parts" / "latest")
+    torch.testing.assert_close(final, weights(tmp_path / "whole" / "latest"), rtol=0, atol=0)
+    assert resumed.history == whole.history
+    kept = sorted(path.name for path in (tmp_path / "parts" / "checkpoints").iterdir())
+    assert kept == ["step-0000003", "step-0000004", "step-0000006"]
+
+
+def test_resume_refuses_what_it_cannot_continue(text_file, tmp_path):
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+        run(text_file, tmp_path / "empty", steps=1, resume=True)
+    run(text_file, tmp_path / "done", steps=1, eval_every=1)
+    with pytest.raises(FileExistsError, match="already holds a checkpoint"):
+        run(text_file, tmp_path / "done", steps=2)
+    with pytest.raises(ValueError, match="d_model 64 -> 32"):
+        run(text_file, tmp_path / "done", steps=2, resume=True, d_model=32)
+
+
+def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(text_file, tmp_path):
+    out = tmp_path / "out"
+    # Every AdamW update moves each weight by about lr, so the first step makes them ~1e30 and
+    # the next forward pass overflows float32.
+    with pytest.raises(NonFiniteLossError, match=r"loss is (nan|inf) at step 2") as error:
+        run(text_file, out, steps=10, lr=1e30, warmup_steps=0, checkpoint_every=1, eval_every=10)
+    assert error.value.step == 2
+    assert os.readlink(out / "latest") == os.path.join("checkpoints", "step-0000001")
+    assert [path.name for path in (out / "checkpoints").iterdir()] == ["step-0000001"]
+    assert "the last good checkpoint is" in str(error.value)
+
+
+def test_data_outside_the_vocabulary_is_refused(text_file, tmp_path):
+    with pytest.raises(ValueError, match="token id 256, but the model's vocabulary has 100 ids"):
+        run(text_file, tmp_path / "out", steps=1, vocab_size=100)
+
+
+def test_eval_prints_the_checkpoints_loss_and_perplexity(tmp_path, capsys):
+    """Against an independent computation: the held-out tail, cut into n_ctx windows by hand."""
+    data = tmp_path / "text.txt"
+    data.write_text(TEXT)
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    train(
+        data, out, n_layer=1, n_head=2, d_model=16, n_ctx=16, batch_size=2, steps=2, eval_every=2,
+        val_fraction=0.25, cache_dir=cache, progress=False, measure_mfu=False, device="cpu",
+    )
+    assert main(["eval", "--checkpoint", str(out), "--data", str(data), "--cache-dir", str(cache),
+                 "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    loss = float(printed.split("loss ")[1].split()[0])
+    perplexity = float(printed.split("perplexity ")[1].split()[0])
+
+    from gpt2_decl.tokenizer import GPT2Tokenizer
+
+    tokens = GPT2Tokenizer().encode(TEXT) + [GPT2Tokenizer.eot_id]
+    held_out = torch.tensor(tokens[len(tokens) - round(len(tokens) * 0.25) :])
+    windows = (len(held_out) - 1) // 16
+    inputs = held_out[: windows * 16].view(windows, 16)
+    targets = held_out[1 : windows * 16 + 1].view(windows, 16)
+    model = GPT2.from_pretrained(out / "latest")
+    with torch.no_grad():
+        expected = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten()).item()
+    assert loss == pytest.approx(expected, abs=1e-4)
+    assert perplexity == pytest.approx(math.exp(expected), rel=1e-3)
+
+
+def test_ctrl_c_saves_a_checkpoint_before_exiting(text_file, tmp_path):
+    out = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "gpt2_decl", "train", "--data", str(text_file), "--out", str(out),
+        "--cache-dir", str(tmp_path / "cache"), "--n-layer", "1", "--n-head", "2", "--d-model",
+        "16", "--n-ctx", "16", "--batch-size", "2", "--steps", "100000", "--checkpoint-every",
+        "5", "--eval-every", "100000", "--device", "cpu", "--no-progress",
+    ]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "latest").exists():
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.1)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr
+    assert "interrupted after step" in stderr and "--resume" in stderr
+    step = int(stderr.split("interrupted after step ")[1].split(";")[0])
+    assert step >= 5
+    assert os.readlink(out / "latest") == os.path.join("checkpoints", f"step-{step:07d}")
+    state = torch.load(out / "latest" / "training_state.pt", weights_only=True)
+    assert state["step"] == step
