@@ -26,6 +26,9 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         if not tmp.is_file():
             raise FileNotFoundError(f"atomic_write({str(path)!r}): nothing was written to {tmp}")
+        # Some writers (safetensors among them) create private 0600 files: give the result the
+        # permissions any new file gets here.
+        os.chmod(tmp, _NEW_FILE_MODE & ~_current_umask())
         _fsync(tmp, os.O_RDWR)
         os.replace(tmp, path)
     except BaseException:
@@ -34,6 +37,15 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     # The rename itself lives in the directory: sync it too, or a crash can undo it (POSIX only).
     if os.name == "posix":
         _fsync(path.parent, os.O_RDONLY)
+
+
+_NEW_FILE_MODE = 0o666
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync(path: Path, flags: int) -> None:
