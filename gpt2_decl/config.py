@@ -4,8 +4,12 @@ import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
+
 GPT2_VOCAB_SIZE = 50257
 GPT2_CONTEXT = 1024
+# The dtypes a model can be run in, by the names that options (--dtype, TrainConfig.dtype) take.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)

@@ -3,18 +3,10 @@
 The loop: random windows of the corpus (`data.py`), next-token cross entropy, AdamW with weight
 decay on matrices only, linear warm-up then cosine decay of the learning rate, gradient clipping,
 optional bf16 autocast and `torch.compile`. Every `checkpoint_every` steps, at the end, and on
-Ctrl-C (SIGINT) or SIGTERM, rank 0 writes a checkpoint:
+Ctrl-C (SIGINT) or SIGTERM, rank 0 writes a checkpoint (laid out as `checkpoints.py` says; the
+signals and processes are `distributed.py`'s) and the loss curves:
 
-    OUT/checkpoints/step-0000500/   config.json + model.safetensors   (save_pretrained: loads in
-                                    from_pretrained, `gpt2-decl generate`, transformers)
-                                    training_state.pt   (optimizer, step, data position, RNG states,
-                                                         loss history; loads with weights_only=True)
-                                    training_options.json   (the TrainConfig)
-    OUT/latest -> checkpoints/step-0000500   (a symlink, replaced atomically)
-    OUT/loss.png, OUT/metrics.json   (the loss curves: train every step, held-out every eval)
-
-A checkpoint is written under a temporary name and renamed when complete; `latest` moves only
-then, so a crash mid-write never touches the last good checkpoint.
+    OUT/loss.png, OUT/metrics.json   (train every step, held-out every eval)
 
 Distributed: launched by torchrun, each of the N processes draws the same global batch of window
 starts and reads its own 1/N of it (see `WindowSampler`). One optimizer step sees
@@ -25,18 +17,13 @@ import contextlib
 import json
 import math
 import os
-import shutil
-import signal
-import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -44,8 +31,17 @@ from tqdm import tqdm
 
 from gpt2_decl.atomic import atomic_write
 from gpt2_decl.bench import forward_flops_per_token, measure_matmul_roofline, synchronize
+from gpt2_decl.checkpoints import (
+    LATEST,
+    checkpoint_dir,
+    latest_checkpoint,
+    load_state,
+    read_training_options,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from gpt2_decl.compiling import compile as compile_model
-from gpt2_decl.config import GPT2Config
+from gpt2_decl.config import DTYPES, GPT2Config
 from gpt2_decl.data import (
     TokenCorpus,
     Tokenizer,
@@ -54,31 +50,23 @@ from gpt2_decl.data import (
     load_corpus,
     split_tokens,
 )
+from gpt2_decl.distributed import ProcessGroup, StopSignals, process_group
 from gpt2_decl.model import GPT2
 from gpt2_decl.typecheck import is_typechecked, shape_checked, typechecked
-from gpt2_decl.weights import CONFIG_FILE
 
 DEFAULT_PRESET = "small"
 ARCHITECTURE_OPTIONS = (
     "preset", "n_layer", "n_head", "d_model", "n_ctx", "vocab_size", "init_from"
 )
 PATH_OPTIONS = ("init_from", "cache_dir")
-COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 ADAM_BETAS = (0.9, 0.95)
 # With no --min-lr the cosine ends at a tenth of the peak learning rate, as in GPT-3.
 MIN_LR_RATIO = 0.1
 # The forward pass and the backward (twice its work: gradients of inputs and of weights).
 TRAINING_FLOPS_PER_FORWARD = 3
 
-CHECKPOINTS_DIR = "checkpoints"
-CHECKPOINT_PREFIX = "step-"
-LATEST = "latest"
-STATE_FILE = "training_state.pt"
-OPTIONS_FILE = "training_options.json"
 PLOT_FILE = "loss.png"
 METRICS_FILE = "metrics.json"
-PARTIAL_SUFFIX = ".partial"
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @dataclass(frozen=True)
@@ -134,8 +122,8 @@ class TrainConfig:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.clip_grad is not None and not self.clip_grad > 0:
             raise ValueError(f"clip_grad must be > 0 (None: no clipping), got {self.clip_grad!r}")
-        if self.dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(COMPUTE_DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.preset is not None and self.preset not in GPT2Config.PRESETS:
             presets = sorted(GPT2Config.PRESETS)
             raise ValueError(f"unknown preset {self.preset!r}; expected one of {presets}")
@@ -153,7 +141,7 @@ class TrainConfig:
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        return COMPUTE_DTYPES[self.dtype]
+        return DTYPES[self.dtype]
 
     def model_config(self) -> GPT2Config:
         """The architecture to build from scratch (not used with init_from)."""
@@ -282,150 +270,11 @@ def train(
         if options.get(name) is not None:
             options[name] = os.fspath(options[name])
     config = TrainConfig(data=os.fspath(data), out=os.fspath(out), **options)
-    with _process_group(config.device) as group, typechecked(config.typecheck or is_typechecked()):
+    with process_group(config.device) as group, typechecked(config.typecheck or is_typechecked()):
         return _Run(config, group, tokenizer, on_step).run()
 
 
-# --- processes ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ProcessGroup:
-    rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    def sum(self, values: list[float]) -> list[float]:
-        """Sum `values` over every process (one all-reduce)."""
-        if not self.distributed:
-            return list(values)
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(tensor)
-        return tensor.tolist()
-
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
-
-@contextlib.contextmanager
-def _process_group(device_name: str | None) -> Iterator[ProcessGroup]:
-    """One process, or torchrun's: it sets WORLD_SIZE, RANK, LOCAL_RANK and the rendezvous."""
-    from gpt2_decl import default_device
-
-    device = torch.device(device_name) if device_name else default_device()
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        yield ProcessGroup(0, 1, device)
-        return
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    try:
-        yield ProcessGroup(dist.get_rank(), dist.get_world_size(), device)
-    finally:
-        if created:
-            dist.destroy_process_group()
-
-
-class _StopSignals:
-    """Turn Ctrl-C (SIGINT) and SIGTERM into a request to stop after the current step, which then
-    saves a checkpoint. Repeats are ignored, so the save completes: torchrun forwards the signal
-    to its workers, which thus get it twice. (Ctrl-\\, SIGQUIT, still aborts at once.)"""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.previous: dict[int, object] = {}
-
-    def __enter__(self) -> "_StopSignals":
-        if threading.current_thread() is threading.main_thread():
-            for number in STOP_SIGNALS:
-                self.previous[number] = signal.signal(number, self._handle)
-        return self
-
-    def _handle(self, number: int, frame: object) -> None:
-        self.requested = True
-
-    def __exit__(self, *exc_info: object) -> None:
-        for number, handler in self.previous.items():
-            signal.signal(number, handler)
-
-
-# --- checkpoints -------------------------------------------------------------------------------
-
-
-def latest_checkpoint(out: str | os.PathLike) -> Path | None:
-    """The checkpoint directory OUT/latest points to, or None."""
-    marker = Path(out) / LATEST
-    return marker.resolve() if marker.is_symlink() and marker.exists() else None
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A weights directory itself, or a training --out directory (its latest checkpoint)."""
-    path = Path(path)
-    if (path / CONFIG_FILE).is_file():
-        return path
-    latest = latest_checkpoint(path)
-    if latest is None:
-        raise FileNotFoundError(
-            f"{path} is neither a checkpoint directory (no {CONFIG_FILE}) nor a training --out "
-            f"directory (no {LATEST} checkpoint)"
-        )
-    return latest
-
-
-def read_training_options(checkpoint: Path) -> dict | None:
-    file = checkpoint / OPTIONS_FILE
-    return json.loads(file.read_text()) if file.is_file() else None
-
-
-def checkpoint_dir(out: Path, step: int) -> Path:
-    return out / CHECKPOINTS_DIR / f"{CHECKPOINT_PREFIX}{step:07d}"
-
-
-def _save_checkpoint(out: Path, model: GPT2, state: dict, options: TrainConfig) -> None:
-    final = checkpoint_dir(out, state["step"])
-    root = final.parent
-    root.mkdir(parents=True, exist_ok=True)
-    partial = root / f".{final.name}.{uuid.uuid4().hex}{PARTIAL_SUFFIX}"
-    model.save_pretrained(partial)
-    with atomic_write(partial / STATE_FILE) as tmp:
-        torch.save(state, tmp)
-    with atomic_write(partial / OPTIONS_FILE) as tmp:
-        tmp.write_text(json.dumps(asdict(options), indent=1) + "\n")
-    if final.exists():  # left by a run that crashed before moving `latest` onto it
-        final.rename(root / f".{final.name}.{uuid.uuid4().hex}{PARTIAL_SUFFIX}")
-    partial.rename(final)
-    link = out / f".{LATEST}.{uuid.uuid4().hex}.tmp"
-    link.symlink_to(final.relative_to(out))
-    os.replace(link, out / LATEST)
-    _remove_old_checkpoints(root, options.keep_checkpoints, current=final)
-
-
-def _remove_old_checkpoints(root: Path, keep: int, current: Path) -> None:
-    """Keep the newest `keep` checkpoints, and `current` always; drop partial ones that a crash
-    left behind."""
-    for leftover in root.glob(f".*{PARTIAL_SUFFIX}"):
-        shutil.rmtree(leftover, ignore_errors=True)
-    finished = sorted(root.glob(f"{CHECKPOINT_PREFIX}*"))
-    for old in finished[:-keep]:
-        if old != current:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def _load_state(checkpoint: Path) -> dict:
-    return torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
+# --- plots -------------------------------------------------------------------------------------
 
 
 def plot_losses(history: dict[str, list], path: Path) -> None:
@@ -473,7 +322,7 @@ class _Run:
                 f"{self.out} already holds a checkpoint ({self.checkpoint.name}): pass resume "
                 f"(--resume) to continue it, or choose another out directory"
             )
-        state = _load_state(self.checkpoint) if config.resume else None
+        state = load_state(self.checkpoint) if config.resume else None
         if state is not None:
             self._check_same_architecture(read_training_options(self.checkpoint) or {})
 
@@ -568,7 +417,10 @@ class _Run:
         """Write a checkpoint of the completed steps (on rank 0; every rank returns its path)."""
         if self.saved_step != self.step:
             if self.group.is_main:
-                _save_checkpoint(self.out, self.model, self._state(), self.config)
+                save_checkpoint(
+                    self.out, self.model, self._state(), asdict(self.config),
+                    self.config.keep_checkpoints,
+                )
                 self.write_plots()
             self.checkpoint = checkpoint_dir(self.out, self.step)
             self.saved_step = self.step
@@ -585,7 +437,7 @@ class _Run:
         dtype = self.config.compute_dtype
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32)
 
-    def train_step(self, stop: "_StopSignals") -> tuple[float, float, bool]:
+    def train_step(self, stop: StopSignals) -> tuple[float, float, bool]:
         """One optimizer step over the global batch: (mean loss, learning rate, whether any
         process was asked to stop: all of them then stop after the same step)."""
         config = self.config
@@ -656,7 +508,7 @@ class _Run:
             total=config.steps, initial=self.step, desc="train", dynamic_ncols=True,
             disable=not (config.progress and group.is_main),
         )
-        with bar, _StopSignals() as stop:
+        with bar, StopSignals() as stop:
             while self.step < config.steps:
                 started = time.perf_counter()
                 loss, lr, stop_requested = self.train_step(stop)
@@ -758,8 +610,8 @@ def evaluate_checkpoint(
 
     if split not in EVAL_SPLITS:
         raise ValueError(f"split must be one of {EVAL_SPLITS}, got {split!r}")
-    if dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(COMPUTE_DTYPES)}, got {dtype!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     directory = resolve_checkpoint(checkpoint)
     device = torch.device(device) if device else default_device()
     model = GPT2.from_pretrained(directory, dtype=torch.float32, device=device)
@@ -773,7 +625,7 @@ def evaluate_checkpoint(
     check_fits(tokens, model.config)
     max_windows = None if max_batches is None else max_batches * batch_size
     loss_sum, count = 0.0, 0
-    autocast = torch.autocast(device.type, dtype=COMPUTE_DTYPES[dtype], enabled=dtype != "float32")
+    autocast = torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "float32")
     for inputs, targets in evaluation_batches(tokens, n_ctx, batch_size, device, max_windows):
         with autocast:
             loss_sum += next_token_loss(model(inputs), targets).item() * targets.numel()

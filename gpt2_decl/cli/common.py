@@ -4,9 +4,7 @@ import argparse
 
 import torch
 
-from gpt2_decl.config import GPT2Config
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+from gpt2_decl.config import DTYPES, GPT2Config
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, preset: bool = True) -> None:

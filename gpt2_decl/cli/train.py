@@ -12,8 +12,8 @@ import dataclasses
 import os
 import sys
 
-from gpt2_decl.cli.common import DTYPES, resolve_device
-from gpt2_decl.config import GPT2Config
+from gpt2_decl.cli.common import resolve_device
+from gpt2_decl.config import DTYPES, GPT2Config
 
 INTERRUPTED_EXIT_CODE = 130  # what shells report for a process ended by Ctrl-C
 
