@@ -7,6 +7,7 @@ from gpt2_decl.config import GPT2Config
 from gpt2_decl.model import GPT2
 from gpt2_decl.summary import ParameterCounts, count_parameters
 from gpt2_decl.tokenizer import GPT2Tokenizer
+from gpt2_decl.training import train
 from gpt2_decl.typecheck import ShapeError, is_typechecked, set_typechecked, typechecked
 
 
@@ -31,5 +32,6 @@ __all__ = [
     "default_device",
     "is_typechecked",
     "set_typechecked",
+    "train",
     "typechecked",
 ]

@@ -12,6 +12,8 @@ LayerCache = tuple[
     Int[Tensor, " seq"],
 ]
 
+MAX_LEN_AXIS = 2
+
 
 class KVCache:
     """Keys and values of `max_len` positions per layer, allocated once per generation.
@@ -22,18 +24,23 @@ class KVCache:
     """
 
     def __init__(
-        self, config: GPT2Config, batch: int, max_len: int, *, dtype: torch.dtype, device: torch.device
+        self,
+        config: GPT2Config,
+        batch: int,
+        max_len: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
     ):
         if not 0 < max_len <= config.n_ctx:
             raise ValueError(f"cache length must be in [1, {config.n_ctx}] (n_ctx), got {max_len}")
         shape = (batch, config.n_head, max_len, config.d_head)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        self.values = [torch.zeros_like(keys) for keys in self.keys]
+        for tensor in self.keys + self.values:
+            # One compiled step then serves generations of every length.
+            torch._dynamo.mark_dynamic(tensor, MAX_LEN_AXIS)
         self.positions: Int[Tensor, " seq"] = torch.zeros(0, dtype=torch.long, device=device)
-
-    @property
-    def max_len(self) -> int:
-        return self.keys[0].shape[2]
 
     def layer(self, index: int) -> LayerCache:
         """What attention layer `index` reads and writes: its keys, its values, the positions."""

@@ -4,6 +4,8 @@ Every tensor carries its shape; typechecked mode checks them (see `typecheck.py`
 matrices use torch's (out_features, in_features) layout, as `F.linear` expects.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -65,7 +67,7 @@ def causal_self_attention(
     With a `cache` (keys, values, positions of `x`'s tokens), the new keys and values are written
     into it in place, and the queries attend over every cached position up to their own.
     """
-    q, k, v = split_heads(F.linear(x, qkv_weight, qkv_bias), n_head)
+    q, k, v = split_heads(linear(x, qkv_weight, qkv_bias), n_head)
     if cache is None:
         heads = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
     else:
@@ -77,7 +79,7 @@ def causal_self_attention(
             q, keys, values, attn_mask=visible, dropout_p=dropout
         )
     merged = rearrange(heads, "batch head seq d_head -> batch seq (head d_head)")
-    return maybe_dropout(F.linear(merged, out_weight, out_bias), dropout)
+    return maybe_dropout(linear(merged, out_weight, out_bias), dropout)
 
 
 @shape_checked
@@ -90,8 +92,8 @@ def mlp(
     dropout: float = 0.0,
 ) -> Float[Tensor, "batch seq d_model"]:
     # The released weights were trained with the tanh approximation; exact GELU does not match.
-    hidden = F.gelu(F.linear(x, in_weight, in_bias), approximate="tanh")
-    return maybe_dropout(F.linear(hidden, out_weight, out_bias), dropout)
+    hidden = F.gelu(linear(x, in_weight, in_bias), approximate="tanh")
+    return maybe_dropout(linear(hidden, out_weight, out_bias), dropout)
 
 
 @shape_checked
@@ -100,7 +102,27 @@ def unembed(
     token_embedding: Float[Tensor, "vocab d_model"],
 ) -> Float[Tensor, "batch seq vocab"]:
     """Logits from the residual stream through the (tied) token embedding; GPT-2 has no bias."""
-    return F.linear(x, token_embedding)
+    return linear(x, token_embedding)
+
+
+@shape_checked
+def linear(
+    x: Float[Tensor, "*batch d_in"],
+    weight: Float[Tensor, "d_out d_in"],
+    bias: Float[Tensor, " d_out"] | None = None,
+) -> Float[Tensor, "*batch d_out"]:
+    """`x @ weight.T + bias` over the last axis.
+
+    Compiled for one row on a CPU (decoding a single token), it is written as a multiply and a
+    sum: inductor turns that into one streaming pass over the weight, which reads memory over
+    twice as fast as the BLAS matrix-vector product it would otherwise call (float32 on a 2-core
+    EPYC: about 30 GB/s against 13). Eager, or for more rows, it is `F.linear`.
+    """
+    if torch.compiler.is_compiling() and x.device.type == "cpu" and math.prod(x.shape[:-1]) == 1:
+        # Accumulated in float32, as BLAS does; inductor also vectorises bfloat16 better so.
+        product = (x[..., None, :].float() * weight.float()).sum(-1).to(x.dtype)
+        return product if bias is None else product + bias
+    return F.linear(x, weight, bias)
 
 
 def maybe_dropout(x: Tensor, p: float) -> Tensor:

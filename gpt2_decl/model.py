@@ -91,7 +91,7 @@ class GPT2(nn.Module):
         return self.unembed(residual)
 
     def generate(self, tokens: Tensor, max_new_tokens: int, **options) -> Tensor:
-        """`tokens` continued by up to `max_new_tokens` sampled tokens: see `generation.generate`."""
+        """`tokens` continued by up to `max_new_tokens` tokens: see `generation.generate`."""
         # Imported here: generation builds on this module.
         from gpt2_decl.generation import generate
 

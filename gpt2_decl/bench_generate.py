@@ -1,0 +1,207 @@
+"""`gpt2-decl bench --generate`: batch-1 greedy decoding speed against the memory-bandwidth bound.
+
+Decoding one token reads every weight once, so tokens/s <= copy bandwidth / bytes of weights. The
+bandwidth is measured in this process, before and after the timings (the better of the two is
+the bound: neighbours on a shared machine only ever lower it).
+"""
+
+import argparse
+import dataclasses
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from gpt2_decl import bench
+from gpt2_decl.cli.common import resolve_device, resolve_dtype
+from gpt2_decl.generation import generate
+from gpt2_decl.model import GPT2
+
+# Without the cache every token reruns the whole context: one run of --new-tokens tokens is long
+# enough to average over, and more would take minutes on a CPU.
+UNCACHED_RUNS = 1
+# Warm-up generations are this short: enough to compile every graph a full run uses.
+WARMUP_TOKENS = 2
+
+
+@dataclass(frozen=True)
+class DecodeRow:
+    """One way of decoding: its speed, and whether it produced the reference tokens."""
+
+    name: str
+    timing: bench.Timing
+    new_tokens: int
+    warmup_s: float
+    same_tokens: bool
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / (self.timing.median_ms / 1e3)
+
+    def to_dict(self, bound_tokens_per_s: float) -> dict:
+        return {
+            "name": self.name,
+            "tokens_per_s": self.tokens_per_s,
+            "ms_per_token": self.timing.median_ms / self.new_tokens,
+            "bound_fraction": self.tokens_per_s / bound_tokens_per_s,
+            "median_ms": self.timing.median_ms,
+            "min_ms": self.timing.min_ms,
+            "max_ms": self.timing.max_ms,
+            "runs": self.timing.runs,
+            "warmup_s": self.warmup_s,
+            "same_tokens": self.same_tokens,
+        }
+
+
+def weight_bytes_per_token(model: GPT2) -> int:
+    """Bytes of weights one decode step reads: every parameter once (the tied embedding once,
+    as the output head), except the position embedding, of which it reads one row."""
+    total = sum(parameter.numel() * parameter.element_size() for parameter in model.parameters())
+    position_embedding = model.position_embedding.weight
+    return total - position_embedding.numel() * position_embedding.element_size()
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Time greedy decoding of --new-tokens after a --prompt-len prompt, batch 1: eager and
+    compiled, with and without the cache, and transformers' `generate` on the same weights."""
+    from gpt2_decl.cli.bench import build_config
+
+    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
+    if args.checkpoint:
+        model = GPT2.from_pretrained(args.checkpoint, dtype=dtype, device=device)
+    else:
+        model = GPT2(build_config(args)).to(device=device, dtype=dtype).eval()
+    config = model.config
+    if args.prompt_len + args.new_tokens > config.n_ctx:
+        raise SystemExit(
+            f"error: --prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} exceed the "
+            f"context of {config.n_ctx}"
+        )
+    environment = bench.environment(device, dtype)
+    weights = args.checkpoint or f"random weights (preset {args.preset})"
+    print(
+        f"GPT-2 n_layer={config.n_layer} n_head={config.n_head} d_model={config.d_model}, "
+        f"{weights}, {environment['dtype']} on {device} ({environment['device_name']}, "
+        f"{environment['threads']} threads), torch {environment['torch']}: batch 1, "
+        f"{args.prompt_len}-token prompt, {args.new_tokens} greedy tokens"
+    )
+    prompt = bench.random_tokens(config, 1, args.prompt_len, device, args.seed)
+    bandwidth_before = bench.measure_copy_bandwidth(device)
+
+    reference: Tensor | None = None
+    rows = []
+    for name, decode, runs in decoders(model, args.runs):
+        print(f"timing {name}...", flush=True)
+        row, tokens = time_decoding(
+            name, decode, prompt, args.new_tokens, device, runs, args.warmup
+        )
+        reference = tokens if reference is None else reference
+        rows.append(dataclasses.replace(row, same_tokens=torch.equal(tokens, reference)))
+
+    bandwidth = max(bandwidth_before, bench.measure_copy_bandwidth(device))
+    n_bytes = weight_bytes_per_token(model)
+    bound = bandwidth / n_bytes
+    print()
+    print(
+        f"weights read per token: {n_bytes / 1e6:,.1f} MB; copy bandwidth "
+        f"{bandwidth / 1e9:.1f} GB/s (before the timings {bandwidth_before / 1e9:.1f}): "
+        f"bound {bound:.1f} tokens/s"
+    )
+    print(format_table(rows, bound))
+    return {
+        **environment,
+        "config": dataclasses.asdict(config),
+        "checkpoint": args.checkpoint,
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "copy_bandwidth_bytes_per_s": bandwidth,
+        "weight_bytes_per_token": n_bytes,
+        "bound_tokens_per_s": bound,
+        "rows": [row.to_dict(bound) for row in rows],
+    }
+
+
+def decoders(model: GPT2, runs: int) -> list[tuple[str, Callable[[Tensor, int], Tensor], int]]:
+    """(name, decode(prompt, new_tokens) -> tokens, timed runs) for every way of decoding."""
+
+    def ours(compile: bool, use_cache: bool) -> Callable[[Tensor, int], Tensor]:
+        return lambda prompt, new: generate(
+            model, prompt, new, greedy=True, compile=compile, use_cache=use_cache
+        )
+
+    rows = [
+        ("eager, cache", ours(False, True), runs),
+        ("compiled, cache", ours(True, True), runs),
+        ("eager, no cache", ours(False, False), min(runs, UNCACHED_RUNS)),
+        ("compiled, no cache", ours(True, False), min(runs, UNCACHED_RUNS)),
+    ]
+    reference = transformers_decoder(model)
+    if reference is not None:
+        rows.append(("transformers generate", reference, runs))
+    return rows
+
+
+def transformers_decoder(model: GPT2) -> Callable[[Tensor, int], Tensor] | None:
+    """transformers' greedy `generate` on `model`'s weights, or None when it is not installed."""
+    try:
+        from transformers import GPT2LMHeadModel
+    except ImportError:
+        print("transformers is not installed: no reference row")
+        return None
+    with tempfile.TemporaryDirectory() as directory:
+        model.save_pretrained(directory)
+        reference = GPT2LMHeadModel.from_pretrained(directory, dtype=model.dtype).to(model.device)
+    reference.eval()
+    # Every run makes exactly the tokens asked for, as ours do without an eos_id.
+    reference.generation_config.eos_token_id = None
+    reference.generation_config.pad_token_id = 0
+
+    def decode(prompt: Tensor, new: int) -> Tensor:
+        with torch.no_grad():
+            return reference.generate(
+                prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new,
+                do_sample=False,
+            )
+
+    return decode
+
+
+def time_decoding(
+    name: str,
+    decode: Callable[[Tensor, int], Tensor],
+    prompt: Tensor,
+    new_tokens: int,
+    device: torch.device,
+    runs: int,
+    warmup: int,
+) -> tuple[DecodeRow, Tensor]:
+    """Warm `decode` up on short generations (compiling whatever it compiles), then time it."""
+    start = time.perf_counter()
+    for _ in range(max(warmup, 1)):
+        decode(prompt, WARMUP_TOKENS)
+    warmup_s = time.perf_counter() - start
+    outputs = []
+    timing = bench.time_call(
+        lambda: outputs.append(decode(prompt, new_tokens)), device, runs=runs, warmup=0
+    )
+    return DecodeRow(name, timing, new_tokens, warmup_s, same_tokens=True), outputs[-1]
+
+
+def format_table(rows: list[DecodeRow], bound: float) -> str:
+    header = (
+        f"{'decoding':<22} {'tokens/s':>9} {'ms/token':>9} {'of bound':>8} "
+        f"{'run ms [min-max]':>24} {'warm-up s':>9} {'same tokens':>11}"
+    )
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        timing = row.timing
+        spread = f"{timing.median_ms:,.0f} [{timing.min_ms:,.0f}-{timing.max_ms:,.0f}]"
+        lines.append(
+            f"{row.name:<22} {row.tokens_per_s:>9.1f} {timing.median_ms / row.new_tokens:>9.1f} "
+            f"{row.tokens_per_s / bound:>8.0%} {spread:>24} {row.warmup_s:>9.1f} "
+            f"{'yes' if row.same_tokens else 'NO':>11}"
+        )
+    return "\n".join(lines)

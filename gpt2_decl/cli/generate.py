@@ -1,0 +1,129 @@
+"""`gpt2-decl generate`: continue a text prompt, printing the text as the tokens come."""
+
+import argparse
+import codecs
+import sys
+import time
+from collections.abc import Iterable, Iterator
+
+import torch
+
+import gpt2_decl
+from gpt2_decl.cli.common import add_model_arguments, resolve_device, resolve_dtype
+from gpt2_decl.config import GPT2Config
+from gpt2_decl.generation import stream
+from gpt2_decl.model import GPT2
+from gpt2_decl.tokenizer import GPT2Tokenizer
+
+DEFAULT_MAX_NEW_TOKENS = 50
+# Tokens whose time includes one-off work (the prompt, then compiling the decode step).
+STARTUP_TOKENS = 2
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "generate", help="continue a prompt with sampled text",
+        description=(
+            "Continue --prompt with up to --max-new-tokens tokens, printed as they are produced, "
+            "then the decoding speed. Without --checkpoint the weights are random."
+        ),
+    )
+    parser.add_argument("--prompt", required=True, help="the text to continue")
+    parser.add_argument(
+        "--checkpoint", default=None, metavar="DIR",
+        help="a Hugging Face-layout GPT-2 directory (config.json + weights); default: random",
+    )
+    add_model_arguments(parser)
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+        help=f"tokens to generate at most (default: {DEFAULT_MAX_NEW_TOKENS})",
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=1.0, help="softmax temperature (default: 1)"
+    )
+    parser.add_argument(
+        "--top-k", type=int, default=None, help="sample from the K most likely tokens"
+    )
+    parser.add_argument(
+        "--top-p", type=float, default=None,
+        help="sample from the most likely tokens whose probability reaches P (nucleus)",
+    )
+    parser.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    parser.add_argument(
+        "--compile", action="store_true", help="compile the decode step (slow start, fast tokens)"
+    )
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    gpt2_decl.set_typechecked(args.typecheck or gpt2_decl.is_typechecked())
+    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
+    model = load_model(args, device, dtype)
+    tokenizer = GPT2Tokenizer()
+    prompt = torch.tensor([tokenizer.encode(args.prompt)], dtype=torch.long, device=device)
+    if prompt.shape[1] == 0:
+        raise SystemExit("error: --prompt is empty; give at least one character of text")
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    try:
+        tokens = stream(
+            model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+            top_p=args.top_p, greedy=args.greedy, eos_id=tokenizer.eot_id, generator=generator,
+            compile=args.compile,
+        )
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+
+    print(args.prompt, end="", flush=True)
+    times: list[float] = []
+    for piece in stream_text(timed(tokens, times), tokenizer):
+        print(piece, end="", flush=True)
+    print()
+    print(speed_line(times), file=sys.stderr)
+
+
+def timed(tokens: Iterable[torch.Tensor], times: list[float]) -> Iterator[int]:
+    """Each token id, appending to `times` the seconds from the start to its arrival."""
+    start = time.perf_counter()
+    for token in tokens:
+        times.append(time.perf_counter() - start)
+        yield int(token)
+
+
+def stream_text(tokens: Iterable[int], tokenizer: GPT2Tokenizer) -> Iterator[str]:
+    """The text of each token as it comes, the last with what the stream leaves undecodable.
+
+    A token can end inside a UTF-8 character, so the bytes are decoded incrementally: a piece
+    holds only whole characters (it is empty while a character is incomplete).
+    """
+    text = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for token in tokens:
+        yield text.decode(tokenizer.decode_bytes([token]))
+    yield text.decode(b"", final=True)
+
+
+def speed_line(times: list[float]) -> str:
+    """Tokens/s overall, and after the first two tokens: the first waits for the prompt, the
+    second for the compiled step's compilation (with --compile)."""
+    if not times:
+        return "[no tokens generated]"
+    line = f"[{len(times)} tokens in {times[-1]:.2f} s: {len(times) / times[-1]:.1f} tokens/s"
+    steady, startup_s = len(times) - STARTUP_TOKENS, times[min(STARTUP_TOKENS, len(times)) - 1]
+    if steady > 0 and times[-1] > startup_s:
+        rate = steady / (times[-1] - startup_s)
+        line += f"; {rate:.1f} tokens/s after the first {STARTUP_TOKENS}"
+    return line + "]"
+
+
+def load_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> GPT2:
+    if args.checkpoint:
+        try:
+            return GPT2.from_pretrained(args.checkpoint, dtype=dtype, device=device)
+        except ValueError as error:  # CheckpointError names the problem
+            raise SystemExit(f"error: {error}") from None
+    print(
+        f"note: no --checkpoint given, so the weights are RANDOM (GPT-2 {args.preset}, seed "
+        f"{args.seed}): the text will be gibberish",
+        file=sys.stderr,
+    )
+    model = GPT2(GPT2Config.from_preset(args.preset, seed=args.seed))
+    return model.to(device=device, dtype=dtype).eval()
