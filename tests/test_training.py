@@ -223,3 +223,18 @@ def test_ctrl_c_saves_a_checkpoint_before_exiting(text_file, tmp_path):
     assert os.readlink(out / "latest") == os.path.join("checkpoints", f"step-{step:07d}")
     state = torch.load(out / "latest" / "training_state.pt", weights_only=True)
     assert state["step"] == step
+
+
+def test_init_from_starts_from_the_checkpoint_weights(text_file, tmp_path):
+    architecture = ("vocab_size", "n_layer", "n_head", "d_model", "n_ctx")
+    start = GPT2(GPT2Config(seed=123, **{key: TINY[key] for key in architecture}))
+    start.save_pretrained(tmp_path / "start")
+    options = {key: value for key, value in TINY.items() if key not in architecture}
+    # Adam moves each weight by about lr per step: with lr 1e-12 the result is the checkpoint's.
+    train(
+        text_file, tmp_path / "out", tokenizer=ByteTokenizer(), cache_dir=tmp_path / "cache",
+        init_from=str(tmp_path / "start"), steps=1, lr=1e-12, weight_decay=0.0, **options,
+    )
+    finished = weights(tmp_path / "out" / "latest")
+    for name, tensor in start.state_dict().items():
+        torch.testing.assert_close(finished[name], tensor, rtol=0, atol=1e-9, msg=name)

@@ -14,13 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in SUBCOMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"gpt2_decl.cli.{name}")
-        except ModuleNotFoundError as error:
-            if error.name != f"gpt2_decl.cli.{name}":
-                raise
-            continue
-        module.add_parser(subparsers)
+        importlib.import_module(f"gpt2_decl.cli.{name}").add_parser(subparsers)
     return parser
 
 
