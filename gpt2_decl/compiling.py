@@ -44,6 +44,7 @@ def compile(
     freeze: bool = False,
     dynamic: bool | None = None,
     backend: str | Callable = "inductor",
+    options: dict[str, Any] | None = None,
 ) -> CompiledGPT2:
     """Compile `model` whole (`fullgraph=True`: a graph break is an error, never a slowdown).
 
@@ -53,8 +54,10 @@ def compile(
         not seen, so never use it for training.
     dynamic: None compiles for the first sequence length and makes the sequence axis dynamic on
         the first change (one extra compilation, never one per length); True is dynamic at once.
+    options: inductor config settings for this model's graphs, on top of those of `mode`.
     """
-    options = torch._inductor.list_mode_options(mode, dynamic) if mode is not None else None
+    if mode is not None:
+        options = {**torch._inductor.list_mode_options(mode, dynamic), **(options or {})}
     compiled = torch.compile(
         model, fullgraph=True, dynamic=dynamic, backend=backend, options=options
     )

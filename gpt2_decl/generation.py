@@ -12,6 +12,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from gpt2_decl import layers
 from gpt2_decl.kv_cache import KVCache
 from gpt2_decl.typecheck import shape_checked
 
@@ -177,8 +178,11 @@ def _step_function(model: "GPT2", compile: bool | str | Callable, use_cache: boo
 
     backend = "inductor" if compile is True else compile
     if use_cache:
+        options = None
+        if backend == "inductor" and model.device.type == "cpu":
+            options = layers.ONE_ROW_INDUCTOR_OPTIONS
         # The cache was checked when it was made and the tokens are sampled: call the graph direct.
-        return compile_model(model, backend=backend).compiled
+        return compile_model(model, backend=backend, options=options).compiled
     # The context grows by one token per step: dynamic after the first change.
     return compile_model(model, backend=backend)
 

@@ -34,3 +34,10 @@ def test_forward_example_compiled_in_bfloat16():
     )
     assert "logits      (1, 4, 50257) torch.bfloat16" in out
     assert "compiled forward" in out and "compile     " in out
+
+
+def test_forward_example_on_a_text_prompt():
+    out = run_forward("--prompt", "Hello world")
+    assert "input       tokens (1, 2)" in out  # "Hello world" is [15496, 995]
+    assert "after 'Hello world', most likely next tokens:" in out
+    assert out.count("  p=") == 5

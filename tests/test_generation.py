@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
 
-from gpt2_decl import GPT2, GPT2Config, bench_generate, count_parameters, typechecked
+from gpt2_decl import GPT2, GPT2Config, bench_generate, count_parameters, layers, typechecked
 from gpt2_decl.cli import main
 from gpt2_decl.cli.generate import stream_text
 from gpt2_decl.generation import generate, stream
@@ -140,6 +140,27 @@ def test_inductor_decode_equals_eager_and_sees_weights_changed_in_place():
     assert torch.equal(
         model.generate(prompt, 10, greedy=True, compile=True), longhand_greedy(model, prompt, 10)
     )
+
+
+def test_inductor_batch_1_decode_equals_eager_uncached():
+    # Batch 1 on a CPU takes the compiled one-row path: multiply-and-sum linears.
+    model = GPT2(DECISIVE.replace(n_layer=1)).eval()
+    prompt = torch.randint(DECISIVE.vocab_size, (1, 5), generator=seeded(9))
+    assert torch.equal(
+        model.generate(prompt, 10, greedy=True, compile=True), longhand_greedy(model, prompt, 10)
+    )
+
+
+def test_attend_one_query_equals_softmax_attention_over_the_visible_positions():
+    batch, head, max_len, d_head, position = 2, 3, 7, 8, 4
+    q = torch.randn(batch, head, 1, d_head, generator=seeded(10))
+    keys = torch.randn(batch, head, max_len, d_head, generator=seeded(11))
+    values = torch.randn(batch, head, max_len, d_head, generator=seeded(12))
+    visible = torch.arange(max_len)[None, :] <= position
+    expected = torch.softmax(
+        (q @ keys[:, :, : position + 1].transpose(-1, -2)) / d_head**0.5, dim=-1
+    ) @ values[:, :, : position + 1]
+    torch.testing.assert_close(layers.attend_one_query(q, keys, values, visible), expected)
 
 
 def test_generation_restores_the_train_mode_and_leaves_gradients_on(prompt):
