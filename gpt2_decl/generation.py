@@ -6,7 +6,7 @@ step has the same shapes for every token, so compiled it is compiled once.
 """
 
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float, Int
@@ -86,8 +86,17 @@ def stream(
 ) -> Iterator[Int[Tensor, " batch"]]:
     """Yield the next token of every row, one column at a time, as soon as each is sampled.
 
-    Arguments as for `generate`. The model runs in eval mode, without gradients, until the
-    iterator is exhausted or closed; then its train/eval mode is restored.
+    temperature, top_k, top_p: sampling from the softmax of logits / temperature, restricted to
+        the top_k most likely tokens, then to the smallest set of most likely tokens whose
+        probability reaches top_p. greedy: always the most likely token instead.
+    eos_id: a row stops at this token; its later positions are filled with it, and generation
+        ends early once every row has stopped (so new may be less than max_new_tokens).
+    generator: the torch.Generator to sample with; a seeded one makes the output reproducible.
+    compile: compile the model for the decode steps (True: inductor; or a torch.compile backend).
+    use_cache: keep keys and values in a `KVCache` (fast) rather than rerun the whole context.
+
+    The model runs in eval mode, without gradients, until the iterator is exhausted or closed;
+    then its train/eval mode is restored.
     """
     check_generate_arguments(max_new_tokens, temperature, top_k, top_p, greedy)
     model.check_tokens(tokens)
@@ -188,36 +197,12 @@ def _step_function(model: "GPT2", compile: bool | str | Callable, use_cache: boo
 
 
 def generate(
-    model: "GPT2",
-    tokens: Int[Tensor, "batch seq"],
-    max_new_tokens: int,
-    *,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    greedy: bool = False,
-    eos_id: int | None = None,
-    generator: torch.Generator | None = None,
-    compile: bool | str | Callable = False,
-    use_cache: bool = True,
+    model: "GPT2", tokens: Int[Tensor, "batch seq"], max_new_tokens: int, **options: Any
 ) -> Int[Tensor, "batch seq_out"]:
     """`tokens` continued by up to `max_new_tokens` tokens: [batch, seq + new].
 
-    temperature, top_k, top_p: sampling from the softmax of logits / temperature, restricted to
-        the top_k most likely tokens, then to the smallest set of most likely tokens whose
-        probability reaches top_p. greedy: always the most likely token instead.
-    eos_id: a row stops at this token; its later positions are filled with it, and generation
-        ends early once every row has stopped (so new may be less than max_new_tokens).
-    generator: the torch.Generator to sample with; a seeded one makes the output reproducible.
-    compile: compile the model for the decode steps (True: inductor; or a torch.compile backend).
-    use_cache: keep keys and values in a `KVCache` (fast) rather than rerun the whole context.
-
-    The context never slides: a ValueError if seq + max_new_tokens exceeds n_ctx.
+    `options` are `stream`'s (temperature, top_k, top_p, greedy, eos_id, generator, compile,
+    use_cache). The context never slides: a ValueError if seq + max_new_tokens exceeds n_ctx.
     """
-    new_tokens = list(
-        stream(
-            model, tokens, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            greedy=greedy, eos_id=eos_id, generator=generator, compile=compile, use_cache=use_cache,
-        )
-    )
+    new_tokens = list(stream(model, tokens, max_new_tokens, **options))
     return torch.cat([tokens, *(token[:, None] for token in new_tokens)], dim=1)
