@@ -113,11 +113,11 @@ def stream(
     sampling = dict(
         temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, generator=generator
     )
-    return _sample_tokens(model, tokens, max_new_tokens, eos_id, compile, use_cache, sampling)
+    return _decode(model, tokens, max_new_tokens, eos_id, compile, use_cache, sampling)
 
 
 @torch.no_grad()
-def _sample_tokens(
+def _decode(
     model: "GPT2",
     tokens: Tensor,
     max_new_tokens: int,
@@ -132,47 +132,35 @@ def _sample_tokens(
     was_training = model.training
     model.eval()
     try:
-        yield from _decode(model, tokens, max_new_tokens, eos_id, compile, use_cache, sampling)
+        batch, seq = tokens.shape
+        step = _step_function(model, compile, use_cache)
+        cache = None
+        if use_cache:
+            max_len = seq + max_new_tokens
+            cache = KVCache(model.config, batch, max_len, dtype=model.dtype, device=model.device)
+            cache.positions = torch.arange(seq, device=tokens.device)
+            logits = model(tokens, cache)[:, -1]
+            cache.positions = torch.tensor([seq], device=tokens.device)
+        else:
+            context = tokens
+            logits = step(context)[:, -1]
+        finished = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
+        for index in range(max_new_tokens):
+            next_token = sample(logits, **sampling)
+            if eos_id is not None:
+                next_token = next_token.masked_fill(finished, eos_id)
+                finished |= next_token == eos_id
+            yield next_token
+            if index == max_new_tokens - 1 or (eos_id is not None and bool(finished.all())):
+                return
+            if cache is not None:
+                logits = step(next_token[:, None], cache)[:, -1]
+                cache.positions += 1
+            else:
+                context = torch.cat([context, next_token[:, None]], dim=1)
+                logits = step(context)[:, -1]
     finally:
         model.train(was_training)
-
-
-def _decode(
-    model: "GPT2",
-    tokens: Tensor,
-    max_new_tokens: int,
-    eos_id: int | None,
-    compile: bool | str | Callable,
-    use_cache: bool,
-    sampling: dict,
-) -> Iterator[Tensor]:
-    batch, seq = tokens.shape
-    step = _step_function(model, compile, use_cache)
-    cache = None
-    if use_cache:
-        max_len = seq + max_new_tokens
-        cache = KVCache(model.config, batch, max_len, dtype=model.dtype, device=model.device)
-        cache.positions = torch.arange(seq, device=tokens.device)
-        logits = model(tokens, cache)[:, -1]
-        cache.positions = torch.tensor([seq], device=tokens.device)
-    else:
-        context = tokens
-        logits = step(context)[:, -1]
-    finished = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
-    for index in range(max_new_tokens):
-        next_token = sample(logits, **sampling)
-        if eos_id is not None:
-            next_token = next_token.masked_fill(finished, eos_id)
-            finished |= next_token == eos_id
-        yield next_token
-        if index == max_new_tokens - 1 or (eos_id is not None and bool(finished.all())):
-            return
-        if cache is not None:
-            logits = step(next_token[:, None], cache)[:, -1]
-            cache.positions += 1
-        else:
-            context = torch.cat([context, next_token[:, None]], dim=1)
-            logits = step(context)[:, -1]
 
 
 def _step_function(model: "GPT2", compile: bool | str | Callable, use_cache: bool) -> Callable:
