@@ -7,6 +7,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from gpt2_decl.kv_cache import KVCache
 from gpt2_decl.model import GPT2
 from gpt2_decl.typecheck import shape_checked
 
@@ -25,13 +26,19 @@ class CompiledGPT2:
         self.freeze = freeze
 
     @shape_checked
-    def __call__(self, tokens: Int[Tensor, "batch seq"]) -> Float[Tensor, "batch seq vocab"]:
+    def __call__(
+        self,
+        tokens: Int[Tensor, "batch seq"],
+        cache: KVCache | None = None,
+        *,
+        last_only: bool = False,
+    ) -> Float[Tensor, "batch seq_out vocab"]:
         self.model.check_tokens(tokens)
         # Dynamo decides whether parameters may become constants from inductor's global config,
         # while it traces (torch.compile's `options` arrive too late for that), so freezing is
         # switched on around every call that may compile.
         with torch._inductor.config.patch(freezing=self.freeze):
-            return self.compiled(tokens)
+            return self.compiled(tokens, cache, last_only=last_only)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.model, name)

@@ -139,11 +139,11 @@ def _decode(
             max_len = seq + max_new_tokens
             cache = KVCache(model.config, batch, max_len, dtype=model.dtype, device=model.device)
             cache.positions = torch.arange(seq, device=tokens.device)
-            logits = model(tokens, cache)[:, -1]
+            logits = model(tokens, cache, last_only=True)[:, -1]
             cache.positions = torch.tensor([seq], device=tokens.device)
         else:
             context = tokens
-            logits = step(context)[:, -1]
+            logits = step(context, last_only=True)[:, -1]
         finished = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
         for index in range(max_new_tokens):
             next_token = sample(logits, **sampling)
@@ -158,7 +158,7 @@ def _decode(
                 cache.positions += 1
             else:
                 context = torch.cat([context, next_token[:, None]], dim=1)
-                logits = step(context)[:, -1]
+                logits = step(context, last_only=True)[:, -1]
     finally:
         model.train(was_training)
 

@@ -9,7 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from gpt2_decl.kv_cache import LayerCache
@@ -75,32 +75,11 @@ def causal_self_attention(
         keys.index_copy_(2, positions, k)
         values.index_copy_(2, positions, v)
         visible = torch.arange(keys.shape[2], device=positions.device) <= positions[:, None]
-        if _compiled_one_row_on_cpu(q) and q.dtype != torch.float32:
-            heads = attend_one_query(q, keys, values, visible)
-        else:
-            heads = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=visible, dropout_p=dropout
-            )
+        heads = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=visible, dropout_p=dropout
+        )
     merged = rearrange(heads, "batch head seq d_head -> batch seq (head d_head)")
     return maybe_dropout(linear(merged, out_weight, out_bias), dropout)
-
-
-@shape_checked
-def attend_one_query(
-    q: Float[Tensor, "batch head 1 d_head"],
-    keys: Float[Tensor, "batch head max_len d_head"],
-    values: Float[Tensor, "batch head max_len d_head"],
-    visible: Bool[Tensor, "1 max_len"],
-) -> Float[Tensor, "batch head 1 d_head"]:
-    """Softmax attention of one query over the `visible` cached positions, in float32.
-
-    Compiled, as multiplies and sums, it fuses into the decode step's other loops; for bfloat16
-    that beats the CPU's scaled_dot_product_attention kernel for one query (GPT-2 small, 2 EPYC
-    cores: 11.2 -> 10.4 ms per token), while for float32 that kernel stays faster.
-    """
-    scores = (q.float() * keys.float()).sum(-1, keepdim=True) / math.sqrt(q.shape[-1])
-    scores = scores.masked_fill(~visible[..., None], float("-inf"))
-    return (scores.softmax(-2) * values.float()).sum(-2, keepdim=True).to(q.dtype)
 
 
 @shape_checked
@@ -131,8 +110,10 @@ def unembed(
 # GELU) would be recomputed for every row of the weight. Storing every pointwise result leaves
 # each row a plain streaming dot product (GPT-2 small decoding on 2 EPYC cores, per token:
 # float32 20.6 -> 19.4 ms, bfloat16 16.0 -> 10.3 ms), and rounds the input to its dtype as eager
-# mode does. Inductor config for graphs that decode one token on a CPU.
-ONE_ROW_INDUCTOR_OPTIONS = {"realize_acc_reads_threshold": 0}
+# mode does. Dynamo's guards check every input's shape before the graph runs, so the generated
+# code's own size and stride asserts on every call are dropped (1% of a float32 step).
+# Inductor config for graphs that decode one token on a CPU.
+ONE_ROW_INDUCTOR_OPTIONS = {"realize_acc_reads_threshold": 0, "size_asserts": False}
 
 
 @shape_checked

@@ -77,9 +77,15 @@ class GPT2(nn.Module):
 
     @shape_checked
     def forward(
-        self, tokens: Int[Tensor, "batch seq"], cache: KVCache | None = None
-    ) -> Float[Tensor, "batch seq vocab"]:
-        """Next-token logits for every position of `tokens`.
+        self,
+        tokens: Int[Tensor, "batch seq"],
+        cache: KVCache | None = None,
+        *,
+        last_only: bool = False,
+    ) -> Float[Tensor, "batch seq_out vocab"]:
+        """Next-token logits for every position of `tokens` (seq_out = seq), or for the last
+        one only with `last_only` (seq_out = 1): all that generating the next token needs, and
+        the output head, the largest matrix, then multiplies one position instead of all.
 
         With a `cache`, `tokens` continue the cached ones at `cache.positions`: attention reads
         the earlier keys and values from the cache and adds these tokens' own.
@@ -88,7 +94,7 @@ class GPT2(nn.Module):
         residual = self.embed(tokens, None if cache is None else cache.positions)
         for index, block in enumerate(self.blocks):
             residual = block(residual, None if cache is None else cache.layer(index))
-        return self.unembed(residual)
+        return self.unembed(residual[:, -1:] if last_only else residual)
 
     def generate(self, tokens: Tensor, max_new_tokens: int, **options) -> Tensor:
         """`tokens` continued by up to `max_new_tokens` tokens: see `generation.generate`."""

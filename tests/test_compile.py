@@ -31,6 +31,14 @@ def test_compiled_equals_eager_on_inductor(tiny_model, tokens, typecheck):
         torch.testing.assert_close(compiled(shorter), tiny_model(shorter), atol=1e-5, rtol=0)
 
 
+def test_compiled_last_only_equals_eager(tiny_model, tokens):
+    with torch.no_grad():
+        compiled = compile_model(tiny_model)
+        torch.testing.assert_close(
+            compiled(tokens, last_only=True), tiny_model(tokens)[:, -1:], atol=1e-5, rtol=0
+        )
+
+
 def test_new_sequence_lengths_cost_at_most_one_extra_compilation(tiny_model):
     counter = CompileCounter()
     compiled = compile_model(tiny_model, backend=counter)

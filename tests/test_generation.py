@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
 
-from gpt2_decl import GPT2, GPT2Config, bench_generate, count_parameters, layers, typechecked
+from gpt2_decl import GPT2, GPT2Config, bench_generate, count_parameters, typechecked
 from gpt2_decl.cli import main
 from gpt2_decl.cli.generate import stream_text
 from gpt2_decl.generation import generate, stream
@@ -149,18 +149,6 @@ def test_inductor_batch_1_decode_equals_eager_uncached():
     assert torch.equal(
         model.generate(prompt, 10, greedy=True, compile=True), longhand_greedy(model, prompt, 10)
     )
-
-
-def test_attend_one_query_equals_softmax_attention_over_the_visible_positions():
-    batch, head, max_len, d_head, position = 2, 3, 7, 8, 4
-    q = torch.randn(batch, head, 1, d_head, generator=seeded(10))
-    keys = torch.randn(batch, head, max_len, d_head, generator=seeded(11))
-    values = torch.randn(batch, head, max_len, d_head, generator=seeded(12))
-    visible = torch.arange(max_len)[None, :] <= position
-    expected = torch.softmax(
-        (q @ keys[:, :, : position + 1].transpose(-1, -2)) / d_head**0.5, dim=-1
-    ) @ values[:, :, : position + 1]
-    torch.testing.assert_close(layers.attend_one_query(q, keys, values, visible), expected)
 
 
 def test_generation_restores_the_train_mode_and_leaves_gradients_on(prompt):

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from gpt2_decl import GPT2, GPT2Config, default_device
+from gpt2_decl import GPT2, GPT2Config, default_device, typechecked
 
 
 def reference_logits(model: GPT2, tokens: torch.Tensor) -> torch.Tensor:
@@ -48,6 +48,16 @@ def test_matches_a_longhand_reference(tiny_model, tokens):
         torch.testing.assert_close(
             tiny_model(tokens), reference_logits(tiny_model, tokens), atol=1e-5, rtol=1e-5
         )
+
+
+@pytest.mark.parametrize("typecheck", [False, True])
+def test_last_only_gives_the_last_positions_logits(tiny_model, tokens, typecheck):
+    with torch.no_grad(), typechecked(typecheck):
+        last = tiny_model(tokens, last_only=True)
+    assert last.shape == (3, 1, tiny_model.config.vocab_size)
+    with torch.no_grad():
+        expected = reference_logits(tiny_model, tokens)[:, -1:]
+    torch.testing.assert_close(last, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_causal_later_tokens_never_change_earlier_logits(tiny_model, tokens, tiny_config):
