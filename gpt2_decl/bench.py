@@ -17,6 +17,7 @@ from torch import Tensor
 
 from gpt2_decl.compiling import compile as compile_model
 from gpt2_decl.config import GPT2Config
+from gpt2_decl.huge_pages import empty as empty_in_huge_pages
 from gpt2_decl.model import GPT2
 from gpt2_decl.summary import count_parameters
 from gpt2_decl.typecheck import is_typechecked, typechecked
@@ -122,15 +123,25 @@ def measure_matmul_roofline(
 
 
 def measure_copy_bandwidth(
-    device: torch.device, *, n_bytes: int = COPY_BANDWIDTH_BYTES, runs: int = 5, warmup: int = 2
+    device: torch.device,
+    *,
+    n_bytes: int = COPY_BANDWIDTH_BYTES,
+    runs: int = 5,
+    warmup: int = 2,
+    huge_pages: bool = False,
 ) -> float:
     """Memory bandwidth in bytes/s of copying an `n_bytes` tensor (read + write both counted).
 
     The ceiling of anything that streams its data once, such as batch-1 decoding, which reads
-    every weight per token.
+    every weight per token. huge_pages: copy between CPU tensors in transparent huge pages (see
+    `huge_pages.available`), where compiled CPU decoding keeps its weights.
     """
-    source = torch.empty(n_bytes, dtype=torch.uint8, device=device).fill_(1)
-    target = torch.empty_like(source)
+    if huge_pages:
+        source, target = (empty_in_huge_pages(n_bytes) for _ in range(2))
+        source.fill_(1)
+    else:
+        source = torch.empty(n_bytes, dtype=torch.uint8, device=device).fill_(1)
+        target = torch.empty_like(source)
     timing = time_call(lambda: target.copy_(source), device, runs=runs, warmup=warmup)
     return BYTES_MOVED_PER_BYTE_COPIED * n_bytes / (timing.median_ms / 1e3)
 

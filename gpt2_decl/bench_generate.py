@@ -1,12 +1,15 @@
 """`gpt2-decl bench --generate`: batch-1 greedy decoding speed against the memory-bandwidth bound.
 
 Decoding one token reads every weight once, so tokens/s <= copy bandwidth / bytes of weights. The
-bandwidth is measured in this process, before and after the timings (the better of the two is
-the bound: neighbours on a shared machine only ever lower it).
+copy bandwidth of a shared machine drifts from minute to minute, so it is measured in this
+process between every two timed runs, and each run is compared with the better of the two
+measurements around it (neighbours only ever lower it). On a CPU it is also measured between
+tensors in huge pages, where compiled decoding keeps the weights, and the higher figure counts.
 """
 
 import argparse
 import dataclasses
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -15,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gpt2_decl import bench
+from gpt2_decl import bench, huge_pages
 from gpt2_decl.cli.common import resolve_device, resolve_dtype
 from gpt2_decl.generation import generate
 from gpt2_decl.model import GPT2
@@ -29,24 +32,37 @@ WARMUP_TOKENS = 2
 
 @dataclass(frozen=True)
 class DecodeRow:
-    """One way of decoding: its speed, and whether it produced the reference tokens."""
+    """One way of decoding: its speed against the bound of each run's moment, and whether it
+    produced the reference tokens."""
 
     name: str
     timing: bench.Timing
     new_tokens: int
     warmup_s: float
-    same_tokens: bool
+    # Per timed run: its tokens/s, and the bound (tokens/s) measured around it.
+    run_tokens_per_s: tuple[float, ...]
+    run_bounds: tuple[float, ...]
+    same_tokens: bool = True
 
     @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / (self.timing.median_ms / 1e3)
 
-    def to_dict(self, bound_tokens_per_s: float) -> dict:
+    @property
+    def bound_fraction(self) -> float:
+        """The median over runs of each run's tokens/s over the bound measured around it."""
+        runs = zip(self.run_tokens_per_s, self.run_bounds, strict=True)
+        return statistics.median(speed / bound for speed, bound in runs)
+
+    def to_dict(self) -> dict:
         return {
             "name": self.name,
             "tokens_per_s": self.tokens_per_s,
             "ms_per_token": self.timing.median_ms / self.new_tokens,
-            "bound_fraction": self.tokens_per_s / bound_tokens_per_s,
+            "bound_fraction": self.bound_fraction,
+            "bound_tokens_per_s": statistics.median(self.run_bounds),
+            "run_tokens_per_s": list(self.run_tokens_per_s),
+            "run_bounds_tokens_per_s": list(self.run_bounds),
             "median_ms": self.timing.median_ms,
             "min_ms": self.timing.min_ms,
             "max_ms": self.timing.max_ms,
@@ -89,39 +105,63 @@ def run(args: argparse.Namespace) -> dict:
         f"{args.prompt_len}-token prompt, {args.new_tokens} greedy tokens"
     )
     prompt = bench.random_tokens(config, 1, args.prompt_len, device, args.seed)
-    bandwidth_before = bench.measure_copy_bandwidth(device)
+    n_bytes = weight_bytes_per_token(model)
+    bandwidth = BandwidthTrace(device)
 
     reference: Tensor | None = None
     rows = []
     for name, decode, runs in decoders(model, args.runs):
         print(f"timing {name}...", flush=True)
         row, tokens = time_decoding(
-            name, decode, prompt, args.new_tokens, device, runs, args.warmup
+            name, decode, prompt, args.new_tokens, runs, args.warmup, bandwidth, n_bytes
         )
         reference = tokens if reference is None else reference
         rows.append(dataclasses.replace(row, same_tokens=torch.equal(tokens, reference)))
 
-    bandwidth = max(bandwidth_before, bench.measure_copy_bandwidth(device))
-    n_bytes = weight_bytes_per_token(model)
-    bound = bandwidth / n_bytes
+    median_bandwidth = statistics.median(bandwidth.measured)
     print()
     print(
-        f"weights read per token: {n_bytes / 1e6:,.1f} MB; copy bandwidth "
-        f"{bandwidth / 1e9:.1f} GB/s (before the timings {bandwidth_before / 1e9:.1f}): "
-        f"bound {bound:.1f} tokens/s"
+        f"weights read per token: {n_bytes / 1e6:,.1f} MB; copy bandwidth measured between "
+        f"timed runs, best of ordinary memory and huge pages: median {median_bandwidth / 1e9:.1f} "
+        f"GB/s [{min(bandwidth.measured) / 1e9:.1f}-{max(bandwidth.measured) / 1e9:.1f}], a "
+        f"bound of {median_bandwidth / n_bytes:.1f} tokens/s; each run is compared with the "
+        "bound measured around it"
     )
-    print(format_table(rows, bound))
+    print(format_table(rows))
     return {
         **environment,
         "config": dataclasses.asdict(config),
         "checkpoint": args.checkpoint,
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
-        "copy_bandwidth_bytes_per_s": bandwidth,
+        "copy_bandwidth_bytes_per_s": median_bandwidth,
+        "copy_bandwidths_bytes_per_s": bandwidth.measured,
         "weight_bytes_per_token": n_bytes,
-        "bound_tokens_per_s": bound,
-        "rows": [row.to_dict(bound) for row in rows],
+        "bound_tokens_per_s": median_bandwidth / n_bytes,
+        "rows": [row.to_dict() for row in rows],
     }
+
+
+class BandwidthTrace:
+    """Copy bandwidth measured between timed runs: `around_next_run` gives the better of the
+    measurements just before and just after a run."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.measured = [best_copy_bandwidth(device)]
+
+    def around_next_run(self, run: Callable[[], object]) -> float:
+        before = self.measured[-1]
+        run()
+        self.measured.append(best_copy_bandwidth(self.device))
+        return max(before, self.measured[-1])
+
+
+def best_copy_bandwidth(device: torch.device) -> float:
+    """The copy bandwidth of ordinary memory or, on a CPU that has them, of huge pages: the
+    higher."""
+    page_kinds = [False, True] if device.type == "cpu" and huge_pages.available() else [False]
+    return max(bench.measure_copy_bandwidth(device, huge_pages=kind) for kind in page_kinds)
 
 
 def decoders(model: GPT2, runs: int) -> list[tuple[str, Callable[[Tensor, int], Tensor], int]]:
@@ -174,23 +214,33 @@ def time_decoding(
     decode: Callable[[Tensor, int], Tensor],
     prompt: Tensor,
     new_tokens: int,
-    device: torch.device,
     runs: int,
     warmup: int,
+    bandwidth: BandwidthTrace,
+    n_bytes: int,
 ) -> tuple[DecodeRow, Tensor]:
-    """Warm `decode` up on short generations (compiling whatever it compiles), then time it."""
+    """Warm `decode` up on short generations (compiling whatever it compiles), then time `runs`
+    generations, each between two measurements of the copy bandwidth."""
     start = time.perf_counter()
     for _ in range(max(warmup, 1)):
         decode(prompt, WARMUP_TOKENS)
     warmup_s = time.perf_counter() - start
-    outputs = []
-    timing = bench.time_call(
-        lambda: outputs.append(decode(prompt, new_tokens)), device, runs=runs, warmup=0
-    )
-    return DecodeRow(name, timing, new_tokens, warmup_s, same_tokens=True), outputs[-1]
+    outputs, times_ms, bounds = [], [], []
+
+    def timed_run() -> None:
+        start = time.perf_counter()
+        outputs.append(decode(prompt, new_tokens))
+        bench.synchronize(bandwidth.device)
+        times_ms.append((time.perf_counter() - start) * 1e3)
+
+    for _ in range(runs):
+        bounds.append(bandwidth.around_next_run(timed_run) / n_bytes)
+    timing = bench.Timing(statistics.median(times_ms), min(times_ms), max(times_ms), runs)
+    speeds = tuple(new_tokens / (ms / 1e3) for ms in times_ms)
+    return DecodeRow(name, timing, new_tokens, warmup_s, speeds, tuple(bounds)), outputs[-1]
 
 
-def format_table(rows: list[DecodeRow], bound: float) -> str:
+def format_table(rows: list[DecodeRow]) -> str:
     header = (
         f"{'decoding':<22} {'tokens/s':>9} {'ms/token':>9} {'of bound':>8} "
         f"{'run ms [min-max]':>24} {'warm-up s':>9} {'same tokens':>11}"
@@ -201,7 +251,7 @@ def format_table(rows: list[DecodeRow], bound: float) -> str:
         spread = f"{timing.median_ms:,.0f} [{timing.min_ms:,.0f}-{timing.max_ms:,.0f}]"
         lines.append(
             f"{row.name:<22} {row.tokens_per_s:>9.1f} {timing.median_ms / row.new_tokens:>9.1f} "
-            f"{row.tokens_per_s / bound:>8.0%} {spread:>24} {row.warmup_s:>9.1f} "
+            f"{row.bound_fraction:>8.0%} {spread:>24} {row.warmup_s:>9.1f} "
             f"{'yes' if row.same_tokens else 'NO':>11}"
         )
     return "\n".join(lines)
