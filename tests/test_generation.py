@@ -7,7 +7,7 @@ from torch._dynamo.testing import CompileCounter
 from gpt2_decl import GPT2, GPT2Config, bench_generate, count_parameters, typechecked
 from gpt2_decl.cli import main
 from gpt2_decl.cli.generate import stream_text
-from gpt2_decl.generation import generate, stream
+from gpt2_decl.generation import generate, sample, stream
 from gpt2_decl.kv_cache import KVCache
 from gpt2_decl.tokenizer import GPT2Tokenizer
 
@@ -97,6 +97,12 @@ def test_generation_ends_early_when_every_row_has_stopped(model):
     prompt = torch.randint(DECISIVE.vocab_size, (1, 4), generator=seeded(5))
     first = int(model.generate(prompt, 1, greedy=True)[0, -1])
     assert model.generate(prompt, 20, greedy=True, eos_id=first).shape == (1, 5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_takes_the_first_of_tied_most_likely_tokens(dtype):
+    logits = torch.tensor([[1.0, 3.0, 3.0, -2.0], [0.5, -1.0, 0.25, 0.5]], dtype=dtype)
+    assert sample(logits, greedy=True).tolist() == [1, 0]
 
 
 def test_top_k_of_one_and_a_tiny_top_p_are_greedy(model, prompt):
