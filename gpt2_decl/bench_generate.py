@@ -8,6 +8,7 @@ tensors in huge pages, where compiled decoding keeps the weights, and the higher
 """
 
 import argparse
+import copy
 import dataclasses
 import statistics
 import tempfile
@@ -82,7 +83,9 @@ def weight_bytes_per_token(model: GPT2) -> int:
 
 def run(args: argparse.Namespace) -> dict:
     """Time greedy decoding of --new-tokens after a --prompt-len prompt, batch 1: eager and
-    compiled, with and without the cache, and transformers' `generate` on the same weights."""
+    compiled, with and without the cache, and transformers' `generate` on the same weights; with
+    --compare-dtype, also decoding with the cache in that dtype. The ways of decoding take turns
+    run by run, so that a change in the machine's speed falls on all of them alike."""
     from gpt2_decl.cli.bench import build_config
 
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
@@ -105,41 +108,56 @@ def run(args: argparse.Namespace) -> dict:
         f"{args.prompt_len}-token prompt, {args.new_tokens} greedy tokens"
     )
     prompt = bench.random_tokens(config, 1, args.prompt_len, device, args.seed)
-    n_bytes = weight_bytes_per_token(model)
+    ways = decoders(model, args.runs)
+    if args.compare_dtype:
+        # The same weights, rounded to the other dtype.
+        other = copy.deepcopy(model).to(resolve_dtype(args.compare_dtype))
+        ways += [
+            dataclasses.replace(way, name=f"{way.name}, {args.compare_dtype}")
+            for way in decoders(other, args.runs, reference=False)
+            if way.name in COMPARED
+        ]
     bandwidth = BandwidthTrace(device)
+    rows = time_decoders(ways, prompt, args.new_tokens, args.warmup, bandwidth)
 
-    reference: Tensor | None = None
-    rows = []
-    for name, decode, runs in decoders(model, args.runs):
-        print(f"timing {name}...", flush=True)
-        row, tokens = time_decoding(
-            name, decode, prompt, args.new_tokens, runs, args.warmup, bandwidth, n_bytes
-        )
-        reference = tokens if reference is None else reference
-        rows.append(dataclasses.replace(row, same_tokens=torch.equal(tokens, reference)))
-
-    median_bandwidth = statistics.median(bandwidth.measured)
+    bandwidths = bandwidth.measured
+    median_bandwidth = statistics.median(bandwidths)
+    n_bytes = weight_bytes_per_token(model)
     print()
     print(
         f"weights read per token: {n_bytes / 1e6:,.1f} MB; copy bandwidth measured between "
         f"timed runs, best of ordinary memory and huge pages: median {median_bandwidth / 1e9:.1f} "
-        f"GB/s [{min(bandwidth.measured) / 1e9:.1f}-{max(bandwidth.measured) / 1e9:.1f}], a "
-        f"bound of {median_bandwidth / n_bytes:.1f} tokens/s; each run is compared with the "
-        "bound measured around it"
+        f"GB/s [{min(bandwidths) / 1e9:.1f}-{max(bandwidths) / 1e9:.1f}], a bound of "
+        f"{median_bandwidth / n_bytes:.1f} tokens/s; each run is compared with the bound "
+        "measured around it"
     )
     print(format_table(rows))
-    return {
+    report = {
         **environment,
         "config": dataclasses.asdict(config),
         "checkpoint": args.checkpoint,
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
         "copy_bandwidth_bytes_per_s": median_bandwidth,
-        "copy_bandwidths_bytes_per_s": bandwidth.measured,
+        "copy_bandwidths_bytes_per_s": bandwidths,
         "weight_bytes_per_token": n_bytes,
         "bound_tokens_per_s": median_bandwidth / n_bytes,
         "rows": [row.to_dict() for row in rows],
     }
+    if args.compare_dtype:
+        by_name = {row.name: row for row in rows}
+        ratios = {}
+        for name in COMPARED:
+            ours, other = by_name[name], by_name[f"{name}, {args.compare_dtype}"]
+            runs = zip(other.run_tokens_per_s, ours.run_tokens_per_s, strict=True)
+            ratios[name] = statistics.median(theirs / mine for theirs, mine in runs)
+            print(
+                f"{args.compare_dtype} / {environment['dtype']}, {name}: {ratios[name]:.2f}x "
+                "(median over runs of the ratio within each turn)"
+            )
+        report["compare_dtype"] = args.compare_dtype
+        report["compare_dtype_speed_ratios"] = ratios
+    return report
 
 
 class BandwidthTrace:
@@ -164,24 +182,44 @@ def best_copy_bandwidth(device: torch.device) -> float:
     return max(bench.measure_copy_bandwidth(device, huge_pages=kind) for kind in page_kinds)
 
 
-def decoders(model: GPT2, runs: int) -> list[tuple[str, Callable[[Tensor, int], Tensor], int]]:
-    """(name, decode(prompt, new_tokens) -> tokens, timed runs) for every way of decoding."""
+@dataclass(frozen=True)
+class Decoder:
+    """A way of decoding: decode(prompt, new_tokens) -> tokens, how many runs to time, the bytes
+    of weights it reads per token and their dtype."""
 
-    def ours(compile: bool, use_cache: bool) -> Callable[[Tensor, int], Tensor]:
-        return lambda prompt, new: generate(
-            model, prompt, new, greedy=True, compile=compile, use_cache=use_cache
-        )
+    name: str
+    decode: Callable[[Tensor, int], Tensor]
+    runs: int
+    weight_bytes: int
+    dtype: torch.dtype
 
-    rows = [
-        ("eager, cache", ours(False, True), runs),
-        ("compiled, cache", ours(True, True), runs),
-        ("eager, no cache", ours(False, False), min(runs, UNCACHED_RUNS)),
-        ("compiled, no cache", ours(True, False), min(runs, UNCACHED_RUNS)),
+
+# The ways of decoding that --compare-dtype times in the other dtype too.
+COMPARED = ("eager, cache", "compiled, cache")
+
+
+def decoders(model: GPT2, runs: int, *, reference: bool = True) -> list[Decoder]:
+    """Every way of decoding with `model`, and transformers' `generate` if `reference`."""
+    n_bytes = weight_bytes_per_token(model)
+
+    def ours(name: str, compile: bool, use_cache: bool, runs: int) -> Decoder:
+        def decode(prompt: Tensor, new: int) -> Tensor:
+            return generate(model, prompt, new, greedy=True, compile=compile, use_cache=use_cache)
+
+        return Decoder(name, decode, runs, n_bytes, model.dtype)
+
+    ways = [
+        ours("eager, cache", False, True, runs),
+        ours("compiled, cache", True, True, runs),
+        ours("eager, no cache", False, False, min(runs, UNCACHED_RUNS)),
+        ours("compiled, no cache", True, False, min(runs, UNCACHED_RUNS)),
     ]
-    reference = transformers_decoder(model)
-    if reference is not None:
-        rows.append(("transformers generate", reference, runs))
-    return rows
+    transformers_decode = transformers_decoder(model) if reference else None
+    if transformers_decode is not None:
+        ways.append(
+            Decoder("transformers generate", transformers_decode, runs, n_bytes, model.dtype)
+        )
+    return ways
 
 
 def transformers_decoder(model: GPT2) -> Callable[[Tensor, int], Tensor] | None:
@@ -202,47 +240,63 @@ def transformers_decoder(model: GPT2) -> Callable[[Tensor, int], Tensor] | None:
     def decode(prompt: Tensor, new: int) -> Tensor:
         with torch.no_grad():
             return reference.generate(
-                prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new,
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=new,
                 do_sample=False,
             )
 
     return decode
 
 
-def time_decoding(
-    name: str,
-    decode: Callable[[Tensor, int], Tensor],
-    prompt: Tensor,
-    new_tokens: int,
-    runs: int,
-    warmup: int,
-    bandwidth: BandwidthTrace,
-    n_bytes: int,
-) -> tuple[DecodeRow, Tensor]:
-    """Warm `decode` up on short generations (compiling whatever it compiles), then time `runs`
-    generations, each between two measurements of the copy bandwidth."""
-    start = time.perf_counter()
-    for _ in range(max(warmup, 1)):
-        decode(prompt, WARMUP_TOKENS)
-    warmup_s = time.perf_counter() - start
-    outputs, times_ms, bounds = [], [], []
-
-    def timed_run() -> None:
+def time_decoders(
+    ways: list[Decoder], prompt: Tensor, new_tokens: int, warmup: int, bandwidth: BandwidthTrace
+) -> list[DecodeRow]:
+    """Warm every way up on short generations (compiling whatever it compiles), then time them
+    in turns, one run each per turn, each run between two measurements of the copy bandwidth.
+    A row's tokens are compared with those of the first row of its dtype."""
+    warmup_s = {}
+    for way in ways:
         start = time.perf_counter()
-        outputs.append(decode(prompt, new_tokens))
-        bench.synchronize(bandwidth.device)
-        times_ms.append((time.perf_counter() - start) * 1e3)
+        for _ in range(max(warmup, 1)):
+            way.decode(prompt, WARMUP_TOKENS)
+        warmup_s[way.name] = time.perf_counter() - start
+    times_ms: dict[str, list[float]] = {way.name: [] for way in ways}
+    bounds: dict[str, list[float]] = {way.name: [] for way in ways}
+    outputs: dict[str, Tensor] = {}
+    for turn in range(max(way.runs for way in ways)):
+        print(f"timing turn {turn + 1}...", flush=True)
+        for way in (way for way in ways if turn < way.runs):
 
-    for _ in range(runs):
-        bounds.append(bandwidth.around_next_run(timed_run) / n_bytes)
-    timing = bench.Timing(statistics.median(times_ms), min(times_ms), max(times_ms), runs)
-    speeds = tuple(new_tokens / (ms / 1e3) for ms in times_ms)
-    return DecodeRow(name, timing, new_tokens, warmup_s, speeds, tuple(bounds)), outputs[-1]
+            def timed_run(way: Decoder = way) -> None:
+                start = time.perf_counter()
+                outputs[way.name] = way.decode(prompt, new_tokens)
+                bench.synchronize(bandwidth.device)
+                times_ms[way.name].append((time.perf_counter() - start) * 1e3)
+
+            bounds[way.name].append(bandwidth.around_next_run(timed_run) / way.weight_bytes)
+    rows, references = [], {}
+    for way in ways:
+        times = times_ms[way.name]
+        tokens = outputs[way.name]
+        reference = references.setdefault(way.dtype, tokens)
+        rows.append(
+            DecodeRow(
+                way.name,
+                bench.Timing(statistics.median(times), min(times), max(times), len(times)),
+                new_tokens,
+                warmup_s[way.name],
+                tuple(new_tokens / (ms / 1e3) for ms in times),
+                tuple(bounds[way.name]),
+                same_tokens=torch.equal(tokens, reference),
+            )
+        )
+    return rows
 
 
 def format_table(rows: list[DecodeRow]) -> str:
     header = (
-        f"{'decoding':<22} {'tokens/s':>9} {'ms/token':>9} {'of bound':>8} "
+        f"{'decoding':<26} {'tokens/s':>9} {'ms/token':>9} {'of bound':>8} "
         f"{'run ms [min-max]':>24} {'warm-up s':>9} {'same tokens':>11}"
     )
     lines = [header, "-" * len(header)]
@@ -250,7 +304,7 @@ def format_table(rows: list[DecodeRow]) -> str:
         timing = row.timing
         spread = f"{timing.median_ms:,.0f} [{timing.min_ms:,.0f}-{timing.max_ms:,.0f}]"
         lines.append(
-            f"{row.name:<22} {row.tokens_per_s:>9.1f} {timing.median_ms / row.new_tokens:>9.1f} "
+            f"{row.name:<26} {row.tokens_per_s:>9.1f} {timing.median_ms / row.new_tokens:>9.1f} "
             f"{row.bound_fraction:>8.0%} {spread:>24} {row.warmup_s:>9.1f} "
             f"{'yes' if row.same_tokens else 'NO':>11}"
         )

@@ -1,4 +1,5 @@
 import argparse
+import statistics
 
 import pytest
 import torch
@@ -244,7 +245,7 @@ def test_cli_refuses_a_prompt_longer_than_the_context(capsys, monkeypatch):
 def test_decode_benchmark_reports_every_way_of_decoding_against_the_bound():
     args = argparse.Namespace(
         device="cpu", dtype="float32", checkpoint=None, preset="small", n_layer=1, n_head=2,
-        d_model=32, seed=0, prompt_len=4, new_tokens=3, runs=1, warmup=0,
+        d_model=32, seed=0, prompt_len=4, new_tokens=3, runs=1, warmup=0, compare_dtype=None,
     )
     report = bench_generate.run(args)
     config = GPT2Config.from_preset("small", n_layer=1, n_head=2, d_model=32)
@@ -266,3 +267,28 @@ def test_decode_benchmark_reports_every_way_of_decoding_against_the_bound():
         bound = max(bandwidths[index], bandwidths[index + 1]) / weight_bytes
         assert row["bound_tokens_per_s"] == pytest.approx(bound)
         assert row["bound_fraction"] == pytest.approx(row["tokens_per_s"] / bound)
+
+
+def test_decode_benchmark_compares_dtypes_run_by_run(capsys):
+    args = argparse.Namespace(
+        device="cpu", dtype="float32", checkpoint=None, preset="small", n_layer=1, n_head=2,
+        d_model=32, seed=0, prompt_len=4, new_tokens=3, runs=2, warmup=0,
+        compare_dtype="bfloat16",
+    )
+    report = bench_generate.run(args)
+    rows = {row["name"]: row for row in report["rows"]}
+    ratios = report["compare_dtype_speed_ratios"]
+    measured = report["copy_bandwidths_bytes_per_s"]
+    around = [max(pair) for pair in zip(measured, measured[1:], strict=False)]
+    for name in ("eager, cache", "compiled, cache"):
+        ours, other = rows[name], rows[f"{name}, bfloat16"]
+        assert other["same_tokens"]  # against the first bfloat16 row, not the float32 ones
+        # Each run's bound: the better of the bandwidths measured around it over the bytes read,
+        # which the bfloat16 copy halves.
+        weight_bytes = report["weight_bytes_per_token"]
+        for row, row_bytes in ((ours, weight_bytes), (other, weight_bytes // 2)):
+            for bound in row["run_bounds_tokens_per_s"]:
+                assert any(bound * row_bytes == pytest.approx(best) for best in around)
+        turns = zip(other["run_tokens_per_s"], ours["run_tokens_per_s"], strict=True)
+        assert ratios[name] == pytest.approx(statistics.median(a / b for a, b in turns))
+    assert "bfloat16 / float32, compiled, cache:" in capsys.readouterr().out

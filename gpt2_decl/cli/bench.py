@@ -16,7 +16,7 @@ import torch
 import gpt2_decl
 from gpt2_decl import bench
 from gpt2_decl.cli.common import add_model_arguments, resolve_device, resolve_dtype
-from gpt2_decl.config import GPT2Config
+from gpt2_decl.config import DTYPES, GPT2Config
 from gpt2_decl.model import GPT2
 
 DEFAULT_SEQS = "16,128,1024"
@@ -130,6 +130,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     decoding.add_argument(
         "--checkpoint", default=None, metavar="DIR", help="a Hugging Face-layout GPT-2 directory"
+    )
+    decoding.add_argument(
+        "--compare-dtype",
+        default=None,
+        choices=sorted(DTYPES),
+        help="also decode with the cache in this dtype, in turns with --dtype, and print the "
+        "speed ratio",
     )
     parser.set_defaults(handler=run)
 
