@@ -292,3 +292,8 @@ def test_decode_benchmark_compares_dtypes_run_by_run(capsys):
         turns = zip(other["run_tokens_per_s"], ours["run_tokens_per_s"], strict=True)
         assert ratios[name] == pytest.approx(statistics.median(a / b for a, b in turns))
     assert "bfloat16 / float32, compiled, cache:" in capsys.readouterr().out
+
+
+def test_decode_benchmark_refuses_to_compare_a_dtype_with_itself(capsys):
+    with pytest.raises(SystemExit, match="--compare-dtype float32 is already --dtype"):
+        main(["bench", "--generate", "--dtype", "float32", "--compare-dtype", "float32"])
