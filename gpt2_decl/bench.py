@@ -137,6 +137,8 @@ def measure_copy_bandwidth(
     `huge_pages.available`), where compiled CPU decoding keeps its weights.
     """
     if huge_pages:
+        if device.type != "cpu":
+            raise ValueError(f"huge pages are CPU memory; cannot measure them on {device}")
         source, target = (empty_in_huge_pages(n_bytes) for _ in range(2))
         source.fill_(1)
     else:

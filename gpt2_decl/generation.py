@@ -98,9 +98,9 @@ def stream(
     use_cache: keep keys and values in a `KVCache` (fast) rather than rerun the whole context.
 
     The model runs in eval mode, without gradients, until the iterator is exhausted or closed;
-    then its train/eval mode is restored. Compiled with the cache on a Linux CPU, the first
-    generation moves the model's weights into transparent huge pages (see `huge_pages`): same
-    values and Parameter objects, read faster.
+    then its train/eval mode is restored. Compiled by inductor with the cache on a Linux CPU,
+    the first generation moves the model's weights into transparent huge pages (see
+    `huge_pages`): same values and Parameter objects, read faster.
     """
     check_generate_arguments(max_new_tokens, temperature, top_k, top_p, greedy)
     model.check_tokens(tokens)
@@ -137,9 +137,6 @@ def _decode(
     model.eval()
     try:
         batch, seq = tokens.shape
-        if use_cache and compile is not False and model.device.type == "cpu":
-            # The compiled step streams every weight once per token, faster from huge pages.
-            huge_pages.move_parameters(model)
         step = _step_function(model, compile, use_cache)
         cache = None
         if use_cache:
@@ -173,8 +170,9 @@ def _decode(
 def _step_function(model: "GPT2", compile: bool | str | Callable, use_cache: bool) -> Callable:
     """What computes the logits of each step: the model, or the model compiled whole.
 
-    `compile` is False, True (inductor) or any torch.compile backend. Compiled, the one-token
-    step's matmuls become single passes over the weights (see `layers.linear`).
+    `compile` is False, True (inductor) or any torch.compile backend. Compiled by inductor for a
+    CPU, the one-token step's matmuls become single passes over the weights (see
+    `layers.linear`), which it reads faster from huge pages: the weights move there (once).
     """
     if compile is False:
         return model
@@ -185,6 +183,7 @@ def _step_function(model: "GPT2", compile: bool | str | Callable, use_cache: boo
         options = None
         if backend == "inductor" and model.device.type == "cpu":
             options = layers.ONE_ROW_INDUCTOR_OPTIONS
+            huge_pages.move_parameters(model)
         # The cache was checked when it was made and the tokens are sampled: call the graph direct.
         return compile_model(model, backend=backend, options=options).compiled
     # The context grows by one token per step: dynamic after the first change.

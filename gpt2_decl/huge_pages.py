@@ -37,6 +37,11 @@ def available() -> bool:
 
 def empty(n_bytes: int) -> Tensor:
     """A uint8 CPU tensor of `n_bytes` that starts on a huge page, in memory marked for them."""
+    if not available():
+        raise RuntimeError(
+            "this system gives no transparent huge pages (needs Linux with "
+            f"{THP_SETTING} set to 'always' or 'madvise')"
+        )
     region, start = _region(n_bytes)
     return torch.frombuffer(region, dtype=torch.uint8, count=n_bytes, offset=start)
 
@@ -47,9 +52,11 @@ def move_parameters(module: nn.Module) -> bool:
 
     The Parameter objects stay (only their `.data` moves), so tied weights, optimizers and
     compiled graphs that take them as inputs are unaffected; each keeps a storage of its own, so
-    saving them is unaffected too.
+    saving them is unaffected too. What changes: every moved parameter is contiguous, distinct
+    parameters that shared one storage no longer do, and the new storages cannot be resized.
+    Empty parameters stay where they are.
     """
-    parameters = list(module.parameters())
+    parameters = [parameter for parameter in module.parameters() if parameter.numel() > 0]
     if (
         not parameters
         or not available()

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from gpt2_decl import GPT2Config, bench
+from gpt2_decl import GPT2Config, bench, huge_pages
 from gpt2_decl.cli import main
 
 # GPT-2 small from the reference table: 124,439,808 parameters tied, 1024 x 768 of them the
@@ -91,6 +91,17 @@ def test_rooflines_are_positive_and_finite():
     bandwidth = bench.measure_copy_bandwidth(cpu, n_bytes=2**20, runs=2, warmup=1)
     assert math.isfinite(flops) and flops > 0
     assert math.isfinite(bandwidth) and bandwidth > 0
+
+
+def test_copy_bandwidth_on_huge_pages_is_cpu_only():
+    if huge_pages.available():
+        cpu = torch.device("cpu")
+        bandwidth = bench.measure_copy_bandwidth(
+            cpu, n_bytes=2**21, runs=2, warmup=1, huge_pages=True
+        )
+        assert math.isfinite(bandwidth) and bandwidth > 0
+    with pytest.raises(ValueError, match="huge pages are CPU memory"):
+        bench.measure_copy_bandwidth(torch.device("meta"), huge_pages=True)
 
 
 def test_cli_writes_json_with_every_figure_and_a_png(tmp_path, capsys):

@@ -282,7 +282,6 @@ def test_decode_benchmark_compares_dtypes_run_by_run(capsys):
     around = [max(pair) for pair in zip(measured, measured[1:], strict=False)]
     for name in ("eager, cache", "compiled, cache"):
         ours, other = rows[name], rows[f"{name}, bfloat16"]
-        assert other["same_tokens"]  # against the first bfloat16 row, not the float32 ones
         # Each run's bound: the better of the bandwidths measured around it over the bytes read,
         # which the bfloat16 copy halves.
         weight_bytes = report["weight_bytes_per_token"]

@@ -75,16 +75,32 @@ def test_nothing_moves_without_huge_pages_or_off_the_cpu(monkeypatch, tmp_path):
     address = model.token_embedding.weight.data_ptr()
     assert not huge_pages.move_parameters(model)
     assert model.token_embedding.weight.data_ptr() == address
+    with pytest.raises(RuntimeError, match="no transparent huge pages"):
+        huge_pages.empty(1024)
 
 
 @needs_huge_pages
 def test_compiled_cached_decoding_on_cpu_moves_the_weights_once():
     model = GPT2(TINY).eval()
     prompt = torch.randint(TINY.vocab_size, (1, 4))
+    address = model.token_embedding.weight.data_ptr()
     eager = model.generate(prompt, 3, greedy=True)
-    compiled = model.generate(prompt, 3, greedy=True, compile=True)
-    assert torch.equal(compiled, eager)
-    assert not huge_pages.move_parameters(model)  # generation moved them already
+    assert model.token_embedding.weight.data_ptr() == address  # eager decoding leaves them
+    assert torch.equal(model.generate(prompt, 3, greedy=True, compile=True), eager)
+    moved = model.token_embedding.weight.data_ptr()
+    assert moved != address and moved % huge_pages.HUGE_PAGE_BYTES == 0
+    assert torch.equal(model.generate(prompt, 3, greedy=True, compile=True), eager)
+    assert model.token_embedding.weight.data_ptr() == moved  # once
+
+
+@needs_huge_pages
+def test_empty_parameters_stay_and_the_others_move():
+    module = torch.nn.Linear(4, 3)
+    module.nothing = torch.nn.Parameter(torch.zeros(0))
+    weight = module.weight.detach().clone()
+    assert huge_pages.move_parameters(module)
+    assert module.weight.data_ptr() % huge_pages.HUGE_PAGE_BYTES == 0
+    assert torch.equal(module.weight, weight) and module.nothing.numel() == 0
 
 
 @needs_huge_pages
