@@ -9,7 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from gpt2_decl.kv_cache import LayerCache
@@ -75,9 +75,12 @@ def causal_self_attention(
         keys.index_copy_(2, positions, k)
         values.index_copy_(2, positions, v)
         visible = torch.arange(keys.shape[2], device=positions.device) <= positions[:, None]
-        heads = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=visible, dropout_p=dropout
-        )
+        if dropout == 0 and _compiled_one_query_on_cpu(q):
+            heads = attend_one_query(q, keys, values, visible)
+        else:
+            heads = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=visible, dropout_p=dropout
+            )
     merged = rearrange(heads, "batch head seq d_head -> batch seq (head d_head)")
     return maybe_dropout(linear(merged, out_weight, out_bias), dropout)
 
@@ -103,6 +106,25 @@ def unembed(
 ) -> Float[Tensor, "batch seq vocab"]:
     """Logits from the residual stream through the (tied) token embedding; GPT-2 has no bias."""
     return linear(x, token_embedding)
+
+
+@shape_checked
+def attend_one_query(
+    q: Float[Tensor, "batch head 1 d_head"],
+    keys: Float[Tensor, "batch head max_len d_head"],
+    values: Float[Tensor, "batch head max_len d_head"],
+    visible: Bool[Tensor, "1 max_len"],
+) -> Float[Tensor, "batch head 1 d_head"]:
+    """Softmax attention of one query per head over the `visible` cached positions, in float32.
+
+    Compiled, its multiplies and sums become a few loops over the cache. The CPU's
+    scaled_dot_product_attention kernel is slow for one bfloat16 query (117 us for 12 heads over
+    160 positions on 2 EPYC cores without AMX, against 26 us in float32): this makes a GPT-2
+    small decoding step 13-14% faster in bfloat16 and 0.6-5% faster in float32 (paired timing).
+    """
+    scores = (q.float() * keys.float()).sum(-1, keepdim=True) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~visible[..., None], float("-inf"))
+    return (scores.softmax(-2) * values.float()).sum(-2, keepdim=True).to(q.dtype)
 
 
 # Inductor computes a pointwise result inside each loop that reads it unless told to store it. In
@@ -139,6 +161,12 @@ def linear(
 def _compiled_one_row_on_cpu(x: Tensor) -> bool:
     """Whether `x` is one row (a single decoded token) inside a graph compiled for the CPU."""
     return torch.compiler.is_compiling() and x.device.type == "cpu" and math.prod(x.shape[:-1]) == 1
+
+
+def _compiled_one_query_on_cpu(q: Tensor) -> bool:
+    """Whether `q` holds one query per head (decoding a single token) in a graph compiled for
+    the CPU."""
+    return torch.compiler.is_compiling() and q.device.type == "cpu" and q.shape[-2] == 1
 
 
 def maybe_dropout(x: Tensor, p: float) -> Tensor:
