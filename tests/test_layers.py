@@ -8,6 +8,14 @@ from gpt2_decl.kv_cache import KVCache
 CONFIG = GPT2Config(vocab_size=97, n_ctx=32, d_model=48, n_layer=2, n_head=3, init_std=0.2)
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Graphs compiled here stay out of later tests' recompile limit."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 def cached_attention_inputs(dtype: torch.dtype, batch: int = 2, visible_len: int = 7):
     generator = torch.Generator().manual_seed(4)
     q, keys, values = (
@@ -60,7 +68,6 @@ def graph_ops(model: GPT2, tokens: torch.Tensor, cache: KVCache) -> set[str]:
         ops.update(str(node.target) for node in graph_module.graph.nodes)
         return graph_module.forward
 
-    torch._dynamo.reset()
     with torch.no_grad():
         torch.compile(model, backend=record, fullgraph=True)(tokens, cache)
     return ops
