@@ -7,6 +7,11 @@ measurements around it (neighbours only ever lower it). On a CPU it is also meas
 tensors in huge pages, where compiled decoding keeps the weights, and the higher figure counts.
 Every row reads its weights from huge pages there: the compiled rows' warm-up moves those of the
 model all our rows share, and transformers' copy is moved too.
+
+The bandwidth can change within a run, so our cached ways are also measured token by token: after
+every timed run, one more generation takes its tokens one at a time, and between two tokens
+copies that move as many bytes as a step reads are timed. Their time over the decoding's time,
+summed over the tokens, is the share of the bound measured at the finest grain there is.
 """
 
 import argparse
@@ -15,7 +20,7 @@ import dataclasses
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +28,7 @@ from torch import Tensor
 
 from gpt2_decl import bench, huge_pages
 from gpt2_decl.cli.common import resolve_device, resolve_dtype
-from gpt2_decl.generation import generate
+from gpt2_decl.generation import generate, stream
 from gpt2_decl.model import GPT2
 
 # Without the cache every token reruns the whole context: one run of --new-tokens tokens is long
@@ -46,6 +51,8 @@ class DecodeRow:
     run_tokens_per_s: tuple[float, ...]
     run_bounds: tuple[float, ...]
     same_tokens: bool
+    # Per paired generation (ways that stream only): the bound's time over the decoding's time.
+    run_paired_fractions: tuple[float, ...] = ()
 
     @property
     def tokens_per_s(self) -> float:
@@ -56,6 +63,11 @@ class DecodeRow:
         """The median over runs of each run's tokens/s over the bound measured around it."""
         runs = zip(self.run_tokens_per_s, self.run_bounds, strict=True)
         return statistics.median(speed / bound for speed, bound in runs)
+
+    @property
+    def paired_fraction(self) -> float | None:
+        """The median over paired generations of their share of the bound, if measured."""
+        return statistics.median(self.run_paired_fractions) if self.run_paired_fractions else None
 
     def to_dict(self) -> dict:
         return {
@@ -72,6 +84,8 @@ class DecodeRow:
             "runs": self.timing.runs,
             "warmup_s": self.warmup_s,
             "same_tokens": self.same_tokens,
+            "paired_bound_fraction": self.paired_fraction,
+            "run_paired_bound_fractions": list(self.run_paired_fractions),
         }
 
 
@@ -155,8 +169,16 @@ def run(args: argparse.Namespace) -> dict:
                 f"{args.compare_dtype} / {environment['dtype']}, {name}: {ratio:.2f}x "
                 "(median over runs of the ratio within each turn)"
             )
+        weight_bytes = {way.name: way.weight_bytes for way in ways}
+        paired_ratios = paired_speed_ratios(rows, args.compare_dtype, weight_bytes)
+        for name, ratio in paired_ratios.items():
+            print(
+                f"{args.compare_dtype} / {environment['dtype']}, {name}, at equal memory speed: "
+                f"{ratio:.2f}x (paired shares of the bound over the bytes each reads)"
+            )
         report["compare_dtype"] = args.compare_dtype
         report["compare_dtype_speed_ratios"] = ratios
+        report["compare_dtype_paired_speed_ratios"] = paired_ratios
     return report
 
 
@@ -169,6 +191,21 @@ def speed_ratios(rows: list[DecodeRow], compare_dtype: str) -> dict[str, float]:
         ours, other = by_name[name], by_name[f"{name}, {compare_dtype}"]
         turns = zip(other.run_tokens_per_s, ours.run_tokens_per_s, strict=True)
         ratios[name] = statistics.median(theirs / mine for theirs, mine in turns)
+    return ratios
+
+
+def paired_speed_ratios(
+    rows: list[DecodeRow], compare_dtype: str, weight_bytes: dict[str, int]
+) -> dict[str, float]:
+    """For each way of decoding timed in both dtypes: the ratio of their speeds at one and the
+    same memory bandwidth, from their paired shares of the bound (share x bandwidth / bytes read
+    per token is tokens/s)."""
+    by_name = {row.name: row for row in rows}
+    ratios = {}
+    for name in COMPARED:
+        other_name = f"{name}, {compare_dtype}"
+        ours, other = by_name[name].paired_fraction, by_name[other_name].paired_fraction
+        ratios[name] = (other / weight_bytes[other_name]) / (ours / weight_bytes[name])
     return ratios
 
 
@@ -197,13 +234,15 @@ def best_copy_bandwidth(device: torch.device) -> float:
 @dataclass(frozen=True)
 class Decoder:
     """A way of decoding: decode(prompt, new_tokens) -> tokens, how many runs to time, the bytes
-    of weights it reads per token and their dtype."""
+    of weights it reads per token and their dtype; for the paired measurement, the same decoding
+    as stream(prompt, new_tokens) -> an iterator of each step's tokens."""
 
     name: str
     decode: Callable[[Tensor, int], Tensor]
     runs: int
     weight_bytes: int
     dtype: torch.dtype
+    stream: Callable[[Tensor, int], Iterator[Tensor]] | None = None
 
 
 # The ways of decoding that --compare-dtype times in the other dtype too.
@@ -215,10 +254,16 @@ def decoders(model: GPT2, runs: int, *, reference: bool = True) -> list[Decoder]
     n_bytes = weight_bytes_per_token(model)
 
     def ours(name: str, compile: bool, use_cache: bool, runs: int) -> Decoder:
-        def decode(prompt: Tensor, new: int) -> Tensor:
-            return generate(model, prompt, new, greedy=True, compile=compile, use_cache=use_cache)
+        options = dict(greedy=True, compile=compile, use_cache=use_cache)
 
-        return Decoder(name, decode, runs, n_bytes, model.dtype)
+        def decode(prompt: Tensor, new: int) -> Tensor:
+            return generate(model, prompt, new, **options)
+
+        def tokens(prompt: Tensor, new: int) -> Iterator[Tensor]:
+            return stream(model, prompt, new, **options)
+
+        # Uncached steps read the weights and recompute the whole context: not a weight stream.
+        return Decoder(name, decode, runs, n_bytes, model.dtype, tokens if use_cache else None)
 
     ways = [
         ours("eager, cache", False, True, runs),
@@ -278,6 +323,7 @@ def time_decoders(
         warmup_s[way.name] = time.perf_counter() - start
     times_ms: dict[str, list[float]] = {way.name: [] for way in ways}
     bounds: dict[str, list[float]] = {way.name: [] for way in ways}
+    paired: dict[str, list[float]] = {way.name: [] for way in ways}
     outputs: dict[str, Tensor] = {}
     for turn in range(max(way.runs for way in ways)):
         print(f"timing turn {turn + 1}...", flush=True)
@@ -291,6 +337,10 @@ def time_decoders(
                 times_ms[way.name].append(run.median_ms)
 
             bounds[way.name].append(bandwidth.around_next_run(timed_run) / way.weight_bytes)
+            if way.stream is not None:
+                paired[way.name].append(
+                    paired_bound_fraction(way, prompt, new_tokens, bandwidth.device)
+                )
     rows, references = [], {}
     for way in ways:
         times = times_ms[way.name]
@@ -305,23 +355,74 @@ def time_decoders(
                 tuple(new_tokens / (ms / 1e3) for ms in times),
                 tuple(bounds[way.name]),
                 same_tokens=torch.equal(tokens, reference),
+                run_paired_fractions=tuple(paired[way.name]),
             )
         )
     return rows
 
 
+class StepCopies:
+    """Copies that each move as many bytes as one decode step reads (half read, half written):
+    in ordinary memory and, on a CPU that has them, in huge pages. `seconds()` times one of each
+    and gives the faster: the least time a step's reads could take at that moment."""
+
+    def __init__(self, step_bytes: int, device: torch.device):
+        self.device = device
+        n_bytes = step_bytes // bench.BYTES_MOVED_PER_BYTE_COPIED
+        kinds = [False, True] if device.type == "cpu" and huge_pages.available() else [False]
+        self.pairs = []
+        for in_huge_pages in kinds:
+            if in_huge_pages:
+                source, target = huge_pages.empty(n_bytes), huge_pages.empty(n_bytes)
+            else:
+                source = torch.empty(n_bytes, dtype=torch.uint8, device=device)
+                target = torch.empty_like(source)
+            source.fill_(1)
+            target.copy_(source)  # the first copy also maps the target's pages: untimed
+            self.pairs.append((source, target))
+
+    def seconds(self) -> float:
+        times = []
+        for source, target in self.pairs:
+            start = time.perf_counter()
+            target.copy_(source)
+            bench.synchronize(self.device)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+
+def paired_bound_fraction(
+    way: Decoder, prompt: Tensor, new_tokens: int, device: torch.device
+) -> float:
+    """Generate with `way` one token at a time, timing each token's decoding and, between two
+    tokens, the least time the weights' reads could take (`StepCopies`): the sum of the latter
+    over the sum of the former. The prompt's pass counts in the first token's time."""
+    copies = StepCopies(way.weight_bytes, device)
+    tokens = way.stream(prompt, new_tokens)
+    decode_s = bound_s = 0.0
+    while True:
+        start = time.perf_counter()
+        token = next(tokens, None)
+        bench.synchronize(device)
+        if token is None:
+            return bound_s / decode_s
+        decode_s += time.perf_counter() - start
+        bound_s += copies.seconds()
+
+
 def format_table(rows: list[DecodeRow]) -> str:
     header = (
-        f"{'decoding':<26} {'tokens/s':>9} {'ms/token':>9} {'of bound':>8} "
+        f"{'decoding':<26} {'tokens/s':>9} {'ms/token':>9} {'of bound':>8} {'paired':>6} "
         f"{'run ms [min-max]':>24} {'warm-up s':>9} {'same tokens':>11}"
     )
     lines = [header, "-" * len(header)]
     for row in rows:
         timing = row.timing
         spread = f"{timing.median_ms:,.0f} [{timing.min_ms:,.0f}-{timing.max_ms:,.0f}]"
+        paired = "-" if row.paired_fraction is None else f"{row.paired_fraction:.0%}"
         lines.append(
             f"{row.name:<26} {row.tokens_per_s:>9.1f} {timing.median_ms / row.new_tokens:>9.1f} "
-            f"{row.bound_fraction:>8.0%} {spread:>24} {row.warmup_s:>9.1f} "
+            f"{row.bound_fraction:>8.0%} {paired:>6} {spread:>24} {row.warmup_s:>9.1f} "
             f"{'yes' if row.same_tokens else 'NO':>11}"
         )
     return "\n".join(lines)

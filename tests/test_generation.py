@@ -1,11 +1,12 @@
 import argparse
 import statistics
+import time
 
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
 
-from gpt2_decl import GPT2, GPT2Config, bench_generate, count_parameters, typechecked
+from gpt2_decl import GPT2, GPT2Config, bench, bench_generate, count_parameters, typechecked
 from gpt2_decl.cli import main
 from gpt2_decl.cli.generate import stream_text
 from gpt2_decl.generation import generate, sample, stream
@@ -267,6 +268,13 @@ def test_decode_benchmark_reports_every_way_of_decoding_against_the_bound():
         bound = max(bandwidths[index], bandwidths[index + 1]) / weight_bytes
         assert row["bound_tokens_per_s"] == pytest.approx(bound)
         assert row["bound_fraction"] == pytest.approx(row["tokens_per_s"] / bound)
+        # Only the cached ways stream their tokens for the paired measurement, once per run.
+        paired = row["run_paired_bound_fractions"]
+        if row["name"].endswith(", cache"):
+            assert len(paired) == 1 and paired[0] > 0
+            assert row["paired_bound_fraction"] == paired[0]
+        else:
+            assert paired == [] and row["paired_bound_fraction"] is None
 
 
 def test_decode_benchmark_compares_dtypes_run_by_run(capsys):
@@ -290,7 +298,54 @@ def test_decode_benchmark_compares_dtypes_run_by_run(capsys):
                 assert any(bound * row_bytes == pytest.approx(best) for best in around)
         turns = zip(other["run_tokens_per_s"], ours["run_tokens_per_s"], strict=True)
         assert ratios[name] == pytest.approx(statistics.median(a / b for a, b in turns))
+        # At equal memory speed: the paired shares, over bytes read that bfloat16 halves.
+        paired_ratio = report["compare_dtype_paired_speed_ratios"][name]
+        shares = other["paired_bound_fraction"] / ours["paired_bound_fraction"]
+        assert paired_ratio == pytest.approx(shares * 2)
     assert "bfloat16 / float32, compiled, cache:" in capsys.readouterr().out
+
+
+def test_paired_share_is_the_copies_time_over_the_tokens_time(monkeypatch):
+    token_s, copy_s, new_tokens = 0.02, 0.005, 4
+
+    def slow_tokens(prompt, new):
+        for _ in range(new):
+            time.sleep(token_s)
+            yield torch.zeros(1, dtype=torch.long)
+
+    copies_timed = []
+    monkeypatch.setattr(
+        bench_generate.StepCopies, "seconds", lambda self: copies_timed.append(1) or copy_s
+    )
+    way = bench_generate.Decoder(
+        "fake", None, 1, 1024, torch.float32, stream=slow_tokens
+    )
+    share = bench_generate.paired_bound_fraction(
+        way, torch.zeros(1, 1, dtype=torch.long), new_tokens, torch.device("cpu")
+    )
+    assert len(copies_timed) == new_tokens  # one copy between every two tokens, and after the last
+    # Sleeping overshoots a little, never undershoots: the share is at most 0.005 / 0.02.
+    assert 0.2 < share <= copy_s / token_s
+
+
+def test_speed_ratio_at_equal_memory_speed_from_paired_shares():
+    def row(name, paired_fraction):
+        timing = bench.Timing(1.0, 1.0, 1.0, 1)
+        return bench_generate.DecodeRow(
+            name, timing, 1, 0.0, (1.0,), (1.0,), True, (paired_fraction,)
+        )
+
+    rows = [
+        row("eager, cache", 0.5), row("compiled, cache", 0.8),
+        row("eager, cache, bfloat16", 0.5), row("compiled, cache, bfloat16", 0.6),
+    ]
+    weight_bytes = {
+        "eager, cache": 400, "compiled, cache": 400,
+        "eager, cache, bfloat16": 200, "compiled, cache, bfloat16": 200,
+    }
+    ratios = bench_generate.paired_speed_ratios(rows, "bfloat16", weight_bytes)
+    # tokens/s = share x bandwidth / bytes: (0.6 / 200) / (0.8 / 400) = 1.5, and 2 for eager.
+    assert ratios == {"eager, cache": pytest.approx(2.0), "compiled, cache": pytest.approx(1.5)}
 
 
 def test_decode_benchmark_refuses_to_compare_a_dtype_with_itself(capsys):
