@@ -122,6 +122,22 @@ def measure_matmul_roofline(
         return matmul.flops_per_s(time_call(matmul, device, runs=runs, warmup=warmup))
 
 
+def copy_buffers(
+    n_bytes: int, device: torch.device, *, huge_pages: bool = False
+) -> tuple[Tensor, Tensor]:
+    """A source of `n_bytes` filled with ones and a target of the same size, for timing copies;
+    huge_pages: CPU tensors in transparent huge pages (see `huge_pages.available`)."""
+    if huge_pages:
+        if device.type != "cpu":
+            raise ValueError(f"huge pages are CPU memory; cannot measure them on {device}")
+        source, target = (empty_in_huge_pages(n_bytes) for _ in range(2))
+        source.fill_(1)
+    else:
+        source = torch.empty(n_bytes, dtype=torch.uint8, device=device).fill_(1)
+        target = torch.empty_like(source)
+    return source, target
+
+
 def measure_copy_bandwidth(
     device: torch.device,
     *,
@@ -136,14 +152,7 @@ def measure_copy_bandwidth(
     every weight per token. huge_pages: copy between CPU tensors in transparent huge pages (see
     `huge_pages.available`), where compiled CPU decoding keeps its weights.
     """
-    if huge_pages:
-        if device.type != "cpu":
-            raise ValueError(f"huge pages are CPU memory; cannot measure them on {device}")
-        source, target = (empty_in_huge_pages(n_bytes) for _ in range(2))
-        source.fill_(1)
-    else:
-        source = torch.empty(n_bytes, dtype=torch.uint8, device=device).fill_(1)
-        target = torch.empty_like(source)
+    source, target = copy_buffers(n_bytes, device, huge_pages=huge_pages)
     timing = time_call(lambda: target.copy_(source), device, runs=runs, warmup=warmup)
     return BYTES_MOVED_PER_BYTE_COPIED * n_bytes / (timing.median_ms / 1e3)
 

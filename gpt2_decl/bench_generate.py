@@ -224,11 +224,17 @@ class BandwidthTrace:
         return max(before, self.measured[-1])
 
 
+def page_kinds(device: torch.device) -> list[bool]:
+    """Whether in huge pages, for each kind of memory copied: ordinary memory and, on a CPU
+    that has them, huge pages."""
+    return [False, True] if device.type == "cpu" and huge_pages.available() else [False]
+
+
 def best_copy_bandwidth(device: torch.device) -> float:
-    """The copy bandwidth of ordinary memory or, on a CPU that has them, of huge pages: the
-    higher."""
-    page_kinds = [False, True] if device.type == "cpu" and huge_pages.available() else [False]
-    return max(bench.measure_copy_bandwidth(device, huge_pages=kind) for kind in page_kinds)
+    """The copy bandwidth of each of `page_kinds`: the higher."""
+    return max(
+        bench.measure_copy_bandwidth(device, huge_pages=kind) for kind in page_kinds(device)
+    )
 
 
 @dataclass(frozen=True)
@@ -369,15 +375,9 @@ class StepCopies:
     def __init__(self, step_bytes: int, device: torch.device):
         self.device = device
         n_bytes = step_bytes // bench.BYTES_MOVED_PER_BYTE_COPIED
-        kinds = [False, True] if device.type == "cpu" and huge_pages.available() else [False]
         self.pairs = []
-        for in_huge_pages in kinds:
-            if in_huge_pages:
-                source, target = huge_pages.empty(n_bytes), huge_pages.empty(n_bytes)
-            else:
-                source = torch.empty(n_bytes, dtype=torch.uint8, device=device)
-                target = torch.empty_like(source)
-            source.fill_(1)
+        for in_huge_pages in page_kinds(device):
+            source, target = bench.copy_buffers(n_bytes, device, huge_pages=in_huge_pages)
             target.copy_(source)  # the first copy also maps the target's pages: untimed
             self.pairs.append((source, target))
 
