@@ -13,7 +13,6 @@ import torch
 
 import gpt2_decl
 from gpt2_decl.cli.common import add_model_arguments, resolve_device, resolve_dtype
-from gpt2_decl.compiling import compile as compile_model
 
 TOP_K_SHOWN = 5
 
@@ -36,7 +35,8 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     gpt2_decl.set_typechecked(args.typecheck or gpt2_decl.is_typechecked())
-    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
 
     if args.checkpoint:
         model = gpt2_decl.GPT2.from_pretrained(args.checkpoint, dtype=dtype, device=device)
@@ -51,7 +51,10 @@ def main() -> None:
 
     if args.prompt is not None:
         tokenizer = gpt2_decl.GPT2Tokenizer()
-        tokens = torch.tensor([tokenizer.encode(args.prompt)], device=device)
+        ids = tokenizer.encode(args.prompt)
+        if not ids:
+            raise SystemExit("error: --prompt is empty; give at least one character of text")
+        tokens = torch.tensor([ids], device=device)
     else:
         generator = torch.Generator().manual_seed(args.seed)
         tokens = torch.randint(config.vocab_size, (args.batch, args.seq), generator=generator).to(
@@ -70,7 +73,7 @@ def main() -> None:
     run = model
     with torch.no_grad():
         if args.compile:
-            run = compile_model(model)
+            run = gpt2_decl.compile(model)
             start = time.perf_counter()
             run(tokens)
             print(f"compile     {time.perf_counter() - start:.1f} s (first call)")
@@ -86,6 +89,8 @@ def main() -> None:
     if args.prompt is not None:
         probabilities = last[0].softmax(-1)
         top = probabilities.topk(TOP_K_SHOWN)
+        if not args.checkpoint:
+            print("note: the weights are random (no --checkpoint), so these are meaningless")
         print(f"after {args.prompt!r}, most likely next tokens:")
         for probability, token in zip(top.values.tolist(), top.indices.tolist(), strict=True):
             print(f"  {tokenizer.decode([token])!r:>20}  p={probability:.4f}")

@@ -1,30 +1,23 @@
 """gpt2_decl: GPT-2 written as shape-annotated, declarative PyTorch."""
 
-import torch
-
-from gpt2_decl.compiling import CompiledGPT2, compile
-from gpt2_decl.config import GPT2Config
-from gpt2_decl.model import GPT2
-from gpt2_decl.summary import ParameterCounts, count_parameters
-from gpt2_decl.tokenizer import GPT2Tokenizer
-from gpt2_decl.training import train
-from gpt2_decl.typecheck import ShapeError, is_typechecked, set_typechecked, typechecked
-
-
-def default_device() -> torch.device:
-    """The fastest device here: cuda, then mps, then cpu."""
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
+from gpt2_decl.core.compiling import CompiledGPT2, compile
+from gpt2_decl.core.config import GPT2Config
+from gpt2_decl.core.counting import ParameterCounts, count_parameters
+from gpt2_decl.core.devices import default_device
+from gpt2_decl.core.kv_cache import KVCache
+from gpt2_decl.core.model import GPT2
+from gpt2_decl.core.typecheck import ShapeError, is_typechecked, set_typechecked, typechecked
+from gpt2_decl.storage.huggingface import CheckpointError
+from gpt2_decl.text.tokenizer import GPT2Tokenizer
+from gpt2_decl.training.loop import train
 
 __all__ = [
     "GPT2",
+    "CheckpointError",
     "CompiledGPT2",
     "GPT2Config",
     "GPT2Tokenizer",
+    "KVCache",
     "ParameterCounts",
     "ShapeError",
     "compile",

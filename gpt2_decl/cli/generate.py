@@ -5,15 +5,17 @@ import codecs
 import sys
 import time
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import torch
 
 import gpt2_decl
 from gpt2_decl.cli.common import add_model_arguments, resolve_device, resolve_dtype
-from gpt2_decl.config import GPT2Config
-from gpt2_decl.generation import stream
-from gpt2_decl.model import GPT2
-from gpt2_decl.tokenizer import GPT2Tokenizer
+from gpt2_decl.core.config import GPT2Config
+from gpt2_decl.core.model import GPT2
+from gpt2_decl.speedups import huge_pages
+from gpt2_decl.text.generation import stream
+from gpt2_decl.text.tokenizer import GPT2Tokenizer
 
 DEFAULT_MAX_NEW_TOKENS = 50
 # Tokens whose time includes one-off work (the prompt, then compiling the decode step).
@@ -28,7 +30,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "then the decoding speed. Without --checkpoint the weights are random."
         ),
     )
-    parser.add_argument("--prompt", required=True, help="the text to continue")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", action="append", help="the text to continue")
+    source.add_argument("--prompt-file", metavar="PATH",
+                        help="read the prompt from this file ('-': standard input)")
     parser.add_argument(
         "--checkpoint", default=None, metavar="DIR",
         help="a Hugging Face-layout GPT-2 directory (config.json + weights); default: random",
@@ -52,17 +57,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--compile", action="store_true", help="compile the decode step (slow start, fast tokens)"
     )
+    parser.add_argument("--huge-pages", action="store_true",
+                        help="move the weights into transparent huge pages first (Linux CPU)")
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> None:
     gpt2_decl.set_typechecked(args.typecheck or gpt2_decl.is_typechecked())
-    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
-    model = load_model(args, device, dtype)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    text = read_prompt(args)
     tokenizer = GPT2Tokenizer()
-    prompt = torch.tensor([tokenizer.encode(args.prompt)], dtype=torch.long, device=device)
-    if prompt.shape[1] == 0:
-        raise SystemExit("error: --prompt is empty; give at least one character of text")
+    ids = tokenizer.encode(text)
+    if not ids:
+        raise SystemExit("error: the prompt is empty; give at least one character of text")
+    model = load_model(args, device, dtype)
+    if args.huge_pages and not huge_pages.move_parameters(model):
+        raise SystemExit("error: --huge-pages: this system gives no transparent huge pages to "
+                         "a CPU model")
+    prompt = torch.tensor([ids], dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     try:
         tokens = stream(
@@ -73,12 +86,35 @@ def run(args: argparse.Namespace) -> None:
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
 
-    print(args.prompt, end="", flush=True)
+    print(text, end="", flush=True)
     times: list[float] = []
-    for piece in stream_text(timed(tokens, times), tokenizer):
+    for piece in stream_text(until(timed(tokens, times), tokenizer.eot_id), tokenizer):
         print(piece, end="", flush=True)
     print()
     print(speed_line(times), file=sys.stderr)
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    """The prompt's text: one --prompt, or the file (or standard input) --prompt-file names."""
+    if args.prompt_file is None:
+        if len(args.prompt) > 1:
+            raise SystemExit(f"error: {len(args.prompt)} --prompt options given; this command "
+                             "continues one prompt")
+        return args.prompt[0]
+    if args.prompt_file == "-":
+        return sys.stdin.read()
+    try:
+        return Path(args.prompt_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise SystemExit(f"error: --prompt-file {args.prompt_file}: {error}") from None
+
+
+def until(tokens: Iterable[int], eos_id: int) -> Iterator[int]:
+    """The tokens up to and including the first `eos_id`."""
+    for token in tokens:
+        yield token
+        if token == eos_id:
+            return
 
 
 def timed(tokens: Iterable[torch.Tensor], times: list[float]) -> Iterator[int]:

@@ -13,7 +13,7 @@ import os
 import sys
 
 from gpt2_decl.cli.common import resolve_device
-from gpt2_decl.config import DTYPES, GPT2Config
+from gpt2_decl.core.config import DTYPES, GPT2Config
 
 INTERRUPTED_EXIT_CODE = 130  # what shells report for a process ended by Ctrl-C
 
@@ -24,7 +24,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
-    from gpt2_decl.training import TrainConfig
+    from gpt2_decl.training.options import TrainConfig
 
     defaults = TrainConfig(data="", out="")
     parser = subparsers.add_parser(
@@ -130,7 +130,9 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from gpt2_decl.training import NonFiniteLossError, TrainConfig, TrainingInterrupted, train
+    from gpt2_decl.storage.lock import DirectoryInUseError
+    from gpt2_decl.training.loop import NonFiniteLossError, TrainingInterrupted, train
+    from gpt2_decl.training.options import TrainConfig
 
     options = {
         option.name: getattr(args, option.name)
@@ -142,8 +144,10 @@ def run_train(args: argparse.Namespace) -> int:
     data, out = options.pop("data"), options.pop("out")
     try:
         result = train(data, out, **options)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, DirectoryInUseError) as error:
         raise SystemExit(f"error: {error}") from None
+    except PermissionError as error:
+        raise SystemExit(f"error: cannot write to {error.filename}: {error.strerror}") from None
     except NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -171,7 +175,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from gpt2_decl.training import evaluate_checkpoint
+    from gpt2_decl.training.evaluation import evaluate_checkpoint
 
     try:
         evaluation = evaluate_checkpoint(

@@ -1,0 +1,1 @@
+"""Benchmarks: timing the model (forward passes, decoding) against the machine's limits."""

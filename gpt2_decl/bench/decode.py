@@ -1,0 +1,169 @@
+"""Greedy decoding speed, batch 1, against the memory bound: a step reads every weight once,
+so tokens/s <= read bandwidth / bytes of weights. The ways of decoding take turns run by run,
+and the read bandwidth is measured right after every run, so each run meets the bound of its
+own moment (a shared machine's bandwidth drifts from minute to minute)."""
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from gpt2_decl.bench.measure import ReadBandwidth, Timing, time_interleaved
+from gpt2_decl.core.devices import synchronize
+from gpt2_decl.core.model import GPT2
+from gpt2_decl.speedups.huge_pages import move_parameters as move_into_huge_pages
+from gpt2_decl.text.generation import generate
+
+# Without the cache every token reruns the whole context: one run is long enough.
+UNCACHED_RUNS = 1
+# Warm-up generations are this short: enough to compile every graph a full run uses.
+WARMUP_TOKENS = 2
+# The ways that --compare-dtype also times in the other dtype.
+COMPARED = ("eager, cache", "compiled, cache")
+
+
+@dataclass(frozen=True)
+class Way:
+    """A way of decoding: decode(prompt, new_tokens) -> tokens, with what it reads per token."""
+
+    name: str
+    decode: Callable[[Tensor, int], Tensor]
+    runs: int
+    weight_bytes: int
+    dtype: torch.dtype
+
+
+def weight_bytes_per_token(model: GPT2) -> int:
+    """What one decode step reads: every parameter once (the tied matrix once), except the
+    position embedding, of which it reads one row."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    position = model.position_embedding.weight
+    return total - position.numel() * position.element_size()
+
+
+def ways_of_decoding(model: GPT2, runs: int, *, suffix: str = "", reference: bool = True,
+                     huge_pages: bool = False) -> list[Way]:
+    """Ours eager and compiled, with and without the cache, and transformers' `generate`;
+    huge_pages: every model's weights (transformers' too) moved into huge pages first."""
+    n_bytes = weight_bytes_per_token(model)
+    if huge_pages:
+        move_into_huge_pages(model)
+
+    def ours(name: str, compile: bool, use_cache: bool, runs: int) -> Way:
+        def decode(prompt: Tensor, new: int) -> Tensor:
+            return generate(model, prompt, new, greedy=True, compile=compile, use_cache=use_cache)
+
+        return Way(name + suffix, decode, runs, n_bytes, model.dtype)
+
+    ways = [ours("eager, cache", False, True, runs), ours("compiled, cache", True, True, runs)]
+    if not suffix:
+        ways += [ours("eager, no cache", False, False, min(runs, UNCACHED_RUNS)),
+                 ours("compiled, no cache", True, False, min(runs, UNCACHED_RUNS))]
+    if reference and (decode := transformers_generate(model, huge_pages)) is not None:
+        ways.append(Way("transformers generate", decode, runs, n_bytes, model.dtype))
+    return ways
+
+
+def transformers_generate(model: GPT2, huge_pages: bool = False
+                          ) -> Callable[[Tensor, int], Tensor] | None:
+    """transformers' greedy `generate` on `model`'s weights (None if it is not installed)."""
+    try:
+        from transformers import GPT2LMHeadModel
+    except ImportError:
+        print("transformers is not installed: no reference row")
+        return None
+    with tempfile.TemporaryDirectory() as directory:
+        model.save_pretrained(directory)
+        reference = GPT2LMHeadModel.from_pretrained(directory, dtype=model.dtype)
+    reference = reference.to(model.device).eval()
+    if huge_pages:
+        move_into_huge_pages(reference)
+    # Every run makes exactly the tokens asked for, as ours do without an eos_id.
+    reference.generation_config.eos_token_id = None
+    reference.generation_config.pad_token_id = 0
+
+    def decode(prompt: Tensor, new: int) -> Tensor:
+        with torch.no_grad():
+            return reference.generate(prompt, attention_mask=torch.ones_like(prompt),
+                                      max_new_tokens=new, do_sample=False)
+
+    return decode
+
+
+def row(way: Way, times_ms: list[float], new_tokens: int, read_bandwidths: list[float],
+        warmup_s: float, same_tokens: bool) -> dict:
+    """A way's figures; each run is compared with the bound of the bandwidth read after it."""
+    timing = Timing(tuple(times_ms))
+    rates = [new_tokens / (ms / 1e3) for ms in times_ms]
+    bounds = [bandwidth / way.weight_bytes for bandwidth in read_bandwidths]
+    fractions = [rate / bound for rate, bound in zip(rates, bounds, strict=True)]
+    return {
+        "name": way.name, "median_ms": timing.median_ms, "min_ms": timing.min_ms,
+        "max_ms": timing.max_ms, "runs": len(rates),
+        "tokens_per_s": new_tokens / (timing.median_ms / 1e3), "run_tokens_per_s": rates,
+        "weight_bytes_per_token": way.weight_bytes, "bound_tokens_per_s": statistics.median(bounds),
+        "run_bound_tokens_per_s": bounds, "bound_fraction": statistics.median(fractions),
+        "run_bound_fractions": fractions, "warmup_s": warmup_s, "same_tokens": same_tokens,
+    }
+
+
+def time_ways(ways: list[Way], prompt: Tensor, new_tokens: int, warmup: int,
+              bandwidth: ReadBandwidth) -> list[dict]:
+    """Warm every way up (compiling what it compiles), then time them in turns, one run each
+    per turn, each run followed by a read-bandwidth measurement. A row's tokens are compared
+    with those of the first row of its dtype."""
+    device = prompt.device
+    warmup_s, times, bandwidths, outputs = {}, {}, {}, {}
+    for way in ways:
+        start = time.perf_counter()
+        for _ in range(max(warmup, 1)):
+            way.decode(prompt, WARMUP_TOKENS)
+        warmup_s[way.name] = time.perf_counter() - start
+        times[way.name], bandwidths[way.name] = [], []
+    for turn in range(max(way.runs for way in ways)):
+        print(f"timing turn {turn + 1}...", flush=True)
+        for way in ways:
+            if turn >= way.runs:
+                continue
+            synchronize(device)
+            start = time.perf_counter()
+            outputs[way.name] = way.decode(prompt, new_tokens)
+            synchronize(device)
+            times[way.name].append((time.perf_counter() - start) * 1e3)
+            read = time_interleaved({"read": bandwidth}, device, runs=3, warmup=0)["read"]
+            bandwidths[way.name].append(bandwidth.bytes_per_s(read))
+    firsts: dict[torch.dtype, Tensor] = {}
+    return [row(way, times[way.name], new_tokens, bandwidths[way.name], warmup_s[way.name],
+                torch.equal(outputs[way.name], firsts.setdefault(way.dtype, outputs[way.name])))
+            for way in ways]
+
+
+def speed_ratios(rows: list[dict], suffix: str) -> dict[str, float]:
+    """For each way timed in both dtypes: its tokens/s with `suffix` over its tokens/s without,
+    turn by turn, the median."""
+    by_name = {row["name"]: row for row in rows}
+    return {
+        name: statistics.median(
+            other / ours for other, ours in zip(by_name[name + suffix]["run_tokens_per_s"],
+                                                by_name[name]["run_tokens_per_s"], strict=True))
+        for name in COMPARED if name + suffix in by_name
+    }
+
+
+def format_table(rows: list[dict]) -> str:
+    header = (f"{'decoding':<28} {'tokens/s':>9} {'bound':>7} {'of bound':>8} "
+              f"{'run ms [min-max]':>24} {'warm-up s':>9} {'same tokens':>11}")
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        spread = f"{row['median_ms']:,.0f} [{row['min_ms']:,.0f}-{row['max_ms']:,.0f}]"
+        lines.append(
+            f"{row['name']:<28} {row['tokens_per_s']:>9.1f} {row['bound_tokens_per_s']:>7.1f} "
+            f"{row['bound_fraction']:>8.0%} {spread:>24} {row['warmup_s']:>9.1f} "
+            f"{'yes' if row['same_tokens'] else 'NO':>11}")
+    lines.append("bound: tokens/s if each step read the weights at the read bandwidth measured "
+                 "after each run (median); of bound: the runs' median share of it.")
+    return "\n".join(lines)

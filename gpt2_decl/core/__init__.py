@@ -1,0 +1,1 @@
+"""The model: configuration, layers, composition, cache, checks and compilation."""

@@ -1,0 +1,60 @@
+"""Checks of what goes into the model, made before any work with a message that names the
+problem, rather than an error from deep inside torch."""
+
+import torch
+from torch import Tensor
+
+from gpt2_decl.core.config import GPT2Config
+from gpt2_decl.core.kv_cache import KVCache
+
+
+def check_tokens(
+    tokens: object,
+    config: GPT2Config,
+    device: torch.device,
+    *,
+    cache: KVCache | None = None,
+    values: bool = True,
+) -> None:
+    """Raise TypeError/ValueError naming what was expected when `tokens` cannot be fed to GPT-2.
+
+    values: also check the ids' range and the cache's room, which reads the tensors (skipped
+    on the meta device, where there is nothing to read).
+    """
+    if not isinstance(tokens, Tensor):
+        raise TypeError(f"tokens must be a torch.Tensor of token ids, got {type(tokens).__name__}")
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise TypeError(f"tokens must have an integer dtype (e.g. torch.long), got {tokens.dtype}")
+    if tokens.ndim != 2:
+        raise ValueError(
+            f"tokens must have shape [batch, seq] (2 dimensions), got {tokens.ndim} dimensions "
+            f"with shape {tuple(tokens.shape)}"
+        )
+    batch, seq = tokens.shape
+    if batch == 0 or seq == 0:
+        raise ValueError(f"tokens must not be empty, got shape {tuple(tokens.shape)}")
+    if seq > config.n_ctx:
+        raise ValueError(
+            f"sequence of {seq} tokens is longer than the context of {config.n_ctx} (n_ctx)"
+        )
+    if tokens.device != device:
+        raise ValueError(
+            f"tokens are on {tokens.device} but the model is on {device}; move one of them "
+            f"(e.g. tokens.to({str(device)!r}))"
+        )
+    if cache is not None:
+        if cache.batch != batch:
+            raise ValueError(f"the cache holds {cache.batch} rows but tokens have {batch}")
+        if cache.device != device:
+            raise ValueError(f"the cache is on {cache.device} but the model is on {device}")
+    if not values or tokens.device.type == "meta":
+        return
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= config.vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(f"token id {bad} is outside the vocabulary [0, {config.vocab_size})")
+    if cache is not None and cache.room() < seq:
+        raise ValueError(
+            f"the cache has room for {cache.room()} more of its {cache.max_len} positions, "
+            f"not {seq}"
+        )

@@ -1,0 +1,81 @@
+"""The key/value cache: every layer's keys and values for the tokens seen so far."""
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from gpt2_decl.core.config import GPT2Config
+
+MAX_LEN_AXIS = 2
+
+
+class KVCache:
+    """Keys and values of up to `max_len` positions per layer, allocated once per generation.
+
+    A forward pass with the cache first `reserve`s the positions of its tokens (which moves the
+    cache's length on), then each layer `update`s them with its keys and values and reads back
+    all it holds. The length is a tensor and the buffers keep their shapes, so a compiled
+    one-token step sees the same shapes and guards for every token and is compiled once.
+    """
+
+    def __init__(
+        self,
+        config: GPT2Config,
+        batch: int,
+        max_len: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
+        if not 0 < max_len <= config.n_ctx:
+            raise ValueError(f"cache length must be in [1, {config.n_ctx}] (n_ctx), got {max_len}")
+        if batch < 1:
+            raise ValueError(f"cache batch must be >= 1, got {batch}")
+        shape = (batch, config.n_head, max_len, config.d_head)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        self.values = [torch.zeros_like(keys) for keys in self.keys]
+        for tensor in self.keys + self.values:
+            # One compiled step then serves generations of every length.
+            torch._dynamo.mark_dynamic(tensor, MAX_LEN_AXIS)
+        self.length: Int[Tensor, ""] = torch.zeros((), dtype=torch.long, device=device)
+        self.positions: Int[Tensor, " seq"] = torch.zeros(0, dtype=torch.long, device=device)
+
+    @property
+    def batch(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.keys[0].shape[MAX_LEN_AXIS]
+
+    @property
+    def device(self) -> torch.device:
+        return self.length.device
+
+    def reserve(self, seq: int) -> Int[Tensor, " seq"]:
+        """The positions of the next `seq` tokens, which the next updates write; the cache's
+        length moves past them."""
+        self.positions = self.length + torch.arange(seq, device=self.length.device)
+        self.length += seq
+        return self.positions
+
+    def visible(self) -> Bool[Tensor, "seq max_len"]:
+        """Which cached positions each reserved position may attend to: itself and earlier."""
+        return torch.arange(self.max_len, device=self.length.device) <= self.positions[:, None]
+
+    def update(
+        self,
+        layer: int,
+        k: Float[Tensor, "batch head seq d_head"],
+        v: Float[Tensor, "batch head seq d_head"],
+    ) -> tuple[
+        Float[Tensor, "batch head max_len d_head"], Float[Tensor, "batch head max_len d_head"]
+    ]:
+        """Write layer `layer`'s keys and values of the reserved positions; return all of its."""
+        self.keys[layer].index_copy_(MAX_LEN_AXIS, self.positions, k)
+        self.values[layer].index_copy_(MAX_LEN_AXIS, self.positions, v)
+        return self.keys[layer], self.values[layer]
+
+    def room(self) -> int:
+        """Positions still free (reads the length: a synchronisation on an accelerator)."""
+        return self.max_len - int(self.length)

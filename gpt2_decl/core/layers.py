@@ -1,0 +1,127 @@
+"""GPT-2's layers as pure functions of their inputs and weights, one path each.
+
+Every tensor carries its shape; typechecked mode checks them (see `typecheck.py`). A layer's
+weights travel together as one NamedTuple, in torch's (out_features, in_features) layout, as
+`F.linear` expects.
+"""
+
+from typing import NamedTuple
+
+import torch.nn.functional as F
+from einops import rearrange
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from gpt2_decl.core.typecheck import shape_checked
+
+
+class LayerNormWeights(NamedTuple):
+    gain: Float[Tensor, " d_model"]
+    bias: Float[Tensor, " d_model"]
+
+
+class AttentionWeights(NamedTuple):
+    """The fused query/key/value projection, laid out [q | k | v], and the output projection."""
+
+    w_qkv: Float[Tensor, "3*d_model d_model"]
+    b_qkv: Float[Tensor, " 3*d_model"]
+    w_out: Float[Tensor, "d_model d_model"]
+    b_out: Float[Tensor, " d_model"]
+
+
+class MLPWeights(NamedTuple):
+    w_up: Float[Tensor, "d_mlp d_model"]
+    b_up: Float[Tensor, " d_mlp"]
+    w_down: Float[Tensor, "d_model d_mlp"]
+    b_down: Float[Tensor, " d_model"]
+
+
+@shape_checked
+def embed(
+    tokens: Int[Tensor, "batch seq"],
+    positions: Int[Tensor, " seq"],
+    token_embedding: Float[Tensor, "vocab d_model"],
+    position_embedding: Float[Tensor, "n_ctx d_model"],
+) -> Float[Tensor, "batch seq d_model"]:
+    return F.embedding(tokens, token_embedding) + F.embedding(positions, position_embedding)
+
+
+@shape_checked
+def layer_norm(
+    x: Float[Tensor, "*batch d_model"], weights: LayerNormWeights, eps: float
+) -> Float[Tensor, "*batch d_model"]:
+    return F.layer_norm(x, weights.gain.shape, weights.gain, weights.bias, eps)
+
+
+@shape_checked
+def qkv_heads(
+    x: Float[Tensor, "batch seq d_model"], weights: AttentionWeights, n_head: int
+) -> tuple[
+    Float[Tensor, "batch head seq d_head"],
+    Float[Tensor, "batch head seq d_head"],
+    Float[Tensor, "batch head seq d_head"],
+]:
+    """Queries, keys and values of every head, from one fused projection."""
+    qkv = linear(x, weights.w_qkv, weights.b_qkv)
+    q, k, v = rearrange(
+        qkv, "batch seq (three head d_head) -> three batch head seq d_head", three=3, head=n_head
+    )
+    return q, k, v
+
+
+@shape_checked
+def attend(
+    q: Float[Tensor, "batch head seq d_head"],
+    keys: Float[Tensor, "batch head kv_seq d_head"],
+    values: Float[Tensor, "batch head kv_seq d_head"],
+    visible: Bool[Tensor, "seq kv_seq"] | None,
+    dropout: float = 0.0,
+) -> Float[Tensor, "batch head seq d_head"]:
+    """Softmax attention, scaled by 1/sqrt(d_head): each query sees the keys `visible` marks, or,
+    with no mask, its own position and those before it (causal)."""
+    return F.scaled_dot_product_attention(
+        q, keys, values, attn_mask=visible, is_causal=visible is None, dropout_p=dropout
+    )
+
+
+@shape_checked
+def merge_heads(
+    heads: Float[Tensor, "batch head seq d_head"],
+    weights: AttentionWeights,
+    dropout: float = 0.0,
+) -> Float[Tensor, "batch seq d_model"]:
+    """The heads side by side, through the output projection."""
+    merged = rearrange(heads, "batch head seq d_head -> batch seq (head d_head)")
+    return maybe_dropout(linear(merged, weights.w_out, weights.b_out), dropout)
+
+
+@shape_checked
+def mlp(
+    x: Float[Tensor, "batch seq d_model"], weights: MLPWeights, dropout: float = 0.0
+) -> Float[Tensor, "batch seq d_model"]:
+    # The released weights were trained with the tanh approximation; exact GELU does not match.
+    hidden = F.gelu(linear(x, weights.w_up, weights.b_up), approximate="tanh")
+    return maybe_dropout(linear(hidden, weights.w_down, weights.b_down), dropout)
+
+
+@shape_checked
+def unembed(
+    x: Float[Tensor, "batch seq d_model"],
+    token_embedding: Float[Tensor, "vocab d_model"],
+) -> Float[Tensor, "batch seq vocab"]:
+    """Logits from the residual stream through the (tied) token embedding; GPT-2 has no bias."""
+    return linear(x, token_embedding)
+
+
+@shape_checked
+def linear(
+    x: Float[Tensor, "*batch d_in"],
+    weight: Float[Tensor, "d_out d_in"],
+    bias: Float[Tensor, " d_out"] | None = None,
+) -> Float[Tensor, "*batch d_out"]:
+    return F.linear(x, weight, bias)
+
+
+def maybe_dropout(x: Tensor, p: float) -> Tensor:
+    # Skipping the call at p == 0 keeps dropout out of inference graphs entirely.
+    return F.dropout(x, p) if p > 0 else x

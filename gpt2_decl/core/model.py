@@ -1,0 +1,208 @@
+"""GPT-2 as a composition of the layers: embed, transformer blocks, unembed."""
+
+import math
+import os
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor, nn
+
+from gpt2_decl.core import layers
+from gpt2_decl.core.config import GPT2Config
+from gpt2_decl.core.inputs import check_tokens
+from gpt2_decl.core.kv_cache import KVCache
+from gpt2_decl.core.typecheck import shape_checked
+
+# The integer dtypes F.embedding indexes with; other integer ids are widened to int64.
+INDEX_DTYPES = (torch.int64, torch.int32)
+# The two projections that write into the residual stream: initialised smaller.
+RESIDUAL_PROJECTIONS = ("attn.proj.weight", "mlp.down.weight")
+
+
+class LayerNorm(nn.LayerNorm):
+    def weights(self) -> layers.LayerNormWeights:
+        return layers.LayerNormWeights(self.weight, self.bias)
+
+
+class Attention(nn.Module):
+    """The weights of a block's attention (its maths is in `layers`)."""
+
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
+        self.proj = nn.Linear(config.d_model, config.d_model)
+
+    def weights(self) -> layers.AttentionWeights:
+        return layers.AttentionWeights(
+            self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias
+        )
+
+
+class MLP(nn.Module):
+    """The weights of a block's feed-forward network (its maths is in `layers`)."""
+
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.up = nn.Linear(config.d_model, config.d_mlp)
+        self.down = nn.Linear(config.d_mlp, config.d_model)
+
+    def weights(self) -> layers.MLPWeights:
+        return layers.MLPWeights(self.up.weight, self.up.bias, self.down.weight, self.down.bias)
+
+
+class Block(nn.Module):
+    """One pre-LayerNorm transformer block: attention, then the MLP, each added to the residual."""
+
+    def __init__(self, config: GPT2Config, index: int):
+        super().__init__()
+        self.config, self.index = config, index
+        self.ln_1 = LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.attn = Attention(config)
+        self.ln_2 = LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.mlp = MLP(config)
+
+    @shape_checked
+    def forward(
+        self,
+        resid_pre: Float[Tensor, "batch seq d_model"],
+        visible: Bool[Tensor, "seq kv_seq"] | None = None,
+        cache: KVCache | None = None,
+    ) -> Float[Tensor, "batch seq d_model"]:
+        """`visible`: which keys each position attends to (None: causal over `resid_pre` itself).
+        With a `cache`, the keys are the cached ones, these positions' own written in first."""
+        eps, n_head, dropout = self.config.layer_norm_eps, self.config.n_head, self.dropout
+        attn_in = layers.layer_norm(resid_pre, self.ln_1.weights(), eps)
+        q, k, v = layers.qkv_heads(attn_in, self.attn.weights(), n_head)
+        keys, values = (k, v) if cache is None else cache.update(self.index, k, v)
+        heads = layers.attend(q, keys, values, visible, dropout)
+        attn_out = layers.merge_heads(heads, self.attn.weights(), dropout)
+        resid_mid = resid_pre + attn_out
+        mlp_in = layers.layer_norm(resid_mid, self.ln_2.weights(), eps)
+        mlp_out = layers.mlp(mlp_in, self.mlp.weights(), dropout)
+        return resid_mid + mlp_out
+
+    @property
+    def dropout(self) -> float:
+        return self.config.dropout if self.training else 0.0
+
+
+class GPT2(nn.Module):
+    """GPT-2: token + position embeddings, `n_layer` blocks, final LayerNorm, tied output head."""
+
+    def __init__(self, config: GPT2Config | None = None):
+        super().__init__()
+        self.config = config = config or GPT2Config()
+        self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.position_embedding = nn.Embedding(config.n_ctx, config.d_model)
+        self.blocks = nn.ModuleList(Block(config, index) for index in range(config.n_layer))
+        self.ln_f = LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        # The output head is the token embedding itself (tied): one tensor, two names.
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head.weight = self.token_embedding.weight
+        self.reset_parameters()
+
+    @shape_checked
+    def forward(
+        self,
+        tokens: Int[Tensor, "batch seq"],
+        cache: KVCache | None = None,
+        *,
+        last_only: bool = False,
+        check_values: bool = True,
+    ) -> Float[Tensor, "batch seq_out vocab"]:
+        """Next-token logits for every position of `tokens` (seq_out = seq), or for the last
+        one only with `last_only` (seq_out = 1): all that generating the next token needs, and
+        the output head, the largest matrix, then multiplies one position instead of all.
+
+        With a `cache`, `tokens` continue the cached ones: attention reads the earlier keys and
+        values from the cache and adds these tokens' own.
+        check_values: also check what needs the tensors' values (ids inside the vocabulary, room
+            in the cache). On an accelerator that waits for the device; loops that feed ids
+            already checked (training, generation) pass False.
+        """
+        if not torch.compiler.is_compiling():
+            check_tokens(tokens, self.config, self.device, cache=cache, values=check_values)
+        if tokens.dtype not in INDEX_DTYPES:
+            tokens = tokens.long()
+        seq = tokens.shape[1]
+        if cache is None:
+            positions, visible = torch.arange(seq, device=tokens.device), None
+        else:
+            positions = cache.reserve(seq)
+            visible = cache.visible()  # one mask for every layer
+        resid = self.embed(tokens, positions)
+        for block in self.blocks:
+            resid = block(resid, visible, cache)
+        return self.unembed(resid[:, -1:] if last_only else resid)
+
+    @shape_checked
+    def embed(
+        self, tokens: Int[Tensor, "batch seq"], positions: Int[Tensor, " seq"]
+    ) -> Float[Tensor, "batch seq d_model"]:
+        embedded = layers.embed(
+            tokens, positions, self.token_embedding.weight, self.position_embedding.weight
+        )
+        return layers.maybe_dropout(embedded, self.config.dropout if self.training else 0.0)
+
+    @shape_checked
+    def unembed(
+        self, resid: Float[Tensor, "batch seq d_model"]
+    ) -> Float[Tensor, "batch seq vocab"]:
+        normed = layers.layer_norm(resid, self.ln_f.weights(), self.config.layer_norm_eps)
+        return layers.unembed(normed, self.lm_head.weight)
+
+    @property
+    def device(self) -> torch.device:
+        return self.token_embedding.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.token_embedding.weight.dtype
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """GPT-2's initialisation, reproducible from `seed` (default: the config's seed).
+
+        Weights ~ N(0, init_std), biases 0, LayerNorm (1, 0); the two projections that write into
+        the residual stream are scaled by 1/sqrt(2 n_layer), one per residual add.
+        """
+        if self.device.type == "meta":
+            return
+        config = self.config
+        generator = torch.Generator(device=self.device).manual_seed(
+            config.seed if seed is None else seed
+        )
+        residual_std = config.init_std / math.sqrt(2 * config.n_layer)
+        for name, parameter in self.named_parameters():
+            if name.endswith(RESIDUAL_PROJECTIONS):
+                parameter.normal_(0.0, residual_std, generator=generator)
+            elif parameter.ndim == 2:
+                parameter.normal_(0.0, config.init_std, generator=generator)
+            elif name.endswith("weight") and (".ln_" in name or name.startswith("ln_")):
+                parameter.fill_(1.0)
+            else:
+                parameter.zero_()
+
+    # Convenience forwards to the modules that load, save and generate (none imports this one).
+
+    def generate(self, tokens: Tensor, max_new_tokens: int, **options) -> Tensor:
+        """`tokens` continued by up to `max_new_tokens` tokens: see `generation.generate`."""
+        from gpt2_decl.text.generation import generate
+
+        return generate(self, tokens, max_new_tokens, **options)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **options) -> "GPT2":
+        """A GPT-2 with released (Hugging Face layout) or saved weights, in eval mode: see
+        `storage.huggingface.load_pretrained` (options: config, dtype, device)."""
+        from gpt2_decl.storage.huggingface import load_pretrained
+
+        return load_pretrained(path, cls, **options)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write `config.json` + `model.safetensors` (Hugging Face names and layout) as one
+        atomic change of `directory`: see `storage.huggingface.save_pretrained`."""
+        from gpt2_decl.storage.huggingface import save_pretrained
+
+        save_pretrained(self, directory)
+

@@ -1,0 +1,1 @@
+"""Speed-ups applied from outside the model, switched on where they are asked for."""

@@ -1,0 +1,1 @@
+"""Files: atomic writes, and checkpoints in the Hugging Face layout."""

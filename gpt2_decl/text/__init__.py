@@ -1,0 +1,1 @@
+"""Text: the tokenizer, and generating tokens with a model."""

@@ -1,0 +1,219 @@
+"""Generation: sampling the next token, and the loop that continues a batch of token sequences.
+
+With the cache (the default) the prompt runs once, eagerly (prefill), and every later token is
+one step over a single token that reads the other tokens' keys and values from a `KVCache`. That
+step has the same shapes for every token, so compiled it is compiled once. The loop never reads
+a tensor's value on the host except to stop early at `eos_id` (every token on a CPU, every
+`EOS_CHECK_EVERY` tokens on an accelerator), so a GPU runs the steps back to back.
+"""
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from gpt2_decl.core.inputs import check_tokens
+from gpt2_decl.core.kv_cache import KVCache
+from gpt2_decl.core.typecheck import shape_checked
+from gpt2_decl.speedups.cpu_decoding import CpuDecoding
+
+# Below this temperature, sampling is greedy: softmax(logits / t) is a point mass there to
+# float32's precision, and smaller t would overflow the division.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+# On an accelerator, how many tokens pass between two checks that every row has stopped.
+EOS_CHECK_EVERY = 16
+# The rewrites of compiled CPU decoding steps (see `CpuDecoding`).
+CPU_DECODING = CpuDecoding()
+
+
+@shape_checked
+def sample(
+    logits: Float[Tensor, "batch vocab"],
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    greedy: bool = False,
+    generator: torch.Generator | None = None,
+) -> Int[Tensor, " batch"]:
+    """One token per row: the most likely (greedy), or drawn from the softmax of
+    `logits / temperature` restricted to the `top_k` most likely tokens and to the smallest set of
+    most likely tokens whose probability reaches `top_p` (the nucleus)."""
+    if greedy or temperature < GREEDY_BELOW_TEMPERATURE:
+        # The first most likely token, as argmax gives; argmax over bfloat16 is slower on a CPU.
+        return logits.max(-1).indices
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth_largest = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = logits.sort(descending=True)
+        probs = sorted_logits.softmax(-1)
+        # A token goes when the tokens ranked above it already reach top_p; the first never does.
+        outside = (probs.cumsum(-1) - probs) >= top_p
+        logits = logits.masked_fill(outside.scatter(-1, order, outside), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def check_generate_arguments(
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    greedy: bool,
+) -> None:
+    """Raise ValueError naming the argument when the sampling settings make no sense."""
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if not greedy and not (isinstance(temperature, int | float) and temperature > 0):
+        raise ValueError(f"temperature must be > 0 (or use greedy=True), got {temperature!r}")
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
+        raise ValueError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, int | float) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def stream(
+    model: nn.Module,
+    tokens: Int[Tensor, "batch seq"],
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    greedy: bool = False,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+    compile: bool | str | Callable = False,
+    use_cache: bool = True,
+) -> Iterator[Int[Tensor, " batch"]]:
+    """Yield the next token of every row, one column at a time, as soon as each is sampled.
+
+    temperature, top_k, top_p: sampling from the softmax of logits / temperature, restricted to
+        the top_k most likely tokens, then to the smallest set of most likely tokens whose
+        probability reaches top_p. greedy (or a temperature below 1e-5): the most likely token.
+    eos_id: a row stops at this token; its later positions are filled with it, and generation
+        ends once every row has stopped (on an accelerator, up to EOS_CHECK_EVERY - 1 columns of
+        eos_id may come first; `generate` drops them).
+    generator: the torch.Generator to sample with; a seeded one makes the output reproducible.
+    compile: compile the decode step: True (inductor; on a CPU with `CpuDecoding`'s rewrites,
+        on CUDA with CUDA graphs), or a torch.compile backend.
+    use_cache: keep keys and values in a `KVCache` (fast) rather than rerun the whole context.
+
+    The model runs in eval mode, without gradients, until the iterator is exhausted or closed;
+    then its train/eval mode is restored. Its parameters are never moved or copied.
+    """
+    check_generate_arguments(max_new_tokens, temperature, top_k, top_p, greedy)
+    config = model.config
+    check_tokens(tokens, config, model.device)
+    batch, seq = tokens.shape
+    if seq + max_new_tokens > config.n_ctx:
+        raise ValueError(
+            f"a prompt of {seq} tokens plus max_new_tokens={max_new_tokens} is "
+            f"{seq + max_new_tokens} tokens, more than the context of {config.n_ctx} "
+            "(n_ctx); shorten one of them"
+        )
+    if eos_id is not None and not (_is_int(eos_id) and 0 <= eos_id < config.vocab_size):
+        raise ValueError(
+            f"eos_id must be a token id in [0, {config.vocab_size}) or None, got {eos_id!r}"
+        )
+    sampling = dict(
+        temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, generator=generator
+    )
+    return _decode(model, tokens, max_new_tokens, eos_id, compile, use_cache, sampling)
+
+
+@torch.no_grad()
+def _decode(
+    model: nn.Module,
+    tokens: Tensor,
+    max_new_tokens: int,
+    eos_id: int | None,
+    compile: bool | str | Callable,
+    use_cache: bool,
+    sampling: dict,
+) -> Iterator[Tensor]:
+    # torch.no_grad() on a generator function applies to its own steps, not to the caller's code.
+    if max_new_tokens == 0:
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        batch, seq = tokens.shape
+        step = decode_step(model, compile, use_cache)
+        if use_cache:
+            cache = KVCache(
+                model.config, batch, seq + max_new_tokens, dtype=model.dtype, device=model.device
+            )
+            logits = model(tokens, cache, last_only=True, check_values=False)[:, -1]
+        else:
+            context = tokens
+            logits = step(context, last_only=True, check_values=False)[:, -1]
+        finished = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
+        check_every = 1 if tokens.device.type == "cpu" else EOS_CHECK_EVERY
+        for index in range(max_new_tokens):
+            next_token = sample(logits, **sampling)
+            if eos_id is not None:
+                next_token = next_token.masked_fill(finished, eos_id)
+                finished |= next_token == eos_id
+            yield next_token
+            if index == max_new_tokens - 1:
+                return
+            if eos_id is not None and (index + 1) % check_every == 0 and bool(finished.all()):
+                return
+            if use_cache:
+                logits = step(next_token[:, None], cache, check_values=False)[:, -1]
+            else:
+                context = torch.cat([context, next_token[:, None]], dim=1)
+                logits = step(context, last_only=True, check_values=False)[:, -1]
+    finally:
+        model.train(was_training)
+
+
+def decode_step(model: nn.Module, compile: bool | str | Callable, use_cache: bool) -> Callable:
+    """What computes each step's logits: the model itself, or the model compiled whole.
+
+    compile=True compiles the one-token cached step for the device: on a CPU with the rewrites
+    of `CpuDecoding`, on CUDA with CUDA graphs (one launch per token); without the cache, or
+    with another backend, it is a plain `torch.compile`.
+    """
+    if compile is False:
+        return model
+    if compile is True and use_cache and model.device.type == "cpu":
+        return torch.compile(model, fullgraph=True, backend=CPU_DECODING.backend)
+    if compile is True and use_cache and model.device.type == "cuda":
+        return torch.compile(model, fullgraph=True, mode="reduce-overhead")
+    # Without the cache the context grows by one token per step: dynamic after the first change.
+    return torch.compile(model, fullgraph=True, backend="inductor" if compile is True else compile)
+
+
+def generate(
+    model: nn.Module, tokens: Int[Tensor, "batch seq"], max_new_tokens: int, **options: Any
+) -> Int[Tensor, "batch seq_out"]:
+    """`tokens` continued by up to `max_new_tokens` tokens: [batch, seq + new].
+
+    `options` are `stream`'s (temperature, top_k, top_p, greedy, eos_id, generator, compile,
+    use_cache). The context never slides: a ValueError if seq + max_new_tokens exceeds n_ctx.
+    """
+    columns = [token[:, None] for token in stream(model, tokens, max_new_tokens, **options)]
+    if not columns:
+        return tokens
+    new = torch.cat(columns, dim=1)
+    if options.get("eos_id") is not None:
+        new = new[:, : _columns_until_all_stopped(new, options["eos_id"])]
+    return torch.cat([tokens, new], dim=1)
+
+
+def _columns_until_all_stopped(new: Tensor, eos_id: int) -> int:
+    """How many of the new columns to keep: up to the one where the last row to stop stopped,
+    or all of them while a row runs on."""
+    is_eos = new == eos_id
+    if not bool(is_eos.any(-1).all()):
+        return new.shape[1]
+    return int(is_eos.int().argmax(-1).max()) + 1

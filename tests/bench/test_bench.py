@@ -1,0 +1,138 @@
+"""The benchmarks: the timing helper, and `gpt2-decl bench` (forward passes and decoding) end to
+end on tiny models, its figures checked against each other and by hand."""
+
+import json
+import statistics
+
+import pytest
+import torch
+
+from gpt2_decl.bench import decode
+from gpt2_decl.bench.measure import ReadBandwidth, Timing, time_interleaved
+from gpt2_decl.cli import main
+from gpt2_decl.speedups import huge_pages
+
+TINY_CLI = ["bench", "--n-layer", "2", "--d-model", "64", "--n-head", "4", "--threads", "1"]
+TINY_DECODE = ["bench", "--generate", "--n-layer", "1", "--n-head", "2", "--d-model", "32",
+               "--prompt-len", "4", "--new-tokens", "3", "--device", "cpu", "--threads", "1"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def keep_thread_count():
+    """The command sets torch's thread count for the whole process; later tests get it back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_interleaved_timing_warms_up_then_times_each_function_in_turn():
+    calls = []
+    timings = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                               torch.device("cpu"), runs=3, warmup=1)
+    assert calls == ["a", "b"] * 4
+    assert all(len(timing.times_ms) == 3 for timing in timings.values())
+    timing = Timing((3.0, 1.0, 2.0))
+    assert (timing.median_ms, timing.min_ms, timing.max_ms) == (2.0, 1.0, 3.0)
+
+
+@pytest.mark.parametrize("runs, warmup", [(0, 1), (3, -1)])
+def test_interleaved_timing_rejects_impossible_counts(runs, warmup):
+    with pytest.raises(ValueError, match="runs"):
+        time_interleaved({"f": lambda: None}, torch.device("cpu"), runs=runs, warmup=warmup)
+
+
+def test_read_bandwidth_is_the_bytes_read_over_the_time():
+    bandwidth = ReadBandwidth(torch.device("cpu"), n_bytes=2**20)
+    assert bandwidth().item() == 2**18  # a sum of 2**18 float ones: every byte was read
+    assert bandwidth.bytes_per_s(Timing((2.0,))) == pytest.approx(2**20 / 2e-3)
+    if huge_pages.available():
+        assert ReadBandwidth(torch.device("cpu"), in_huge_pages=True, n_bytes=2**21)().item() \
+            == 2**19
+
+
+def test_forward_bench_writes_json_with_every_figure_and_a_png(tmp_path, capsys):
+    report_path, plot_path = tmp_path / "bench.json", tmp_path / "bench.png"
+    main([*TINY_CLI, "--seq", "8,16", "--runs", "2", "--json", str(report_path),
+          "--plot", str(plot_path)])
+    out = capsys.readouterr().out
+    report = json.loads(report_path.read_text())
+    assert report["dtype"] == "float32" and report["device"] == "cpu"
+    assert report["torch"] == torch.__version__ and report["threads"] == 1
+    assert [row["seq"] for row in report["rows"]] == [8, 16]
+    for row in report["rows"]:
+        assert row["max_abs_diff"] < 1e-4
+        for key in ("eager_ms", "compiled_ms", "compile_s", "tokens_per_s", "roofline_fraction",
+                    "typechecked_eager_ms", "roofline_flops_per_s"):
+            assert row[key] > 0, key
+        assert row["speedup"] == pytest.approx(row["eager_ms"] / row["compiled_ms"])
+        assert row["tokens_per_s"] == pytest.approx(row["seq"] / (row["compiled_ms"] / 1e3))
+        assert row["roofline_fraction"] == pytest.approx(
+            row["flops"] / (row["compiled_ms"] / 1e3) / row["roofline_flops_per_s"])
+        assert row["typecheck_overhead"] == pytest.approx(
+            row["typechecked_eager_ms"] / row["eager_ms"] - 1)
+    assert "compiling (seq=8" in out and "compiling (seq=16" in out
+    assert plot_path.read_bytes().startswith(PNG_SIGNATURE)
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["--seq", "8,x"], "comma-separated integers"),
+    (["--seq", "0"], "positive"),
+    (["--runs", "0"], "positive integer"),
+    (["--d-model", "66"], "divisible by n_head"),
+    (["--seq", "2048"], "longer than the context"),
+    (["--checkpoint", "x"], "--checkpoint is for --generate"),
+])
+def test_forward_bench_rejects_bad_options_clearly(arguments, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*TINY_CLI, *arguments])
+    assert message in str(exit_info.value.code) + capsys.readouterr().err
+
+
+def test_decode_bench_reports_every_way_of_decoding_against_its_bound(tmp_path, capsys):
+    report_path = tmp_path / "decode.json"
+    main([*TINY_DECODE, "--runs", "2", "--warmup", "0", "--json", str(report_path)])
+    report = json.loads(report_path.read_text())
+    names = [row["name"] for row in report["rows"]]
+    assert names == ["eager, cache", "compiled, cache", "eager, no cache", "compiled, no cache",
+                     "transformers generate"]
+    assert report["cpu_decoding"] == ["one_row_products", "one_query_attention",
+                                      "store_pointwise"]
+    # Weights read per token by hand: token embedding 50257 x 32, one block, ln_f; float32.
+    block = 2 * 32 + 32 * 96 + 96 + 32 * 32 + 32 + 2 * 32 + 32 * 128 + 128 + 128 * 32 + 32
+    weight_bytes = 4 * (50257 * 32 + block + 2 * 32)
+    for row in report["rows"]:
+        assert row["same_tokens"], row["name"]  # transformers' tokens too: the same weights
+        assert row["weight_bytes_per_token"] == weight_bytes
+        runs = 1 if "no cache" in row["name"] else 2
+        assert len(row["run_tokens_per_s"]) == len(row["run_bound_fractions"]) == runs
+        assert row["tokens_per_s"] == pytest.approx(3 / (row["median_ms"] / 1e3))
+        for rate, bound, fraction in zip(row["run_tokens_per_s"], row["run_bound_tokens_per_s"],
+                                         row["run_bound_fractions"], strict=True):
+            assert fraction == pytest.approx(rate / bound)
+    assert "transformers generate" in capsys.readouterr().out
+
+
+def test_decode_bench_compares_dtypes_turn_by_turn(tmp_path):
+    report_path = tmp_path / "decode.json"
+    main([*TINY_DECODE, "--runs", "2", "--warmup", "0", "--compare-dtype", "bfloat16",
+          "--json", str(report_path)])
+    report = json.loads(report_path.read_text())
+    rows = {row["name"]: row for row in report["rows"]}
+    for name in ("eager, cache", "compiled, cache"):
+        ours, other = rows[name], rows[f"{name}, bfloat16"]
+        assert other["weight_bytes_per_token"] * 2 == ours["weight_bytes_per_token"]
+        turns = zip(other["run_tokens_per_s"], ours["run_tokens_per_s"], strict=True)
+        assert report["compare_dtype_speed_ratios"][name] == pytest.approx(
+            statistics.median(a / b for a, b in turns))
+
+
+def test_speed_ratios_by_hand():
+    rows = [{"name": "eager, cache", "run_tokens_per_s": [10, 20, 30]},
+            {"name": "eager, cache, bf16", "run_tokens_per_s": [30, 20, 45]}]
+    assert decode.speed_ratios(rows, ", bf16") == {"eager, cache": 1.5}
+
+
+def test_decode_bench_refuses_to_compare_a_dtype_with_itself():
+    with pytest.raises(SystemExit, match="--compare-dtype float32 is already --dtype"):
+        main([*TINY_DECODE, "--compare-dtype", "float32"])

@@ -1,0 +1,52 @@
+"""Independent references the tests compare against, and test doubles."""
+
+import math
+
+import torch
+
+from gpt2_decl import GPT2
+
+
+def reference_logits(model: GPT2, tokens: torch.Tensor) -> torch.Tensor:
+    """GPT-2 written out longhand (explicit mask, softmax and tanh GELU formula), from the paper's
+    description rather than from our layers, reading the same weights."""
+    config = model.config
+    batch, seq = tokens.shape
+    n_head, d_head = config.n_head, config.d_head
+    x = model.token_embedding.weight[tokens] + model.position_embedding.weight[:seq]
+
+    def norm(x, module):
+        mean = x.mean(-1, keepdim=True)
+        var = ((x - mean) ** 2).mean(-1, keepdim=True)
+        return (x - mean) / torch.sqrt(var + config.layer_norm_eps) * module.weight + module.bias
+
+    def gelu_tanh(x):
+        return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+    mask = torch.ones(seq, seq).tril().bool()
+    for block in model.blocks:
+        qkv = norm(x, block.ln_1) @ block.attn.qkv.weight.T + block.attn.qkv.bias
+        q, k, v = qkv.split(config.d_model, dim=-1)
+        q, k, v = (t.reshape(batch, seq, n_head, d_head).transpose(1, 2) for t in (q, k, v))
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(d_head)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        heads = scores.softmax(-1) @ v
+        merged = heads.transpose(1, 2).reshape(batch, seq, config.d_model)
+        x = x + merged @ block.attn.proj.weight.T + block.attn.proj.bias
+        hidden = gelu_tanh(norm(x, block.ln_2) @ block.mlp.up.weight.T + block.mlp.up.bias)
+        x = x + hidden @ block.mlp.down.weight.T + block.mlp.down.bias
+    return norm(x, model.ln_f) @ model.token_embedding.weight.T
+
+
+class ByteTokenizer:
+    """Each UTF-8 byte is a token; 256 ends a document. A tiny vocabulary for fast tests."""
+
+    eot_id = 256
+    vocab_size = 257
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def encode(self, text: str) -> list[int]:
+        self.calls += 1
+        return list(text.encode("utf-8"))

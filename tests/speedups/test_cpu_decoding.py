@@ -1,0 +1,132 @@
+"""The compiled CPU decoding step's rewrites: each against a float64 reference, applied where
+they should be and nowhere else, and the rewritten step against eager."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt2_decl import GPT2, GPT2Config, KVCache
+from gpt2_decl.speedups.cpu_decoding import CpuDecoding, one_query_attention, one_row_linear
+
+CONFIG = GPT2Config(vocab_size=97, n_ctx=32, d_model=48, n_layer=2, n_head=3, init_std=0.2)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Graphs compiled here stay out of later tests' recompile limit."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def cached_attention_inputs(dtype: torch.dtype, batch: int = 2, visible_len: int = 7):
+    generator = torch.Generator().manual_seed(4)
+    q, keys, values = (
+        torch.randn(shape, generator=generator).to(dtype)
+        for shape in [(batch, 3, 1, 16), (batch, 3, 12, 16), (batch, 3, 12, 16)]
+    )
+    visible = torch.arange(12) <= torch.tensor([visible_len - 1])[:, None]
+    return q, keys, values, visible
+
+
+def reference_attention(q, keys, values, visible):
+    """Softmax attention in float64 over the visible positions only (the rest cut off)."""
+    n = int(visible.sum())
+    scores = q.double() @ keys[..., :n, :].double().mT / q.shape[-1] ** 0.5
+    return scores.softmax(-1) @ values[..., :n, :].double()
+
+
+def test_one_query_attention_matches_a_float64_reference_and_sdpa():
+    q, keys, values, visible = cached_attention_inputs(torch.float32)
+    result = one_query_attention(q, keys, values, attn_mask=visible)
+    assert result.dtype == torch.float32
+    assert (result.double() - reference_attention(q, keys, values, visible)).abs().max() < 1e-6
+    sdpa = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)
+    assert (result - sdpa).abs().max() < 1e-6
+
+
+def test_one_query_attention_ignores_positions_past_the_visible_ones():
+    q, keys, values, visible = cached_attention_inputs(torch.float32, visible_len=5)
+    result = one_query_attention(q, keys, values, attn_mask=visible)
+    keys[..., 5:, :] = 1e4
+    values[..., 5:, :] = -1e4
+    assert torch.equal(one_query_attention(q, keys, values, attn_mask=visible), result)
+
+
+def test_one_query_attention_in_bfloat16_accumulates_in_float32():
+    q, keys, values, visible = cached_attention_inputs(torch.bfloat16)
+    expected = reference_attention(q, keys, values, visible)
+    result = one_query_attention(q, keys, values, attn_mask=visible)
+    assert result.dtype == torch.bfloat16
+    # Only the output's own rounding to bfloat16 (8 significant bits) remains.
+    assert ((result.double() - expected).abs() <= expected.abs() * 2**-8 + 1e-6).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_row_linear_accumulates_in_float32(dtype):
+    generator = torch.Generator().manual_seed(1)
+    x, weight, bias = (torch.randn(shape, generator=generator).to(dtype)
+                       for shape in [(1, 1, 64), (24, 64), (24,)])
+    expected = x.double() @ weight.double().T
+    result = one_row_linear(x, weight, bias)
+    assert result.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 2**-7
+    torch.testing.assert_close(result.double(), (expected.to(dtype) + bias).double(),
+                               atol=tolerance * 4, rtol=tolerance)
+
+
+def rewritten_graph(model: GPT2, tokens: torch.Tensor, cache: KVCache,
+                    decoding: CpuDecoding | None = None) -> tuple[dict, set[str]]:
+    """What the backend rewrites in the graph Dynamo traces for one call, and the operators
+    left after, by name."""
+    found: dict = {}
+
+    def backend(graph_module, example_inputs):
+        found["counts"] = (decoding or CpuDecoding()).rewrite(graph_module)
+        found["ops"] = {str(node.target) for node in graph_module.graph.nodes}
+        return graph_module.forward
+
+    with torch.no_grad():
+        torch.compile(model, backend=backend, fullgraph=True)(tokens, cache, check_values=False)
+    return found["counts"], found["ops"]
+
+
+def prefilled_cache(model: GPT2, batch: int, seq: int = 5) -> KVCache:
+    cache = KVCache(CONFIG, batch, CONFIG.n_ctx, dtype=model.dtype, device=model.device)
+    with torch.no_grad():
+        model(torch.zeros(batch, seq, dtype=torch.long), cache)
+    return cache
+
+
+@pytest.mark.parametrize(("batch", "seq", "rows", "queries"), [(1, 1, 9, 2), (2, 1, 0, 2),
+                                                                (1, 4, 0, 0)])
+def test_rewrites_apply_to_single_rows_and_single_queries_only(batch, seq, rows, queries):
+    # 2 layers of 4 products (qkv, out, up, down), and the head; one attention per layer.
+    model = GPT2(CONFIG).eval()
+    cache = prefilled_cache(model, batch)
+    counts, ops = rewritten_graph(model, torch.zeros(batch, seq, dtype=torch.long), cache)
+    assert counts == {"one_row_products": rows, "one_query_attention": queries}
+    assert any("scaled_dot_product_attention" in op for op in ops) == (queries == 0)
+
+
+def test_switched_off_rewrites_leave_the_graph_alone():
+    model = GPT2(CONFIG).eval()
+    cache = prefilled_cache(model, 1)
+    counts, _ = rewritten_graph(model, torch.zeros(1, 1, dtype=torch.long), cache,
+                                CpuDecoding(one_row_products=False, one_query_attention=False))
+    assert counts == {"one_row_products": 0, "one_query_attention": 0}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rewritten_inductor_step_matches_eager(dtype):
+    model = GPT2(CONFIG).eval().to(dtype)
+    prompt = torch.randint(CONFIG.vocab_size, (1, 6), generator=torch.Generator().manual_seed(1))
+    step = torch.compile(model, fullgraph=True, backend=CpuDecoding().backend)
+    logits = {}
+    with torch.no_grad():
+        for name, run in [("eager", model), ("compiled", step)]:
+            cache = KVCache(CONFIG, 1, CONFIG.n_ctx, dtype=dtype, device=model.device)
+            model(prompt, cache)
+            logits[name] = run(prompt[:, -1:], cache, check_values=False).float()
+    tolerance = 1e-5 if dtype == torch.float32 else 0.05 * logits["eager"].abs().max()
+    assert (logits["compiled"] - logits["eager"]).abs().max() <= tolerance
