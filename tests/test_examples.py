@@ -41,3 +41,12 @@ def test_forward_example_on_a_text_prompt():
     assert "input       tokens (1, 2)" in out  # "Hello world" is [15496, 995]
     assert "after 'Hello world', most likely next tokens:" in out
     assert out.count("  p=") == 5
+    assert "the weights are random" in out
+
+
+def test_forward_example_refuses_an_empty_prompt():
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "forward.py"), "--prompt", ""],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: --prompt is empty; give at least one character of text")

@@ -2,6 +2,7 @@
 
 import argparse
 import importlib
+import importlib.metadata
 import sys
 
 # Each module defines add_parser(subparsers), which registers its subcommand and its handler.
@@ -12,6 +13,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gpt2-decl", description="GPT-2 as shape-annotated, declarative PyTorch."
     )
+    parser.add_argument("--version", action="version",
+                        version=f"%(prog)s {importlib.metadata.version('gpt2-decl')} "
+                        f"(torch {importlib.metadata.version('torch')})")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in SUBCOMMAND_MODULES:
         importlib.import_module(f"gpt2_decl.cli.{name}").add_parser(subparsers)

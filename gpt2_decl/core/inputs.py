@@ -49,7 +49,8 @@ def check_tokens(
             raise ValueError(f"the cache is on {cache.device} but the model is on {device}")
     if not values or tokens.device.type == "meta":
         return
-    low, high = int(tokens.min()), int(tokens.max())
+    # Not every integer dtype has min/max kernels (uint16 has none): widen first.
+    low, high = (int(value) for value in tokens.long().aminmax())
     if low < 0 or high >= config.vocab_size:
         bad = low if low < 0 else high
         raise ValueError(f"token id {bad} is outside the vocabulary [0, {config.vocab_size})")

@@ -36,6 +36,12 @@ def test_preset_overrides_and_unknown_preset():
         (dict(layer_norm_eps=0.0), "layer_norm_eps must be > 0"),
         (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
         (dict(init_std=-0.02), "init_std must be > 0"),
+        (dict(layer_norm_eps="1e-5"), "layer_norm_eps must be a finite number, got '1e-5'"),
+        (dict(dropout="0.1"), "dropout must be a finite number, got '0.1'"),
+        (dict(init_std=float("inf")), "init_std must be a finite number, got inf"),
+        (dict(init_std=float("nan")), "init_std must be a finite number, got nan"),
+        (dict(seed=1.5), "seed must be an integer, got 1.5"),
+        (dict(seed="0"), "seed must be an integer, got '0'"),
     ],
 )
 def test_invalid_configs_fail_at_construction(changes, message):

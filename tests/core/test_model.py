@@ -128,3 +128,8 @@ def test_tokens_on_another_device_name_both_devices(tiny_model):
 
 def test_int32_ids_are_accepted(tiny_model, tokens):
     torch.testing.assert_close(tiny_model(tokens.int()), tiny_model(tokens))
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.uint16])
+def test_narrow_integer_ids_are_widened(tiny_model, tokens, dtype):
+    torch.testing.assert_close(tiny_model(tokens.to(dtype)), tiny_model(tokens), rtol=0, atol=0)

@@ -1,0 +1,86 @@
+"""The `gpt2-decl` command's own behaviour: version, prompts from files, warnings."""
+
+import io
+
+import pytest
+import torch
+
+from gpt2_decl import GPT2, GPT2Config, GPT2Tokenizer
+from gpt2_decl.cli import main
+
+TINY = GPT2Config(n_ctx=64, d_model=32, n_layer=1, n_head=2, init_std=0.2)
+
+
+@pytest.fixture(autouse=True)
+def keep_thread_count():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("checkpoint")
+    GPT2(TINY).eval().save_pretrained(directory)
+    return directory
+
+
+def expected_text(prompt: str, checkpoint) -> str:
+    tokenizer = GPT2Tokenizer()
+    model = GPT2.from_pretrained(checkpoint)
+    tokens = model.generate(torch.tensor([tokenizer.encode(prompt)]), 4, greedy=True)
+    return tokenizer.decode(tokens[0].tolist()) + "\n"
+
+
+def test_version_names_the_package_and_torch(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("gpt2-decl 0.") and f"torch {torch.__version__}" in out
+
+
+def test_generate_reads_a_long_prompt_from_a_file(tmp_path, checkpoint, capsys):
+    prompt = "A prompt that a shell would find long. " * 3
+    (tmp_path / "prompt.txt").write_text(prompt)
+    main(["generate", "--prompt-file", str(tmp_path / "prompt.txt"), "--checkpoint",
+          str(checkpoint), "--max-new-tokens", "4", "--greedy", "--device", "cpu"])
+    assert capsys.readouterr().out == expected_text(prompt, checkpoint)
+
+
+def test_generate_reads_the_prompt_from_standard_input(monkeypatch, checkpoint, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("From a pipe"))
+    main(["generate", "--prompt-file", "-", "--checkpoint", str(checkpoint),
+          "--max-new-tokens", "4", "--greedy", "--device", "cpu"])
+    assert capsys.readouterr().out == expected_text("From a pipe", checkpoint)
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["--prompt", "a", "--prompt", "b"], "2 --prompt options given"),
+    (["--prompt", ""], "the prompt is empty"),
+    (["--prompt-file", "/no/such/file"], "--prompt-file /no/such/file"),
+    (["--prompt", "a", "--device", "cuda:7"], "--device"),
+])
+def test_generate_refuses_bad_prompts_in_one_line(arguments, message, checkpoint):
+    device = [] if "--device" in arguments else ["--device", "cpu"]
+    with pytest.raises(SystemExit) as exited:
+        main(["generate", *arguments, "--checkpoint", str(checkpoint), *device])
+    assert message in str(exited.value.code) and "\n" not in str(exited.value.code)
+
+
+def test_generate_accepts_a_training_run_directory(tmp_path, checkpoint, capsys):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "step-0000001").symlink_to(checkpoint)
+    (run / "latest").symlink_to("checkpoints/step-0000001")
+    main(["generate", "--prompt", "Hi", "--checkpoint", str(run), "--max-new-tokens", "4",
+          "--greedy", "--device", "cpu"])
+    assert capsys.readouterr().out == expected_text("Hi", checkpoint)
+
+
+def test_bench_warns_when_threads_outnumber_the_cpus(capsys, monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    main(["bench", "--n-layer", "1", "--n-head", "2", "--d-model", "32", "--seq", "4",
+          "--runs", "1", "--warmup", "0", "--threads", "3", "--no-typecheck-overhead",
+          "--device", "cpu"])
+    assert "--threads 3 is more than this machine's 2 CPUs" in capsys.readouterr().err
