@@ -4,6 +4,7 @@ python examples/forward.py                      # GPT-2 small, seeded random wei
 python examples/forward.py --typecheck          # check every annotated shape at runtime
 python examples/forward.py --compile            # torch.compile the whole model first
 python examples/forward.py --prompt "The capital of France is"
+python examples/forward.py --shapes             # every stage's shape first, from the annotations
 """
 
 import argparse
@@ -29,6 +30,8 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--prompt", default=None, help="run on this text instead of random ids")
     parser.add_argument("--checkpoint", default=None, help="a Hugging Face-layout GPT-2 directory")
+    parser.add_argument("--shapes", action="store_true",
+                        help="print every stage's shape (checked on the meta device) first")
     return parser.parse_args()
 
 
@@ -69,6 +72,10 @@ def main() -> None:
         f"parameters  {counts.tied:,} (tied); {counts.untied:,} counted untied, as torchinfo does"
     )
     print(f"input       tokens {tuple(tokens.shape)}")
+    if args.shapes:
+        print()
+        print(gpt2_decl.shape_table(model, *tokens.shape))
+        print()
 
     run = model
     with torch.no_grad():

@@ -6,6 +6,8 @@ from gpt2_decl.core.counting import ParameterCounts, count_parameters
 from gpt2_decl.core.devices import default_device
 from gpt2_decl.core.kv_cache import KVCache
 from gpt2_decl.core.model import GPT2
+from gpt2_decl.core.shape_table import shape_table
+from gpt2_decl.core.shapes import ShapeCheck, check_shapes
 from gpt2_decl.core.typecheck import ShapeError, is_typechecked, set_typechecked, typechecked
 from gpt2_decl.storage.huggingface import CheckpointError
 from gpt2_decl.text.tokenizer import GPT2Tokenizer
@@ -19,12 +21,15 @@ __all__ = [
     "GPT2Tokenizer",
     "KVCache",
     "ParameterCounts",
+    "ShapeCheck",
     "ShapeError",
+    "check_shapes",
     "compile",
     "count_parameters",
     "default_device",
     "is_typechecked",
     "set_typechecked",
+    "shape_table",
     "train",
     "typechecked",
 ]

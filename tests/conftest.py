@@ -19,3 +19,11 @@ def tiny_model() -> GPT2:
 @pytest.fixture
 def tokens() -> torch.Tensor:
     return torch.randint(TINY.vocab_size, (3, 11), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles afresh: graphs compiled by earlier tests (other models, other dtypes)
+    neither serve it nor count against Dynamo's per-function recompile limit."""
+    torch._dynamo.reset()
+    yield

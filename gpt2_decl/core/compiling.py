@@ -1,5 +1,6 @@
 """Compiled mode: the whole model as one `torch.compile` graph, with checks kept at the boundary."""
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -9,21 +10,34 @@ from torch import Tensor, nn
 
 from gpt2_decl.core.inputs import check_tokens
 from gpt2_decl.core.kv_cache import KVCache
-from gpt2_decl.core.typecheck import shape_checked
+from gpt2_decl.core.shapes import check_shapes
+from gpt2_decl.core.typecheck import is_typechecked, shape_checked
 
 
 class CompiledGPT2:
     """A GPT-2 compiled with `fullgraph=True`. Call it like the model.
 
-    Input validation and typechecked mode's checks of the tokens and logits run eagerly around
-    the compiled graph; the per-layer checks are not traced into it (they cannot be: see
-    `typecheck.py`). Parameters stay shared with `model`, so training it trains the model.
+    Input validation runs eagerly before the compiled graph. In typechecked mode the graph is
+    checked too, without running inside it (jaxtyping cannot be traced): `check_shapes` runs the
+    typechecked model on shape-only tensors once per new input signature (batch, seq, cache,
+    last_only, training, dtype, device), again whenever the graph is recompiled (a weight's
+    shape changed, say), and whenever the compiled call fails, to name the layer and argument at
+    fault instead of an error from inside the graph. Parameters stay shared with `model`.
     """
 
-    def __init__(self, model: nn.Module, compiled: Callable[..., Tensor], freeze: bool = False):
-        self.model = model
-        self.compiled = compiled
-        self.freeze = freeze
+    def __init__(self, model: nn.Module, backend: Callable, freeze: bool = False, **compile_kw):
+        self.model, self.freeze = model, freeze
+        self.checked: set[tuple] = set()
+        self.recompiled = False
+        self.compiled = torch.compile(model, fullgraph=True, backend=self._backend(backend),
+                                      **compile_kw)
+
+    def _backend(self, backend: Callable) -> Callable:
+        def noting_recompiles(graph_module: torch.fx.GraphModule, example_inputs: list) -> Any:
+            self.recompiled = True
+            return backend(graph_module, example_inputs)
+
+        return noting_recompiles
 
     @shape_checked
     def __call__(
@@ -36,11 +50,31 @@ class CompiledGPT2:
     ) -> Float[Tensor, "batch seq_out vocab"]:
         model = self.model
         check_tokens(tokens, model.config, model.device, cache=cache, values=check_values)
+        checking = is_typechecked()
+        signature = (tuple(tokens.shape), None if cache is None else cache.max_len, last_only,
+                     model.training, torch.is_grad_enabled(), model.dtype, model.device)
+        if checking and signature not in self.checked:
+            self._check(signature)
+        self.recompiled = False
         # Dynamo decides whether parameters may become constants from inductor's global config,
-        # while it traces (torch.compile's `options` arrive too late for that), so freezing is
-        # switched on around every call that may compile.
-        with torch._inductor.config.patch(freezing=self.freeze):
-            return self.compiled(tokens, cache, last_only=last_only, check_values=False)
+        # while it traces (torch.compile's `options` arrive too late for that).
+        freezing = torch._inductor.config.patch(freezing=True) if self.freeze else None
+        try:
+            with freezing or contextlib.nullcontext():
+                logits = self.compiled(tokens, cache, last_only=last_only, check_values=False)
+        except Exception:
+            if checking:
+                self._check(signature)  # raises ShapeError if a shape is at fault
+            raise
+        if checking and self.recompiled:
+            self._check(signature)
+        return logits
+
+    def _check(self, signature: tuple) -> None:
+        (batch, seq), cache_len, last_only, training, grad = signature[:5]
+        check_shapes(self.model, batch, seq, cache=cache_len or False,
+                     training=training and grad, last_only=last_only)
+        self.checked.add(signature)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.model, name)
@@ -65,9 +99,20 @@ def compile(
         the first change (one extra compilation, never one per length); True is dynamic at once.
     backend, options: torch.compile's (options: inductor settings, on top of those of `mode`).
     """
-    if mode is not None and backend == "inductor":
-        options = {**torch._inductor.list_mode_options(mode, dynamic), **(options or {})}
-    compiled = torch.compile(
-        model, fullgraph=True, dynamic=dynamic, backend=backend, options=options
-    )
-    return CompiledGPT2(model, compiled, freeze)
+    if backend == "inductor":
+        options = {**torch._inductor.list_mode_options(mode or "default", dynamic),
+                   **(options or {})}
+        backend = _inductor(options)
+    elif isinstance(backend, str):
+        backend = torch._dynamo.lookup_backend(backend)
+    return CompiledGPT2(model, backend, freeze, dynamic=dynamic)
+
+
+def _inductor(options: dict[str, Any]) -> Callable:
+    """Inductor with `options` as a backend function (what torch.compile's "inductor" is)."""
+    from torch._inductor.compile_fx import compile_fx
+
+    def inductor(graph_module: torch.fx.GraphModule, example_inputs: list) -> Any:
+        return compile_fx(graph_module, example_inputs, config_patches=options)
+
+    return inductor

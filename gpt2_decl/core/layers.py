@@ -30,9 +30,11 @@ class AttentionWeights(NamedTuple):
 
 
 class MLPWeights(NamedTuple):
-    w_up: Float[Tensor, "d_mlp d_model"]
-    b_up: Float[Tensor, " d_mlp"]
-    w_down: Float[Tensor, "d_model d_mlp"]
+    """Up to the hidden layer, four times the residual stream's width in every GPT-2, and down."""
+
+    w_up: Float[Tensor, "4*d_model d_model"]
+    b_up: Float[Tensor, " 4*d_model"]
+    w_down: Float[Tensor, "d_model 4*d_model"]
     b_down: Float[Tensor, " d_model"]
 
 
@@ -48,8 +50,8 @@ def embed(
 
 @shape_checked
 def layer_norm(
-    x: Float[Tensor, "*batch d_model"], weights: LayerNormWeights, eps: float
-) -> Float[Tensor, "*batch d_model"]:
+    x: Float[Tensor, "batch seq d_model"], weights: LayerNormWeights, eps: float
+) -> Float[Tensor, "batch seq d_model"]:
     return F.layer_norm(x, weights.gain.shape, weights.gain, weights.bias, eps)
 
 
@@ -99,9 +101,14 @@ def merge_heads(
 def mlp(
     x: Float[Tensor, "batch seq d_model"], weights: MLPWeights, dropout: float = 0.0
 ) -> Float[Tensor, "batch seq d_model"]:
-    # The released weights were trained with the tanh approximation; exact GELU does not match.
-    hidden = F.gelu(linear(x, weights.w_up, weights.b_up), approximate="tanh")
+    hidden = gelu(linear(x, weights.w_up, weights.b_up))
     return maybe_dropout(linear(hidden, weights.w_down, weights.b_down), dropout)
+
+
+@shape_checked
+def gelu(x: Float[Tensor, "batch seq d_mlp"]) -> Float[Tensor, "batch seq d_mlp"]:
+    # The released weights were trained with the tanh approximation; exact GELU does not match.
+    return F.gelu(x, approximate="tanh")
 
 
 @shape_checked
@@ -115,10 +122,10 @@ def unembed(
 
 @shape_checked
 def linear(
-    x: Float[Tensor, "*batch d_in"],
+    x: Float[Tensor, "batch seq d_in"],
     weight: Float[Tensor, "d_out d_in"],
     bias: Float[Tensor, " d_out"] | None = None,
-) -> Float[Tensor, "*batch d_out"]:
+) -> Float[Tensor, "batch seq d_out"]:
     return F.linear(x, weight, bias)
 
 

@@ -92,8 +92,15 @@ class GPT2(nn.Module):
     def __init__(self, config: GPT2Config | None = None):
         super().__init__()
         self.config = config = config or GPT2Config()
-        self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
-        self.position_embedding = nn.Embedding(config.n_ctx, config.d_model)
+        # Made uninitialised (reset_parameters initialises every weight): torch's own init of
+        # an embedding on the meta device would import the compiler, for seconds.
+        self.token_embedding = nn.Embedding(
+            config.vocab_size, config.d_model,
+            _weight=torch.empty(config.vocab_size, config.d_model),
+        )
+        self.position_embedding = nn.Embedding(
+            config.n_ctx, config.d_model, _weight=torch.empty(config.n_ctx, config.d_model)
+        )
         self.blocks = nn.ModuleList(Block(config, index) for index in range(config.n_layer))
         self.ln_f = LayerNorm(config.d_model, eps=config.layer_norm_eps)
         # The output head is the token embedding itself (tied): one tensor, two names.

@@ -123,6 +123,9 @@ def shape_checked(fn: F) -> F:
                 _record(name, checked)
         return result
 
+    # A code object of its own: Dynamo keeps its compiled graphs (and counts recompilations
+    # against a limit) per code object, which would otherwise be shared by every checked function.
+    wrapper.__code__ = wrapper.__code__.replace(co_name=fn.__name__, co_qualname=fn.__qualname__)
     return wrapper  # type: ignore[return-value]
 
 

@@ -246,7 +246,9 @@ def to_our_names(
             f"{source} does not match the GPT-2 of {_describe(model.config)}; " + "; ".join(listed)
         )
     embedding = state[EMBEDDING]
-    if head is not None and not (head.shape == embedding.shape and torch.equal(head, embedding)):
+    untied = head is not None and (head.shape != embedding.shape or (
+        not head.is_meta and not torch.equal(head, embedding)))
+    if untied:
         raise CheckpointError(
             f"{source}: {HEAD} differs from the token embedding: this checkpoint has an untied "
             "output head, and gpt2_decl supports only GPT-2's tied one"
@@ -255,10 +257,13 @@ def to_our_names(
 
 
 def read_tensors(file: Path, device: torch.device) -> dict[str, Tensor]:
-    """Every tensor in a safetensors or PyTorch weights file, loaded onto `device`.
+    """Every tensor in a safetensors or PyTorch weights file, loaded onto `device` (on "meta":
+    their shapes and dtypes only, from the safetensors header without reading the data).
 
     PyTorch files are read with `weights_only=True`: a checkpoint can never run code.
     """
+    if file.suffix == ".safetensors" and device.type == "meta":
+        return read_safetensors_header(file)
     if file.suffix == ".safetensors":
         try:
             with safetensors.safe_open(file, "pt") as opened:
@@ -286,6 +291,28 @@ def read_tensors(file: Path, device: torch.device) -> dict[str, Tensor]:
             f"{file}: expected a state dict (names to tensors), found {_summary(loaded)}"
         )
     return dict(loaded)
+
+
+# safetensors' names of the floating dtypes a checkpoint may hold.
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                      "BF16": torch.bfloat16}
+
+
+def read_safetensors_header(file: Path) -> dict[str, Tensor]:
+    """Meta tensors of the shapes and dtypes a safetensors file's header lists (its first bytes:
+    a little-endian u64 length, then JSON)."""
+    try:
+        with open(file, "rb") as opened:
+            length = int.from_bytes(opened.read(8), "little")
+            header = json.loads(opened.read(length))
+        return {
+            name: torch.empty(entry["shape"], dtype=SAFETENSORS_DTYPES.get(entry["dtype"],
+                                                                           torch.int64),
+                              device="meta")
+            for name, entry in header.items() if name != "__metadata__"
+        }
+    except (OSError, ValueError, KeyError, TypeError, MemoryError) as error:
+        raise CheckpointError(f"{file} has no readable safetensors header: {error}") from error
 
 
 def weight_files(directory: Path) -> list[Path]:

@@ -7,6 +7,7 @@ a tensor's value on the host except to stop early at `eos_id` (every token on a 
 `EOS_CHECK_EVERY` tokens on an accelerator), so a GPU runs the steps back to back.
 """
 
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -14,6 +15,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from gpt2_decl.core.compiling import compile as compile_model
 from gpt2_decl.core.inputs import check_tokens
 from gpt2_decl.core.kv_cache import KVCache
 from gpt2_decl.core.typecheck import shape_checked
@@ -181,16 +183,26 @@ def decode_step(model: nn.Module, compile: bool | str | Callable, use_cache: boo
 
     compile=True compiles the one-token cached step for the device: on a CPU with the rewrites
     of `CpuDecoding`, on CUDA with CUDA graphs (one launch per token); without the cache, or
-    with another backend, it is a plain `torch.compile`.
+    with another backend, it is a plain compile. Compiled, it is checked as `gpt2_decl.compile`
+    checks in typechecked mode.
     """
     if compile is False:
         return model
-    if compile is True and use_cache and model.device.type == "cpu":
-        return torch.compile(model, fullgraph=True, backend=CPU_DECODING.backend)
-    if compile is True and use_cache and model.device.type == "cuda":
-        return torch.compile(model, fullgraph=True, mode="reduce-overhead")
-    # Without the cache the context grows by one token per step: dynamic after the first change.
-    return torch.compile(model, fullgraph=True, backend="inductor" if compile is True else compile)
+    # Kept per model, so that later generations reuse the compiled graphs.
+    steps = _compiled_steps.setdefault(model, {})
+    key = (compile, use_cache, model.device.type)
+    if key not in steps:
+        if compile is True and use_cache and model.device.type == "cpu":
+            steps[key] = compile_model(model, backend=CPU_DECODING.backend)
+        elif compile is True and use_cache and model.device.type == "cuda":
+            steps[key] = compile_model(model, mode="reduce-overhead")
+        else:
+            # Without the cache the context grows a token per step: dynamic after one change.
+            steps[key] = compile_model(model, backend="inductor" if compile is True else compile)
+    return steps[key]
+
+
+_compiled_steps: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
 def generate(

@@ -27,6 +27,7 @@ from gpt2_decl.core.compiling import compile as compile_model
 from gpt2_decl.core.counting import training_flops_per_token
 from gpt2_decl.core.devices import matmul_roofline
 from gpt2_decl.core.model import GPT2
+from gpt2_decl.core.shapes import check_shapes
 from gpt2_decl.core.typecheck import is_typechecked, typechecked
 from gpt2_decl.storage.lock import DirectoryLock
 from gpt2_decl.training.checkpoints import (
@@ -299,6 +300,10 @@ class Trainer:
             parameter_groups(self.model, config.weight_decay), lr=config.lr, betas=ADAM_BETAS,
             fused=self.device.type == "cuda",
         )
+        if is_typechecked():
+            # Every layer's shapes, forward and backward, before the first step: also where the
+            # step itself is compiled (and so not checked inside).
+            check_shapes(self.model, config.batch_size, n_ctx, training=True)
         self.forward, self.ddp = self._build_forward()
         torch.manual_seed(config.seed)
         if resumed:

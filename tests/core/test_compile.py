@@ -7,13 +7,6 @@ from gpt2_decl import compile as compile_model
 from gpt2_decl.core.compiling import CompiledGPT2
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 @pytest.mark.parametrize("typecheck", [False, True])
 def test_whole_model_is_one_graph_with_no_breaks(tiny_model, tokens, typecheck):
     with gpt2_decl.typechecked(typecheck), torch.no_grad():

@@ -56,7 +56,7 @@ def test_disagreeing_axis_names_the_weight_the_axis_and_the_bound_values():
         "the size of dimension d_model is 40 which does not equal the existing value of 48"
         in message
     )
-    assert "(bound axes: batch=2 seq=5 d_model=48 d_mlp=192)" in message
+    assert "(bound axes: batch=2 seq=5 d_model=48)" in message
 
 
 def test_an_axis_expression_is_checked_once_its_axes_are_bound():

@@ -11,13 +11,6 @@ from gpt2_decl.speedups.cpu_decoding import CpuDecoding, one_query_attention, on
 CONFIG = GPT2Config(vocab_size=97, n_ctx=32, d_model=48, n_layer=2, n_head=3, init_std=0.2)
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    """Graphs compiled here stay out of later tests' recompile limit."""
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
 
 def cached_attention_inputs(dtype: torch.dtype, batch: int = 2, visible_len: int = 7):
     generator = torch.Generator().manual_seed(4)
