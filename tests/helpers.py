@@ -50,3 +50,29 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         self.calls += 1
         return list(text.encode("utf-8"))
+
+
+class HostReads:
+    """Inside it, records every call of a tensor method that reads a value back on the host: on
+    an accelerator each of them waits for the device (what torch.cuda.set_sync_debug_mode
+    catches there, counted here on any device). The methods are wrapped rather than watched
+    through a TorchFunctionMode, which compiled code would see and recompile for."""
+
+    READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu",
+             "numpy", "__array__")
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.originals = {name: getattr(torch.Tensor, name) for name in self.READS}
+
+    def __enter__(self) -> "HostReads":
+        for name, original in self.originals.items():
+            def counted(*args, _name=name, _original=original, **kwargs):
+                self.calls.append(_name)
+                return _original(*args, **kwargs)
+            setattr(torch.Tensor, name, counted)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for name, original in self.originals.items():
+            setattr(torch.Tensor, name, original)

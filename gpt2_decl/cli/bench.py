@@ -75,7 +75,10 @@ def run(args: argparse.Namespace) -> None:
     dtype = common.resolve_dtype(args.dtype, device)
     model = load_model(args, device, dtype)
     report = {**environment(device, dtype), "config": dataclasses.asdict(model.config)}
-    report |= run_decode(args, model) if args.generate else run_forward(args, model)
+    sizes = (f"decoding {args.prompt_len} + {args.new_tokens} tokens" if args.generate
+             else f"with batch {args.batch} at sequence lengths {args.seq}")
+    with common.explained_out_of_memory(device, sizes):
+        report |= run_decode(args, model) if args.generate else run_forward(args, model)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -10,7 +10,12 @@ from pathlib import Path
 import torch
 
 import gpt2_decl
-from gpt2_decl.cli.common import add_model_arguments, resolve_device, resolve_dtype
+from gpt2_decl.cli.common import (
+    add_model_arguments,
+    explained_out_of_memory,
+    resolve_device,
+    resolve_dtype,
+)
 from gpt2_decl.core.config import GPT2Config
 from gpt2_decl.core.model import GPT2
 from gpt2_decl.speedups import huge_pages
@@ -88,8 +93,10 @@ def run(args: argparse.Namespace) -> None:
 
     print(text, end="", flush=True)
     times: list[float] = []
-    for piece in stream_text(until(timed(tokens, times), tokenizer.eot_id), tokenizer):
-        print(piece, end="", flush=True)
+    what = f"generating {args.max_new_tokens} tokens after {len(ids)}"
+    with explained_out_of_memory(device, what):
+        for piece in stream_text(until(timed(tokens, times), tokenizer.eot_id), tokenizer):
+            print(piece, end="", flush=True)
     print()
     print(speed_line(times), file=sys.stderr)
 

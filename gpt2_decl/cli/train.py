@@ -12,7 +12,9 @@ import dataclasses
 import os
 import sys
 
-from gpt2_decl.cli.common import resolve_device
+import torch
+
+from gpt2_decl.cli.common import explained_out_of_memory, resolve_device
 from gpt2_decl.core.config import DTYPES, GPT2Config
 
 INTERRUPTED_EXIT_CODE = 130  # what shells report for a process ended by Ctrl-C
@@ -142,8 +144,10 @@ def run_train(args: argparse.Namespace) -> int:
     options["device"] = str(resolve_device(args.device))
     options["clip_grad"] = args.clip_grad or None
     data, out = options.pop("data"), options.pop("out")
+    what = f"training with --batch-size {args.batch_size} (per process)"
     try:
-        result = train(data, out, **options)
+        with explained_out_of_memory(torch.device(options["device"]), what):
+            result = train(data, out, **options)
     except (ValueError, FileNotFoundError, FileExistsError, DirectoryInUseError) as error:
         raise SystemExit(f"error: {error}") from None
     except PermissionError as error:

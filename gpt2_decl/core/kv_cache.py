@@ -14,8 +14,9 @@ class KVCache:
 
     A forward pass with the cache first `reserve`s the positions of its tokens (which moves the
     cache's length on), then each layer `update`s them with its keys and values and reads back
-    all it holds. The length is a tensor and the buffers keep their shapes, so a compiled
-    one-token step sees the same shapes and guards for every token and is compiled once.
+    all it holds, through the mask of `visible`. The length is a tensor and the buffers keep
+    their addresses and shapes, so a compiled one-token step sees the same shapes and guards for
+    every token and is compiled (and on CUDA, graph-captured) once.
     """
 
     def __init__(
@@ -34,11 +35,13 @@ class KVCache:
         shape = (batch, config.n_head, max_len, config.d_head)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
         self.values = [torch.zeros_like(keys) for keys in self.keys]
+        self.length: Int[Tensor, ""] = torch.zeros((), dtype=torch.long, device=device)
         for tensor in self.keys + self.values:
             # One compiled step then serves generations of every length.
             torch._dynamo.mark_dynamic(tensor, MAX_LEN_AXIS)
-        self.length: Int[Tensor, ""] = torch.zeros((), dtype=torch.long, device=device)
-        self.positions: Int[Tensor, " seq"] = torch.zeros(0, dtype=torch.long, device=device)
+        for tensor in [*self.keys, *self.values, self.length]:
+            # Written in place by the step: fixed addresses let CUDA graphs replay it.
+            torch._dynamo.mark_static_address(tensor)
 
     @property
     def batch(self) -> int:
@@ -53,27 +56,27 @@ class KVCache:
         return self.length.device
 
     def reserve(self, seq: int) -> Int[Tensor, " seq"]:
-        """The positions of the next `seq` tokens, which the next updates write; the cache's
-        length moves past them."""
-        self.positions = self.length + torch.arange(seq, device=self.length.device)
+        """The positions of the next `seq` tokens; the cache's length moves past them."""
+        positions = self.length + torch.arange(seq, device=self.length.device)
         self.length += seq
-        return self.positions
+        return positions
 
-    def visible(self) -> Bool[Tensor, "seq max_len"]:
-        """Which cached positions each reserved position may attend to: itself and earlier."""
-        return torch.arange(self.max_len, device=self.length.device) <= self.positions[:, None]
+    def visible(self, positions: Int[Tensor, " seq"]) -> Bool[Tensor, "seq max_len"]:
+        """Which cached positions each of `positions` may attend to: itself and earlier."""
+        return torch.arange(self.max_len, device=positions.device) <= positions[:, None]
 
     def update(
         self,
         layer: int,
+        positions: Int[Tensor, " seq"],
         k: Float[Tensor, "batch head seq d_head"],
         v: Float[Tensor, "batch head seq d_head"],
     ) -> tuple[
         Float[Tensor, "batch head max_len d_head"], Float[Tensor, "batch head max_len d_head"]
     ]:
-        """Write layer `layer`'s keys and values of the reserved positions; return all of its."""
-        self.keys[layer].index_copy_(MAX_LEN_AXIS, self.positions, k)
-        self.values[layer].index_copy_(MAX_LEN_AXIS, self.positions, v)
+        """Write layer `layer`'s keys and values at `positions`; return all it holds."""
+        self.keys[layer].index_copy_(MAX_LEN_AXIS, positions, k)
+        self.values[layer].index_copy_(MAX_LEN_AXIS, positions, v)
         return self.keys[layer], self.values[layer]
 
     def room(self) -> int:

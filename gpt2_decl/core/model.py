@@ -65,15 +65,16 @@ class Block(nn.Module):
     def forward(
         self,
         resid_pre: Float[Tensor, "batch seq d_model"],
+        positions: Int[Tensor, " seq"],
         visible: Bool[Tensor, "seq kv_seq"] | None = None,
         cache: KVCache | None = None,
     ) -> Float[Tensor, "batch seq d_model"]:
         """`visible`: which keys each position attends to (None: causal over `resid_pre` itself).
-        With a `cache`, the keys are the cached ones, these positions' own written in first."""
+        With a `cache`, the keys are the cached ones, with these `positions`' own written in."""
         eps, n_head, dropout = self.config.layer_norm_eps, self.config.n_head, self.dropout
         attn_in = layers.layer_norm(resid_pre, self.ln_1.weights(), eps)
         q, k, v = layers.qkv_heads(attn_in, self.attn.weights(), n_head)
-        keys, values = (k, v) if cache is None else cache.update(self.index, k, v)
+        keys, values = (k, v) if cache is None else cache.update(self.index, positions, k, v)
         heads = layers.attend(q, keys, values, visible, dropout)
         attn_out = layers.merge_heads(heads, self.attn.weights(), dropout)
         resid_mid = resid_pre + attn_out
@@ -136,10 +137,10 @@ class GPT2(nn.Module):
             positions, visible = torch.arange(seq, device=tokens.device), None
         else:
             positions = cache.reserve(seq)
-            visible = cache.visible()  # one mask for every layer
+            visible = cache.visible(positions)  # one mask for every layer
         resid = self.embed(tokens, positions)
         for block in self.blocks:
-            resid = block(resid, visible, cache)
+            resid = block(resid, positions, visible, cache)
         return self.unembed(resid[:, -1:] if last_only else resid)
 
     @shape_checked

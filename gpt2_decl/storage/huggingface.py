@@ -14,6 +14,7 @@ import pickle
 import warnings
 import zlib
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -432,7 +433,7 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> None:
         hf, transposed = hf_name(name)
         tensor = tensor.detach().t() if transposed else tensor.detach()
         tensors[HF_PREFIX + hf] = tensor.cpu().contiguous()
-    checksums = {name: crc32(tensor) for name, tensor in tensors.items()}
+    checksums = crc32s(tensors)
     metadata = {"format": "pt", CHECKSUM_KEY: json.dumps(checksums, sort_keys=True)}
     config = json.dumps(config_to_hf(model.config, model.dtype), indent=2) + "\n"
     with atomic_directory(directory) as staging:
@@ -446,14 +447,21 @@ def crc32(tensor: Tensor) -> int:
     return zlib.crc32(tensor.view(torch.uint8).numpy() if tensor.numel() else b"")
 
 
+def crc32s(tensors: Mapping[str, Tensor]) -> dict[str, int]:
+    """Each tensor's CRC-32, computed on every core (zlib lets go of the GIL while it works)."""
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+        return dict(zip(tensors, pool.map(crc32, tensors.values()), strict=True))
+
+
 def verify_checksums(
     tensors: Mapping[str, Tensor], checksums: Mapping[str, int], file: Path
 ) -> None:
     """Raise CheckpointError naming `file` and the first tensor whose bytes are not the ones
     saved (or that is missing)."""
+    missing = [name for name in checksums if name not in tensors]
+    found = crc32s({name: tensors[name] for name in checksums if name in tensors})
     for name, expected in checksums.items():
-        tensor = tensors.get(name)
-        if tensor is None or crc32(tensor) != expected:
+        if name in missing or found[name] != expected:
             raise CheckpointError(
                 f"{file} is corrupt: tensor {name!r} does not match the checksum written when "
                 "it was saved"

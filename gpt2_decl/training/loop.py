@@ -45,6 +45,9 @@ from gpt2_decl.training.options import ARCHITECTURE_OPTIONS, PATH_OPTIONS, Train
 from gpt2_decl.training.progress import Progress
 
 ADAM_BETAS = (0.9, 0.95)
+# Where AdamW has a fused kernel: one pass over the parameters, and no per-parameter host read of
+# the step count (which the other implementations make).
+FUSED_ADAMW_DEVICES = ("cuda", "cpu")
 
 
 @dataclass(frozen=True)
@@ -175,7 +178,8 @@ class Trainer:
         with contextlib.closing(progress), StopSignals() as stop:
             while self.step < config.steps:
                 lr = learning_rate(self.step, config)
-                loss, stop_requested = self.read(self.train_step(lr, stop.requested))
+                batches = [self.sampler.sample(self.device) for _ in range(config.grad_accum)]
+                loss, stop_requested = self.read(self.train_step(batches, lr, stop.requested))
                 self.check_finite(loss)
                 self.step += 1
                 progress.step(self.step, loss, lr)
@@ -190,16 +194,17 @@ class Trainer:
                 progress.resume()
         return self.result(loss)
 
-    def train_step(self, lr: float, stop_requested: bool) -> Tensor:
-        """Forward and backward passes over the global batch (its `grad_accum` micro-steps), then
-        clipping and the optimizer. Returns, still on the device, the mean loss and the number of
-        processes asked to stop, summed over the processes: nothing here waits for the device."""
+    def train_step(self, batches: list[tuple[Tensor, Tensor]], lr: float,
+                   stop_requested: bool) -> Tensor:
+        """Forward and backward passes over this process's share of the global batch (one
+        micro-step per (inputs, targets) of `batches`), then clipping and the optimizer. Returns,
+        still on the device, the mean loss and the number of processes asked to stop, summed
+        over the processes: nothing here waits for the device."""
         config = self.config
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=self.device)
-        for micro_step in range(config.grad_accum):
-            inputs, targets = self.sampler.sample(self.device)
+        for micro_step, (inputs, targets) in enumerate(batches):
             # Gradients are all-reduced once per step, on the last micro-step's backward.
             skip_sync = self.ddp is not None and micro_step < config.grad_accum - 1
             with self.ddp.no_sync() if skip_sync else contextlib.nullcontext():
@@ -298,7 +303,7 @@ class Trainer:
                                      group.rank, group.world_size)
         self.optimizer = torch.optim.AdamW(
             parameter_groups(self.model, config.weight_decay), lr=config.lr, betas=ADAM_BETAS,
-            fused=self.device.type == "cuda",
+            fused=self.device.type in FUSED_ADAMW_DEVICES,
         )
         if is_typechecked():
             # Every layer's shapes, forward and backward, before the first step: also where the

