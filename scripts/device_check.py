@@ -279,7 +279,7 @@ def decode_batch(model: gpt2_decl.GPT2, sizes: Sizes, dtype: torch.dtype) -> dic
 
 def markdown(report: dict) -> str:
     """The short table: each figure beside its target."""
-    rows = [("| figure | measured | target |", "|---|---|---|")]
+    rows = [("| figure | measured | target on a GPU |", "|---|---|---|")]
     f, t, d, b = (report.get(name, {}) for name in ("forward", "training", "decode",
                                                     "decode_batch"))
 

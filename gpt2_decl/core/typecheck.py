@@ -89,7 +89,13 @@ def shape_checked(fn: F) -> F:
     signature = inspect.signature(fn)
     hints = typing.get_type_hints(fn, include_extras=True)
     result_hint = hints.pop("return", None)
-    checked_parameters = [name for name in signature.parameters if name in hints]
+    # What to check, worked out once: each annotated argument, or each field of a group of
+    # weights; an axis expression ("3*d_model") last, once the axes it uses are bound.
+    slots = sorted(
+        (slot for parameter in signature.parameters if parameter in hints
+         for slot in _slots(parameter, hints[parameter])),
+        key=lambda slot: slot.expression,
+    )
     name = f"{fn.__module__}.{fn.__qualname__}()"
 
     @functools.wraps(fn)
@@ -101,18 +107,11 @@ def shape_checked(fn: F) -> F:
         arguments = signature.bind(*args, **kwargs).arguments
         with jaxtyping.jaxtyped("context"):
             checked: dict[str, tuple[object, object]] = {}
-            values = [
-                annotated
-                for parameter in checked_parameters
-                if parameter in arguments
-                for annotated in _annotated_values(
-                    parameter, arguments[parameter], hints[parameter]
-                )
-            ]
-            # An axis expression ("3*d_model") needs its axes bound first: check it last.
-            for label, value, hint in sorted(values, key=lambda item: _has_expression(item[2])):
-                _check(name, f"argument '{label}'", value, hint)
-                checked[label] = (value, hint)
+            for slot in slots:
+                if slot.parameter in arguments:
+                    label, value, hint = slot.read(arguments[slot.parameter])
+                    _check(name, f"argument '{label}'", value, hint)
+                    checked[label] = (value, hint)
             result = fn(*args, **kwargs)
             if result_hint is not None:
                 for label, value, hint in _annotated_values("return", result, result_hint):
@@ -127,6 +126,32 @@ def shape_checked(fn: F) -> F:
     # against a limit) per code object, which would otherwise be shared by every checked function.
     wrapper.__code__ = wrapper.__code__.replace(co_name=fn.__name__, co_qualname=fn.__qualname__)
     return wrapper  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """One annotated value of a call: an argument, or a field of a NamedTuple argument."""
+
+    parameter: str
+    field: str | None
+    hint: object
+    group: type | None  # the NamedTuple class that `field` belongs to
+    expression: bool
+
+    def read(self, argument: object) -> tuple[str, object, object]:
+        if self.field is None:
+            return self.parameter, argument, self.hint
+        if not isinstance(argument, self.group):  # not the group at all: check it as a whole
+            return self.parameter, argument, self.group
+        return f"{self.parameter}.{self.field}", getattr(argument, self.field), self.hint
+
+
+def _slots(parameter: str, hint: object) -> list[_Slot]:
+    fields = _named_tuple_fields(hint)
+    if fields is None:
+        return [_Slot(parameter, None, hint, None, _has_expression(hint))]
+    return [_Slot(parameter, field, field_hint, hint, _has_expression(field_hint))
+            for field, field_hint in fields.items()]
 
 
 def _annotated_values(
