@@ -18,44 +18,45 @@ from gpt2_decl.core.typecheck import is_typechecked, typechecked
 
 @dataclass(frozen=True)
 class ForwardRow:
+    """One sequence length: the timings of "eager", "compiled", "roofline" (the matmul) and,
+    when measured, "typechecked_eager" and "typechecked_compiled"."""
+
     batch: int
     seq: int
     flops: int
-    eager: Timing
-    compiled: Timing
+    timings: dict[str, Timing]
     compile_s: float
     max_abs_diff: float
-    roofline_flops_per_s: float
-    typechecked: Timing | None = None
+    shape_check_s: float | None = None  # the compiled model's first typechecked call's check
 
-    def tokens_per_s(self, timing: Timing) -> float:
-        return self.batch * self.seq / (timing.median_ms / 1e3)
+    @property
+    def roofline_flops_per_s(self) -> float:
+        return 2 * ROOFLINE_MATMUL_SIZE**3 / (self.timings["roofline"].median_ms / 1e3)
 
-    def roofline_fraction(self, timing: Timing) -> float:
-        return self.flops / (timing.median_ms / 1e3) / self.roofline_flops_per_s
+    def tokens_per_s(self, name: str) -> float:
+        return self.batch * self.seq / (self.timings[name].median_ms / 1e3)
 
     def to_dict(self) -> dict:
-        """Flat figures for JSON: compiled ones unprefixed, the others prefixed."""
-        row = {"batch": self.batch, "seq": self.seq, "flops": self.flops, "runs":
-               len(self.compiled.times_ms), "roofline_flops_per_s": self.roofline_flops_per_s}
-        for name, timing in (("eager", self.eager), ("compiled", self.compiled),
-                             ("typechecked_eager", self.typechecked)):
-            if timing is not None:
-                row |= {f"{name}_ms": timing.median_ms, f"{name}_min_ms": timing.min_ms,
-                        f"{name}_max_ms": timing.max_ms}
-        overhead = None if self.typechecked is None else (
-            self.typechecked.median_ms / self.eager.median_ms - 1.0)
-        return row | {
-            "compile_s": self.compile_s,
-            "speedup": self.eager.median_ms / self.compiled.median_ms,
-            "max_abs_diff": self.max_abs_diff,
-            "tokens_per_s": self.tokens_per_s(self.compiled),
-            "eager_tokens_per_s": self.tokens_per_s(self.eager),
-            "flops_per_s": self.flops / (self.compiled.median_ms / 1e3),
-            "roofline_fraction": self.roofline_fraction(self.compiled),
-            "eager_roofline_fraction": self.roofline_fraction(self.eager),
-            "typecheck_overhead": overhead,
-        }
+        """Flat figures for JSON: the compiled model's unprefixed, the others prefixed."""
+        ms = {name: timing.median_ms for name, timing in self.timings.items()}
+        row = {"batch": self.batch, "seq": self.seq, "flops": self.flops,
+               "runs": len(self.timings["compiled"].times_ms), "compile_s": self.compile_s,
+               "max_abs_diff": self.max_abs_diff, "shape_check_s": self.shape_check_s,
+               "roofline_flops_per_s": self.roofline_flops_per_s,
+               "speedup": ms["eager"] / ms["compiled"]}
+        for name, timing in self.timings.items():
+            row |= {f"{name}_ms": timing.median_ms, f"{name}_min_ms": timing.min_ms,
+                    f"{name}_max_ms": timing.max_ms}
+        for prefix, name in (("", "compiled"), ("eager_", "eager")):
+            row[f"{prefix}tokens_per_s"] = self.tokens_per_s(name)
+            row[f"{prefix}flops_per_s"] = self.flops / (ms[name] / 1e3)
+            row[f"{prefix}roofline_fraction"] = row[f"{prefix}flops_per_s"] / row[
+                "roofline_flops_per_s"]
+        for key, checked, plain in (("typecheck_overhead", "typechecked_eager", "eager"),
+                                    ("compiled_typecheck_overhead", "typechecked_compiled",
+                                     "compiled")):
+            row[key] = ms[checked] / ms[plain] - 1.0 if checked in ms else None
+        return row
 
 
 def benchmark_forward(
@@ -93,22 +94,21 @@ def benchmark_forward(
             difference = (compiled_logits.float() - model(tokens).float()).abs().max().item()
             del compiled_logits
             fns = {"eager": partial(model, tokens), "compiled": partial(compiled, tokens)}
+            check_s = None
             if typecheck_overhead and not is_typechecked():
-                fns["typechecked"] = partial(_typechecked_call, model, tokens)
+                fns["typechecked_eager"] = partial(_typechecked_call, model, tokens)
+                fns["typechecked_compiled"] = partial(_typechecked_call, compiled, tokens)
+                start = time.perf_counter()
+                fns["typechecked_compiled"]()  # its first call checks every layer's shapes
+                check_s = time.perf_counter() - start
             fns["roofline"] = partial(torch.matmul, a, b)
             log(f"seq {seq}: timing {', '.join(fns)} in turn ({warmup} warm-up, {runs} runs)...")
             timings = time_interleaved(fns, device, runs=runs, warmup=warmup)
-        yield ForwardRow(
-            batch=batch, seq=seq, flops=forward_flops(model.config, batch, seq),
-            eager=timings["eager"], compiled=timings["compiled"], compile_s=compile_s,
-            max_abs_diff=difference,
-            roofline_flops_per_s=2 * ROOFLINE_MATMUL_SIZE**3
-            / (timings["roofline"].median_ms / 1e3),
-            typechecked=timings.get("typechecked"),
-        )
+        yield ForwardRow(batch, seq, forward_flops(model.config, batch, seq), timings,
+                         compile_s, difference, check_s)
 
 
-def _typechecked_call(model: GPT2, tokens: torch.Tensor) -> torch.Tensor:
+def _typechecked_call(model: Callable, tokens: torch.Tensor) -> torch.Tensor:
     with typechecked():
         return model(tokens)
 
@@ -116,17 +116,18 @@ def _typechecked_call(model: GPT2, tokens: torch.Tensor) -> torch.Tensor:
 def format_table(rows: Sequence[ForwardRow]) -> str:
     header = (f"{'seq':>6} {'eager ms [min-max]':>24} {'compiled ms [min-max]':>24} "
               f"{'compile s':>9} {'speedup':>7} {'tokens/s':>10} {'roofline':>8} "
-              f"{'max|diff|':>9} {'typecheck':>9}")
+              f"{'max|diff|':>9} {'typecheck':>9} {'compiled':>8}")
     lines = [header, "-" * len(header)]
     for row in rows:
         figures = row.to_dict()
-        overhead = figures["typecheck_overhead"]
+        overhead, compiled = figures["typecheck_overhead"], figures["compiled_typecheck_overhead"]
         lines.append(
-            f"{row.seq:>6} {row.eager.spread():>24} {row.compiled.spread():>24} "
+            f"{row.seq:>6} {row.timings['eager'].spread():>24} "
+            f"{row.timings['compiled'].spread():>24} "
             f"{row.compile_s:>9.1f} {figures['speedup']:>6.2f}x {figures['tokens_per_s']:>10,.0f} "
             f"{figures['roofline_fraction']:>8.0%} {row.max_abs_diff:>9.1e} "
-            f"{'-' if overhead is None else f'{overhead:+.1%}':>9}"
-        )
+            f"{'-' if overhead is None else f'{overhead:+.1%}':>9} "
+            f"{'-' if compiled is None else f'{compiled:+.1%}':>8}")
     lines.append("tokens/s and roofline (FLOP/s over a square matmul's, timed in turn) are the "
-                 "compiled model's; typecheck is eager's extra time with typechecked mode on.")
+                 "compiled model's; typecheck: extra time in typechecked mode, eager and compiled.")
     return "\n".join(lines)

@@ -102,7 +102,6 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
     }
 
 
-def random_tokens(vocab_size: int, batch: int, seq: int, device: torch.device,
-                  seed: int) -> Tensor:
+def random_tokens(vocab_size: int, batch: int, seq: int, device: torch.device, seed: int) -> Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(vocab_size, (batch, seq), generator=generator).to(device)

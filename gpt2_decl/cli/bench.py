@@ -175,7 +175,7 @@ def plot(rows: list[forward.ForwardRow], path: Path, title: str) -> None:
     axes = figure.add_subplot()
     seqs = [row.seq for row in rows]
     for label in ("eager", "compiled"):
-        timings = [getattr(row, label) for row in rows]
+        timings = [row.timings[label] for row in rows]
         errors = [[t.median_ms - t.min_ms for t in timings],
                   [t.max_ms - t.median_ms for t in timings]]
         axes.errorbar(seqs, [t.median_ms for t in timings], yerr=errors, marker="o", capsize=3,
