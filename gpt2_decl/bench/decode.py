@@ -6,7 +6,7 @@ own moment (a shared machine's bandwidth drifts from minute to minute)."""
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -35,31 +35,35 @@ class Way:
     runs: int
     weight_bytes: int
     dtype: torch.dtype
+    rows: int = 1  # prompts decoded at once: one read of the weights serves them all
 
 
 def weight_bytes_per_token(model: GPT2) -> int:
-    """What one decode step reads: every parameter once (the tied matrix once), except the
-    position embedding, of which it reads one row."""
+    """What a decode step reads: every parameter once, but of the position embedding a row."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     position = model.position_embedding.weight
     return total - position.numel() * position.element_size()
 
 
 def ways_of_decoding(model: GPT2, runs: int, *, suffix: str = "", reference: bool = True,
-                     huge_pages: bool = False) -> list[Way]:
-    """Ours eager and compiled, with and without the cache, and transformers' `generate`;
-    huge_pages: every model's weights (transformers' too) moved into huge pages first."""
+                     huge_pages: bool = False, batches: Sequence[int] = ()) -> list[Way]:
+    """Ours eager and compiled, with and without the cache, compiled for each of `batches`
+    copies of the prompt at once, and transformers' `generate`; huge_pages: every model's
+    weights (transformers' too) moved into huge pages first."""
     n_bytes = weight_bytes_per_token(model)
     if huge_pages:
         move_into_huge_pages(model)
 
-    def ours(name: str, compile: bool, use_cache: bool, runs: int) -> Way:
+    def ours(name: str, compile: bool, use_cache: bool, runs: int, rows: int = 1) -> Way:
         def decode(prompt: Tensor, new: int) -> Tensor:
-            return generate(model, prompt, new, greedy=True, compile=compile, use_cache=use_cache)
+            return generate(model, prompt.repeat(rows, 1), new, greedy=True, compile=compile,
+                            use_cache=use_cache)
 
-        return Way(name + suffix, decode, runs, n_bytes, model.dtype)
+        return Way(name + suffix, decode, runs, n_bytes, model.dtype, rows)
 
     ways = [ours("eager, cache", False, True, runs), ours("compiled, cache", True, True, runs)]
+    ways += [ours(f"compiled, cache, batch {rows}", True, True, runs, rows)
+             for rows in batches if rows > 1]
     if not suffix:
         ways += [ours("eager, no cache", False, False, min(runs, UNCACHED_RUNS)),
                  ours("compiled, no cache", True, False, min(runs, UNCACHED_RUNS))]
@@ -82,8 +86,7 @@ def transformers_generate(model: GPT2, huge_pages: bool = False
     reference = reference.to(model.device).eval()
     if huge_pages:
         move_into_huge_pages(reference)
-    # Every run makes exactly the tokens asked for, as ours do without an eos_id.
-    reference.generation_config.eos_token_id = None
+    reference.generation_config.eos_token_id = None  # exactly the tokens asked for, as ours
     reference.generation_config.pad_token_id = 0
 
     def decode(prompt: Tensor, new: int) -> Tensor:
@@ -98,13 +101,13 @@ def row(way: Way, times_ms: list[float], new_tokens: int, read_bandwidths: list[
         warmup_s: float, same_tokens: bool) -> dict:
     """A way's figures; each run is compared with the bound of the bandwidth read after it."""
     timing = Timing(tuple(times_ms))
-    rates = [new_tokens / (ms / 1e3) for ms in times_ms]
-    bounds = [bandwidth / way.weight_bytes for bandwidth in read_bandwidths]
+    rates = [way.rows * new_tokens / (ms / 1e3) for ms in times_ms]
+    bounds = [way.rows * bandwidth / way.weight_bytes for bandwidth in read_bandwidths]
     fractions = [rate / bound for rate, bound in zip(rates, bounds, strict=True)]
     return {
         "name": way.name, "median_ms": timing.median_ms, "min_ms": timing.min_ms,
         "max_ms": timing.max_ms, "runs": len(rates),
-        "tokens_per_s": new_tokens / (timing.median_ms / 1e3), "run_tokens_per_s": rates,
+        "rows": way.rows, "tokens_per_s": statistics.median(rates), "run_tokens_per_s": rates,
         "weight_bytes_per_token": way.weight_bytes, "bound_tokens_per_s": statistics.median(bounds),
         "run_bound_tokens_per_s": bounds, "bound_fraction": statistics.median(fractions),
         "run_bound_fractions": fractions, "warmup_s": warmup_s, "same_tokens": same_tokens,
@@ -129,7 +132,6 @@ def time_ways(ways: list[Way], prompt: Tensor, new_tokens: int, warmup: int,
         for way in ways:
             if turn >= way.runs:
                 continue
-            synchronize(device)
             start = time.perf_counter()
             outputs[way.name] = way.decode(prompt, new_tokens)
             synchronize(device)
@@ -138,13 +140,13 @@ def time_ways(ways: list[Way], prompt: Tensor, new_tokens: int, warmup: int,
             bandwidths[way.name].append(bandwidth.bytes_per_s(read))
     firsts: dict[torch.dtype, Tensor] = {}
     return [row(way, times[way.name], new_tokens, bandwidths[way.name], warmup_s[way.name],
-                torch.equal(outputs[way.name], firsts.setdefault(way.dtype, outputs[way.name])))
+                torch.equal(outputs[way.name], firsts.setdefault(way.dtype, outputs[way.name])
+                            .repeat(way.rows, 1)))
             for way in ways]
 
 
 def speed_ratios(rows: list[dict], suffix: str) -> dict[str, float]:
-    """For each way timed in both dtypes: its tokens/s with `suffix` over its tokens/s without,
-    turn by turn, the median."""
+    """Each way's tokens/s with `suffix` over its tokens/s without, turn by turn (median)."""
     by_name = {row["name"]: row for row in rows}
     return {
         name: statistics.median(

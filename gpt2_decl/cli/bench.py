@@ -38,7 +38,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     for name, text in (("n_layer", "blocks"), ("n_head", "heads"), ("d_model", "width")):
         parser.add_argument(f"--{name.replace('_', '-')}", type=positive, help=f"{text}, "
                             "overriding the preset's")
-    parser.add_argument("--batch", type=positive, default=1, help="sequences (default: 1)")
+    parser.add_argument("--batch", type=common.positive_ints, default=[1],
+                        help="sequences per pass (default: 1); decoding takes a list: 1,4,16")
     parser.add_argument("--seq", type=common.positive_ints, default=[16, 128, 1024],
                         help="comma-separated sequence lengths (default: 16,128,1024)")
     parser.add_argument("--threads", type=positive, help="CPU threads (default: torch's)")
@@ -66,6 +67,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     set_typechecked(args.typecheck or is_typechecked())
+    if not args.generate and len(args.batch) > 1:
+        raise SystemExit("error: forward passes take one --batch; a list is for --generate")
     if args.threads:
         if args.threads > (os.cpu_count() or args.threads):
             print(f"warning: --threads {args.threads} is more than this machine's "
@@ -76,20 +79,18 @@ def run(args: argparse.Namespace) -> None:
     model = load_model(args, device, dtype)
     report = {**environment(device, dtype), "config": dataclasses.asdict(model.config)}
     sizes = (f"decoding {args.prompt_len} + {args.new_tokens} tokens" if args.generate
-             else f"with batch {args.batch} at sequence lengths {args.seq}")
+             else f"with batch {args.batch[0]} at sequence lengths {args.seq}")
     with common.explained_out_of_memory(device, sizes):
         report |= run_decode(args, model) if args.generate else run_forward(args, model)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"figures written to {args.json}", file=sys.stderr)
 
 
 def load_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> GPT2:
     if args.checkpoint:
         if not args.generate:
-            raise SystemExit("error: --checkpoint is for --generate; forward timings do not "
-                             "depend on the weights")
+            raise SystemExit("error: --checkpoint is for --generate (weights do not change speed)")
         try:
             return GPT2.from_pretrained(args.checkpoint, dtype=dtype, device=device)
         except ValueError as error:
@@ -106,18 +107,19 @@ def run_forward(args: argparse.Namespace, model: GPT2) -> dict:
     too_long = [seq for seq in args.seq if seq > model.config.n_ctx]
     if too_long:
         raise SystemExit(f"error: --seq {too_long} longer than the context of {model.config.n_ctx}")
-    print(f"{describe(model)}, batch {args.batch}, {model.dtype} on {model.device}")
+    batch = args.batch[0]
+    print(f"{describe(model)}, batch {batch}, {model.dtype} on {model.device}")
     rows = list(forward.benchmark_forward(
-        model, args.seq, batch=args.batch, runs=args.runs, warmup=args.warmup, mode=args.mode,
+        model, args.seq, batch=batch, runs=args.runs, warmup=args.warmup, mode=args.mode,
         freeze=args.freeze, typecheck_overhead=args.typecheck_overhead, seed=args.seed,
         log=lambda message: print(message, flush=True)))
     print()
     print(forward.format_table(rows))
     if args.plot:
-        plot(rows, args.plot, title=f"{describe(model)}, batch {args.batch}, {model.dtype}")
+        plot(rows, args.plot, title=f"{describe(model)}, batch {batch}, {model.dtype}")
         print(f"plot written to {args.plot}")
     return {
-        "preset": args.preset, "batch": args.batch, "compile_mode": args.mode,
+        "preset": args.preset, "batch": batch, "compile_mode": args.mode,
         "freeze": args.freeze,
         "roofline_flops_per_s": statistics.median(row.roofline_flops_per_s for row in rows),
         "rows": [row.to_dict() for row in rows],
@@ -131,33 +133,30 @@ def run_decode(args: argparse.Namespace, model: GPT2) -> dict:
                          f"{args.new_tokens} exceed the context of {config.n_ctx}")
     if args.compare_dtype == args.dtype:
         raise SystemExit(f"error: --compare-dtype {args.compare_dtype} is already --dtype")
-    if args.huge_pages and not huge_pages.available():
+    if args.huge_pages and not huge_pages.available():  # a clear error, before any work
         raise SystemExit("error: --huge-pages: this system gives no transparent huge pages")
     on_huge_pages = args.huge_pages and model.device.type == "cpu"
-    ways = decode.ways_of_decoding(model, args.runs, huge_pages=on_huge_pages)
+    ways = decode.ways_of_decoding(model, args.runs, huge_pages=on_huge_pages,
+                                   batches=args.batch)
     if args.compare_dtype:
         other = copy.deepcopy(model).to(DTYPES[args.compare_dtype])  # the same weights, rounded
         ways += decode.ways_of_decoding(other, args.runs, suffix=f", {args.compare_dtype}",
                                         reference=False, huge_pages=on_huge_pages)
     rewrites = CPU_DECODING.names() if model.device.type == "cpu" else []
-    print(f"{describe(model)}, {args.checkpoint or 'random weights'}, {model.dtype} on "
-          f"{model.device}: batch 1, {args.prompt_len}-token prompt, {args.new_tokens} greedy "
-          f"tokens; weights in {'huge pages' if on_huge_pages else 'ordinary memory'}; compiled "
-          f"steps rewritten with: {', '.join(rewrites) or 'nothing'}")
+    print(f"{describe(model)}, {model.dtype} on {model.device}, {args.prompt_len} + "
+          f"{args.new_tokens} greedy tokens; huge pages: {on_huge_pages}; rewrites: {rewrites}")
     prompt = random_tokens(config.vocab_size, 1, args.prompt_len, model.device, args.seed)
     bandwidth = ReadBandwidth(model.device, in_huge_pages=on_huge_pages)
     rows = decode.time_ways(ways, prompt, args.new_tokens, args.warmup, bandwidth)
     print()
     print(decode.format_table(rows))
-    report = {"checkpoint": args.checkpoint, "prompt_len": args.prompt_len,
-              "new_tokens": args.new_tokens, "huge_pages": on_huge_pages,
-              "cpu_decoding": rewrites, "rows": rows}
-    if args.compare_dtype:
-        report["compare_dtype"] = args.compare_dtype
-        report["compare_dtype_speed_ratios"] = decode.speed_ratios(rows, f", {args.compare_dtype}")
-        for name, ratio in report["compare_dtype_speed_ratios"].items():
-            print(f"{args.compare_dtype} / {args.dtype}, {name}: {ratio:.2f}x (median over turns)")
-    return report
+    ratios = decode.speed_ratios(rows, f", {args.compare_dtype}") if args.compare_dtype else {}
+    for name, ratio in ratios.items():
+        print(f"{args.compare_dtype} / {args.dtype}, {name}: {ratio:.2f}x (median over turns)")
+    return {"checkpoint": args.checkpoint, "prompt_len": args.prompt_len,
+            "new_tokens": args.new_tokens, "huge_pages": on_huge_pages, "cpu_decoding": rewrites,
+            "rows": rows, "compare_dtype": args.compare_dtype,
+            "compare_dtype_speed_ratios": ratios}
 
 
 def describe(model: GPT2) -> str:

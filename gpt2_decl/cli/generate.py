@@ -19,7 +19,7 @@ from gpt2_decl.cli.common import (
 from gpt2_decl.core.config import GPT2Config
 from gpt2_decl.core.model import GPT2
 from gpt2_decl.speedups import huge_pages
-from gpt2_decl.text.generation import stream
+from gpt2_decl.text.generation import generate, stream
 from gpt2_decl.text.tokenizer import GPT2Tokenizer
 
 DEFAULT_MAX_NEW_TOKENS = 50
@@ -32,13 +32,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "generate", help="continue a prompt with sampled text",
         description=(
             "Continue --prompt with up to --max-new-tokens tokens, printed as they are produced, "
-            "then the decoding speed. Without --checkpoint the weights are random."
+            "then the decoding speed; several prompts (--prompt more than once, or "
+            "--prompts-file) are decoded together, as one batch, and printed in turn. Without "
+            "--checkpoint the weights are random."
         ),
     )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompt", action="append", help="the text to continue")
+    source.add_argument("--prompt", action="append", help="the text to continue (repeatable)")
     source.add_argument("--prompt-file", metavar="PATH",
-                        help="read the prompt from this file ('-': standard input)")
+                        help="read one prompt, however long, from this file ('-': standard input)")
+    source.add_argument("--prompts-file", metavar="PATH",
+                        help="read one prompt per line from this file ('-': standard input)")
     parser.add_argument(
         "--checkpoint", default=None, metavar="DIR",
         help="a Hugging Face-layout GPT-2 directory (config.json + weights); default: random",
@@ -71,25 +75,32 @@ def run(args: argparse.Namespace) -> None:
     gpt2_decl.set_typechecked(args.typecheck or gpt2_decl.is_typechecked())
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    text = read_prompt(args)
+    texts = read_prompts(args)
     tokenizer = GPT2Tokenizer()
-    ids = tokenizer.encode(text)
-    if not ids:
-        raise SystemExit("error: the prompt is empty; give at least one character of text")
+    prompts = [tokenizer.encode(text) for text in texts]
+    for index, ids in enumerate(prompts):
+        if not ids:
+            where = f"prompt {index + 1}" if len(prompts) > 1 else "the prompt"
+            raise SystemExit(f"error: {where} is empty; give at least one character of text")
     model = load_model(args, device, dtype)
     if args.huge_pages and not huge_pages.move_parameters(model):
         raise SystemExit("error: --huge-pages: this system gives no transparent huge pages to "
                          "a CPU model")
-    prompt = torch.tensor([ids], dtype=torch.long, device=device)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
+    options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   greedy=args.greedy, eos_id=tokenizer.eot_id, compile=args.compile,
+                   generator=[torch.Generator(device=device).manual_seed(args.seed + row)
+                              for row in range(len(prompts))])
+    what = f"generating {args.max_new_tokens} tokens after {max(map(len, prompts))}"
+    if len(prompts) > 1:
+        with explained_out_of_memory(device, what + f", {len(prompts)} prompts at once"):
+            print_batch(model, texts, prompts, args.max_new_tokens, options, tokenizer)
+        return
     try:
-        tokens = stream(
-            model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-            top_p=args.top_p, greedy=args.greedy, eos_id=tokenizer.eot_id, generator=generator,
-            compile=args.compile,
-        )
+        tokens = stream(model, torch.tensor(prompts, device=device), args.max_new_tokens,
+                        **options)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
+    text, ids = texts[0], prompts[0]
 
     print(text, end="", flush=True)
     times: list[float] = []
@@ -101,19 +112,40 @@ def run(args: argparse.Namespace) -> None:
     print(speed_line(times), file=sys.stderr)
 
 
-def read_prompt(args: argparse.Namespace) -> str:
-    """The prompt's text: one --prompt, or the file (or standard input) --prompt-file names."""
-    if args.prompt_file is None:
-        if len(args.prompt) > 1:
-            raise SystemExit(f"error: {len(args.prompt)} --prompt options given; this command "
-                             "continues one prompt")
-        return args.prompt[0]
-    if args.prompt_file == "-":
-        return sys.stdin.read()
+def print_batch(model: GPT2, texts: list[str], prompts: list[list[int]], max_new_tokens: int,
+                options: dict, tokenizer: GPT2Tokenizer) -> None:
+    """Decode the prompts as one batch, then print each with its continuation."""
+    start = time.perf_counter()
     try:
-        return Path(args.prompt_file).read_text(encoding="utf-8")
+        rows = generate(model, prompts, max_new_tokens, **options)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    seconds = time.perf_counter() - start
+    for index, (text, prompt, row) in enumerate(zip(texts, prompts, rows, strict=True)):
+        print(f"--- {index + 1}")
+        print(text + tokenizer.decode(row[len(prompt):]))
+    new = sum(len(row) - len(prompt) for prompt, row in zip(prompts, rows, strict=True))
+    print(f"[{len(prompts)} prompts, {new} tokens in {seconds:.2f} s: {new / seconds:.1f} "
+          "tokens/s]", file=sys.stderr)
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    """The prompts' texts: each --prompt, the one text of --prompt-file, or the lines of
+    --prompts-file (a file, or '-' for standard input)."""
+    if args.prompt is not None:
+        return args.prompt
+    name = args.prompt_file or args.prompts_file
+    try:
+        text = sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
-        raise SystemExit(f"error: --prompt-file {args.prompt_file}: {error}") from None
+        flag = "--prompt-file" if args.prompt_file else "--prompts-file"
+        raise SystemExit(f"error: {flag} {name}: {error}") from None
+    if args.prompt_file:
+        return [text]
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise SystemExit(f"error: --prompts-file {name} holds no prompt (no non-blank line)")
+    return lines
 
 
 def until(tokens: Iterable[int], eos_id: int) -> Iterator[int]:

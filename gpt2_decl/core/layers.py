@@ -41,7 +41,7 @@ class MLPWeights(NamedTuple):
 @shape_checked
 def embed(
     tokens: Int[Tensor, "batch seq"],
-    positions: Int[Tensor, " seq"],
+    positions: Int[Tensor, "#batch seq"],
     token_embedding: Float[Tensor, "vocab d_model"],
     position_embedding: Float[Tensor, "n_ctx d_model"],
 ) -> Float[Tensor, "batch seq d_model"]:
@@ -76,7 +76,7 @@ def attend(
     q: Float[Tensor, "batch head seq d_head"],
     keys: Float[Tensor, "batch head kv_seq d_head"],
     values: Float[Tensor, "batch head kv_seq d_head"],
-    visible: Bool[Tensor, "seq kv_seq"] | None,
+    visible: Bool[Tensor, "#batch 1 seq kv_seq"] | None,
     dropout: float = 0.0,
 ) -> Float[Tensor, "batch head seq d_head"]:
     """Softmax attention, scaled by 1/sqrt(d_head): each query sees the keys `visible` marks, or,

@@ -65,16 +65,16 @@ class Block(nn.Module):
     def forward(
         self,
         resid_pre: Float[Tensor, "batch seq d_model"],
-        positions: Int[Tensor, " seq"],
-        visible: Bool[Tensor, "seq kv_seq"] | None = None,
+        visible: Bool[Tensor, "#batch 1 seq kv_seq"] | None = None,
         cache: KVCache | None = None,
+        slots: Int[Tensor, " seq"] | None = None,
     ) -> Float[Tensor, "batch seq d_model"]:
         """`visible`: which keys each position attends to (None: causal over `resid_pre` itself).
-        With a `cache`, the keys are the cached ones, with these `positions`' own written in."""
+        With a `cache`, the keys are the cached ones, with these tokens' own written at `slots`."""
         eps, n_head, dropout = self.config.layer_norm_eps, self.config.n_head, self.dropout
         attn_in = layers.layer_norm(resid_pre, self.ln_1.weights(), eps)
         q, k, v = layers.qkv_heads(attn_in, self.attn.weights(), n_head)
-        keys, values = (k, v) if cache is None else cache.update(self.index, positions, k, v)
+        keys, values = (k, v) if cache is None else cache.update(self.index, slots, k, v)
         heads = layers.attend(q, keys, values, visible, dropout)
         attn_out = layers.merge_heads(heads, self.attn.weights(), dropout)
         resid_mid = resid_pre + attn_out
@@ -134,18 +134,20 @@ class GPT2(nn.Module):
             tokens = tokens.long()
         seq = tokens.shape[1]
         if cache is None:
-            positions, visible = torch.arange(seq, device=tokens.device), None
+            slots, visible = None, None
+            positions = torch.arange(seq, device=tokens.device)[None]
         else:
-            positions = cache.reserve(seq)
-            visible = cache.visible(positions)  # one mask for every layer
+            slots = cache.reserve(seq)
+            # One mask for every layer.
+            positions, visible = cache.positions(slots), cache.visible(slots)
         resid = self.embed(tokens, positions)
         for block in self.blocks:
-            resid = block(resid, positions, visible, cache)
+            resid = block(resid, visible, cache, slots)
         return self.unembed(resid[:, -1:] if last_only else resid)
 
     @shape_checked
     def embed(
-        self, tokens: Int[Tensor, "batch seq"], positions: Int[Tensor, " seq"]
+        self, tokens: Int[Tensor, "batch seq"], positions: Int[Tensor, "#batch seq"]
     ) -> Float[Tensor, "batch seq d_model"]:
         embedded = layers.embed(
             tokens, positions, self.token_embedding.weight, self.position_embedding.weight

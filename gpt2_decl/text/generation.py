@@ -8,7 +8,7 @@ a tensor's value on the host except to stop early at `eos_id` (every token on a 
 """
 
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -38,11 +38,16 @@ def sample(
     top_k: int | None = None,
     top_p: float | None = None,
     greedy: bool = False,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> Int[Tensor, " batch"]:
     """One token per row: the most likely (greedy), or drawn from the softmax of
     `logits / temperature` restricted to the `top_k` most likely tokens and to the smallest set of
-    most likely tokens whose probability reaches `top_p` (the nucleus)."""
+    most likely tokens whose probability reaches `top_p` (the nucleus). With one generator per
+    row, each row draws from its own, as it would alone."""
+    if isinstance(generator, Sequence):
+        options = dict(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
+        return torch.cat([sample(row[None], generator=row_generator, **options)
+                          for row, row_generator in zip(logits, generator, strict=True)])
     if greedy or temperature < GREEDY_BELOW_TEMPERATURE:
         # The first most likely token, as argmax gives; argmax over bfloat16 is slower on a CPU.
         return logits.max(-1).indices
@@ -83,19 +88,26 @@ def _is_int(value: object) -> bool:
 
 def stream(
     model: nn.Module,
-    tokens: Int[Tensor, "batch seq"],
+    tokens: Int[Tensor, "batch seq"] | Sequence[Sequence[int]],
     max_new_tokens: int,
     *,
+    attention_mask: Int[Tensor, "batch seq"] | None = None,
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
     greedy: bool = False,
     eos_id: int | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     compile: bool | str | Callable = False,
     use_cache: bool = True,
 ) -> Iterator[Int[Tensor, " batch"]]:
     """Yield the next token of every row, one column at a time, as soon as each is sampled.
+
+    tokens: a [batch, seq] tensor of prompts of one length, or a list of prompts (lists of ids)
+        of any lengths, which are padded on the left; or a padded tensor with its
+        `attention_mask` (1 for a token, 0 for padding, which must come first in its row). Each
+        row then decodes as its prompt would alone: its positions count from its first token,
+        and it never attends to padding.
 
     temperature, top_k, top_p: sampling from the softmax of logits / temperature, restricted to
         the top_k most likely tokens, then to the smallest set of most likely tokens whose
@@ -103,7 +115,8 @@ def stream(
     eos_id: a row stops at this token; its later positions are filled with it, and generation
         ends once every row has stopped (on an accelerator, up to EOS_CHECK_EVERY - 1 columns of
         eos_id may come first; `generate` drops them).
-    generator: the torch.Generator to sample with; a seeded one makes the output reproducible.
+    generator: the torch.Generator to sample with (a seeded one makes the output reproducible),
+        or one per row, so that each row draws what it would draw alone.
     compile: compile the decode step: True (inductor; on a CPU with `CpuDecoding`'s rewrites,
         on CUDA with CUDA graphs), or a torch.compile backend.
     use_cache: keep keys and values in a `KVCache` (fast) rather than rerun the whole context.
@@ -113,8 +126,14 @@ def stream(
     """
     check_generate_arguments(max_new_tokens, temperature, top_k, top_p, greedy)
     config = model.config
+    tokens, start = prompt_batch(tokens, attention_mask, config.vocab_size, model.device)
     check_tokens(tokens, config, model.device)
     batch, seq = tokens.shape
+    if start is not None and not use_cache:
+        raise ValueError("prompts of different lengths are decoded with the cache: drop "
+                         "use_cache=False")
+    if isinstance(generator, Sequence) and len(generator) != batch:
+        raise ValueError(f"got {len(generator)} generators for {batch} rows: give one per row")
     if seq + max_new_tokens > config.n_ctx:
         raise ValueError(
             f"a prompt of {seq} tokens plus max_new_tokens={max_new_tokens} is "
@@ -128,13 +147,66 @@ def stream(
     sampling = dict(
         temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, generator=generator
     )
-    return _decode(model, tokens, max_new_tokens, eos_id, compile, use_cache, sampling)
+    return _decode(model, tokens, start, max_new_tokens, eos_id, compile, use_cache, sampling)
+
+
+def prompt_batch(
+    tokens: Tensor | Sequence[Sequence[int]],
+    attention_mask: Tensor | None,
+    vocab_size: int,
+    device: torch.device,
+) -> tuple[Tensor, Tensor | None]:
+    """The prompts as one [batch, seq] tensor, and each row's first token's column when they
+    are padded on the left (None when none is)."""
+    if isinstance(tokens, Tensor):
+        if attention_mask is None:
+            return tokens, None
+        return tokens, _start_of_left_padding(attention_mask, tokens)
+    if attention_mask is not None:
+        raise ValueError("attention_mask goes with a padded tensor of prompts; a list of "
+                         "prompts of different lengths needs none")
+    if isinstance(tokens, str | bytes) or not isinstance(tokens, Sequence) or not tokens:
+        raise TypeError("expected a [batch, seq] tensor or a non-empty list of prompts (lists of "
+                        f"token ids), got {type(tokens).__name__}")
+    rows = []
+    for index, prompt in enumerate(tokens):
+        if isinstance(prompt, str | bytes) or not isinstance(prompt, Sequence | Tensor):
+            raise TypeError(f"prompt {index} is a {type(prompt).__name__}, not a list of ids")
+        ids = [int(token) for token in prompt]
+        if not ids:
+            raise ValueError(f"prompt {index} is empty; every prompt needs at least one token")
+        bad = [token for token in ids if not 0 <= token < vocab_size]
+        if bad:
+            raise ValueError(f"prompt {index} holds token id {bad[0]}, outside the vocabulary "
+                             f"[0, {vocab_size})")
+        rows.append(ids)
+    longest = max(len(ids) for ids in rows)
+    padded = torch.tensor([[0] * (longest - len(ids)) + ids for ids in rows], device=device)
+    start = torch.tensor([longest - len(ids) for ids in rows], device=device)
+    return padded, start if int(start.max()) > 0 else None
+
+
+def _start_of_left_padding(mask: Tensor, tokens: Tensor) -> Tensor:
+    """Each row's first real token's column, from an attention mask that pads on the left."""
+    if not isinstance(mask, Tensor) or mask.shape != tokens.shape:
+        shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"attention_mask must have the tokens' shape {tuple(tokens.shape)}, "
+                         f"got {shape}")
+    real = mask.to(device="cpu", dtype=torch.bool)
+    start = (~real).long().sum(-1)
+    columns = torch.arange(real.shape[1])
+    if not torch.equal(real, columns[None, :] >= start[:, None]):
+        raise ValueError("attention_mask must pad on the left: each row is zeros, then ones")
+    if bool((start == real.shape[1]).any()):
+        raise ValueError("attention_mask has a row of zeros: every prompt needs a token")
+    return start.to(tokens.device)
 
 
 @torch.no_grad()
 def _decode(
     model: nn.Module,
     tokens: Tensor,
+    start: Tensor | None,
     max_new_tokens: int,
     eos_id: int | None,
     compile: bool | str | Callable,
@@ -150,9 +222,8 @@ def _decode(
         batch, seq = tokens.shape
         step = decode_step(model, compile, use_cache)
         if use_cache:
-            cache = KVCache(
-                model.config, batch, seq + max_new_tokens, dtype=model.dtype, device=model.device
-            )
+            cache = KVCache(model.config, batch, seq + max_new_tokens, dtype=model.dtype,
+                            device=model.device, start=start)
             logits = model(tokens, cache, last_only=True, check_values=False)[:, -1]
         else:
             context = tokens
@@ -206,20 +277,33 @@ _compiled_steps: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyD
 
 
 def generate(
-    model: nn.Module, tokens: Int[Tensor, "batch seq"], max_new_tokens: int, **options: Any
-) -> Int[Tensor, "batch seq_out"]:
-    """`tokens` continued by up to `max_new_tokens` tokens: [batch, seq + new].
+    model: nn.Module,
+    tokens: Int[Tensor, "batch seq"] | Sequence[Sequence[int]],
+    max_new_tokens: int,
+    **options: Any,
+) -> Int[Tensor, "batch seq_out"] | list[list[int]]:
+    """The prompts continued by up to `max_new_tokens` tokens: for a tensor, [batch, seq + new]
+    (padding kept); for a list of prompts, a list of each prompt and its continuation, which
+    ends with its eos_id if it met it.
 
-    `options` are `stream`'s (temperature, top_k, top_p, greedy, eos_id, generator, compile,
-    use_cache). The context never slides: a ValueError if seq + max_new_tokens exceeds n_ctx.
+    `options` are `stream`'s (attention_mask, temperature, top_k, top_p, greedy, eos_id,
+    generator, compile, use_cache). The context never slides: a ValueError if the longest prompt
+    plus max_new_tokens exceeds n_ctx.
     """
+    eos_id = options.get("eos_id")
     columns = [token[:, None] for token in stream(model, tokens, max_new_tokens, **options)]
-    if not columns:
-        return tokens
-    new = torch.cat(columns, dim=1)
-    if options.get("eos_id") is not None:
-        new = new[:, : _columns_until_all_stopped(new, options["eos_id"])]
-    return torch.cat([tokens, new], dim=1)
+    new = torch.cat(columns, dim=1) if columns else torch.zeros(0, 0, dtype=torch.long)
+    if eos_id is not None and columns:
+        new = new[:, : _columns_until_all_stopped(new, eos_id)]
+    if isinstance(tokens, Tensor):
+        return torch.cat([tokens, new.to(tokens.device)], dim=1) if columns else tokens
+    continuations = new.tolist() if columns else [[] for _ in tokens]
+    return [[int(token) for token in prompt] + _until_eos(continuation, eos_id)
+            for prompt, continuation in zip(tokens, continuations, strict=True)]
+
+
+def _until_eos(tokens: list[int], eos_id: int | None) -> list[int]:
+    return tokens[: tokens.index(eos_id) + 1] if eos_id in tokens else tokens
 
 
 def _columns_until_all_stopped(new: Tensor, eos_id: int) -> int:

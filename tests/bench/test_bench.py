@@ -82,6 +82,7 @@ def test_forward_bench_writes_json_with_every_figure_and_a_png(tmp_path, capsys)
     (["--d-model", "66"], "divisible by n_head"),
     (["--seq", "2048"], "longer than the context"),
     (["--checkpoint", "x"], "--checkpoint is for --generate"),
+    (["--batch", "1,4"], "forward passes take one --batch"),
 ])
 def test_forward_bench_rejects_bad_options_clearly(arguments, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -106,7 +107,10 @@ def test_decode_bench_reports_every_way_of_decoding_against_its_bound(tmp_path, 
         assert row["weight_bytes_per_token"] == weight_bytes
         runs = 1 if "no cache" in row["name"] else 2
         assert len(row["run_tokens_per_s"]) == len(row["run_bound_fractions"]) == runs
-        assert row["tokens_per_s"] == pytest.approx(3 / (row["median_ms"] / 1e3))
+        rates = row["run_tokens_per_s"]  # 3 tokens per run
+        assert max(rates) == pytest.approx(3 / (row["min_ms"] / 1e3))
+        assert min(rates) == pytest.approx(3 / (row["max_ms"] / 1e3))
+        assert row["tokens_per_s"] == pytest.approx(statistics.median(rates))
         for rate, bound, fraction in zip(row["run_tokens_per_s"], row["run_bound_tokens_per_s"],
                                          row["run_bound_fractions"], strict=True):
             assert fraction == pytest.approx(rate / bound)
@@ -136,3 +140,16 @@ def test_speed_ratios_by_hand():
 def test_decode_bench_refuses_to_compare_a_dtype_with_itself():
     with pytest.raises(SystemExit, match="--compare-dtype float32 is already --dtype"):
         main([*TINY_DECODE, "--compare-dtype", "float32"])
+
+
+def test_decode_bench_times_batches_against_their_bound(tmp_path):
+    report_path = tmp_path / "decode.json"
+    main([*TINY_DECODE, "--runs", "1", "--warmup", "0", "--batch", "1,3", "--json",
+          str(report_path)])
+    rows = {row["name"]: row for row in json.loads(report_path.read_text())["rows"]}
+    single, batched = rows["compiled, cache"], rows["compiled, cache, batch 3"]
+    assert batched["rows"] == 3 and batched["same_tokens"]
+    # Three rows per step: three times the tokens per run, and three times the bound.
+    assert batched["tokens_per_s"] == pytest.approx(3 * 3 / (batched["median_ms"] / 1e3))
+    assert batched["run_bound_tokens_per_s"][0] == pytest.approx(
+        3 * single["run_bound_tokens_per_s"][0], rel=0.5)

@@ -56,8 +56,8 @@ def test_generate_reads_the_prompt_from_standard_input(monkeypatch, checkpoint, 
 
 
 @pytest.mark.parametrize(("arguments", "message"), [
-    (["--prompt", "a", "--prompt", "b"], "2 --prompt options given"),
     (["--prompt", ""], "the prompt is empty"),
+    (["--prompt", "a", "--prompt", ""], "prompt 2 is empty"),
     (["--prompt-file", "/no/such/file"], "--prompt-file /no/such/file"),
     (["--prompt", "a", "--device", "cuda:7"], "--device"),
 ])
@@ -84,3 +84,16 @@ def test_bench_warns_when_threads_outnumber_the_cpus(capsys, monkeypatch):
           "--runs", "1", "--warmup", "0", "--threads", "3", "--no-typecheck-overhead",
           "--device", "cpu"])
     assert "--threads 3 is more than this machine's 2 CPUs" in capsys.readouterr().err
+
+
+def test_several_prompts_are_decoded_together_each_as_it_would_be_alone(tmp_path, checkpoint,
+                                                                        capsys):
+    texts = ["Hello world", "A much longer prompt than the first one", "Hi"]
+    (tmp_path / "prompts.txt").write_text("\n".join(texts) + "\n\n")
+    main(["generate", "--prompts-file", str(tmp_path / "prompts.txt"), "--checkpoint",
+          str(checkpoint), "--max-new-tokens", "4", "--greedy", "--device", "cpu"])
+    out = capsys.readouterr().out
+    blocks = out.split("--- ")[1:]
+    assert [block.split("\n", 1)[0] for block in blocks] == ["1", "2", "3"]
+    for text, block in zip(texts, blocks, strict=True):
+        assert block.split("\n", 1)[1] == expected_text(text, checkpoint)

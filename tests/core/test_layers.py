@@ -46,7 +46,7 @@ def test_attend_without_a_mask_is_causal_softmax_attention_scaled_by_the_head_wi
 def test_attend_over_a_mask_sees_only_the_marked_keys():
     q, k, v = randn(1, 1, 2, 4), randn(1, 1, 6, 4), randn(1, 1, 6, 4)
     visible = torch.tensor([[True, True, False, False, False, False],
-                            [True, True, True, False, False, False]])
+                            [True, True, True, False, False, False]])[None, None]
     expected = torch.stack([
         (q[0, 0, row] @ k[0, 0, :n].T / 2).softmax(-1) @ v[0, 0, :n] for row, n in ((0, 2), (1, 3))
     ])

@@ -285,3 +285,73 @@ def test_decoding_steps_read_nothing_back_from_the_device(model, prompt, compile
         for _ in range(8):
             next(tokens)
     assert mode.calls == []
+
+
+# --- prompts of different lengths ------------------------------------------------------------
+
+RAGGED = [[5, 17, 200], [9, 8, 7, 6, 5, 4, 3], [1, 2, 3, 4, 5], [42]]
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_each_of_a_batch_of_ragged_prompts_decodes_as_it_would_alone(model, compile):
+    together = model.generate(RAGGED, 12, greedy=True, compile=compile)
+    for prompt, row in zip(RAGGED, together, strict=True):
+        alone = model.generate(torch.tensor([prompt]), 12, greedy=True)[0].tolist()
+        assert row == alone
+
+
+def test_seeded_sampling_with_a_generator_per_row_matches_each_prompt_alone(model):
+    options = dict(temperature=0.9, top_k=20)
+    together = model.generate(RAGGED, 10, generator=[seeded(i) for i in range(len(RAGGED))],
+                              **options)
+    for index, (prompt, row) in enumerate(zip(RAGGED, together, strict=True)):
+        alone = model.generate(torch.tensor([prompt]), 10, generator=seeded(index), **options)
+        assert row == alone[0].tolist()
+
+
+def test_a_padded_tensor_with_its_mask_equals_the_list(model):
+    longest = max(len(prompt) for prompt in RAGGED)
+    padded = torch.tensor([[0] * (longest - len(p)) + p for p in RAGGED])
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in RAGGED])
+    out = model.generate(padded, 6, greedy=True, attention_mask=mask)
+    assert out.shape == (len(RAGGED), longest + 6)
+    expected = model.generate(RAGGED, 6, greedy=True)
+    for prompt, row, listed in zip(RAGGED, out, expected, strict=True):
+        assert row[longest - len(prompt):].tolist() == listed  # the padding before it kept
+
+
+def test_rows_of_a_list_end_at_their_own_eos(model):
+    free = model.generate(RAGGED, 10, greedy=True)
+    eos = free[0][len(RAGGED[0]) + 2]  # what the first row makes third
+    stopped = model.generate(RAGGED, 10, greedy=True, eos_id=eos)
+    assert stopped[0] == free[0][: len(RAGGED[0]) + 3]
+    for prompt, row, full in zip(RAGGED, stopped, free, strict=True):
+        new = full[len(prompt):]
+        end = new.index(eos) + 1 if eos in new else len(new)
+        assert row == prompt + new[:end]
+
+
+@pytest.mark.parametrize(("prompts", "options", "error", "message"), [
+    ([[1, 2], []], {}, ValueError, "prompt 1 is empty"),
+    ([[1, 2], [3, 211]], {}, ValueError, r"prompt 1 holds token id 211, outside the vocabulary"),
+    ([[1, 2], "abc"], {}, TypeError, "prompt 1 is a str, not a list of ids"),
+    ([], {}, TypeError, "a non-empty list of prompts"),
+    ([[1, 2], [3]], dict(use_cache=False), ValueError, "decoded with the cache"),
+    ([[1, 2], [3]], dict(generator=[torch.Generator()]), ValueError, "1 generators for 2 rows"),
+    ([[1, 2], [3]], dict(attention_mask=torch.ones(2, 2)), ValueError, "needs none"),
+    ([[1] * 40, [3]], dict(max_new_tokens=9), ValueError, "more than the context of 48"),
+])
+def test_bad_batches_of_prompts_are_refused_clearly(model, prompts, options, error, message):
+    options = {"max_new_tokens": 3, **options}
+    with pytest.raises(error, match=message):
+        generate(model, prompts, greedy=True, **options)
+
+
+@pytest.mark.parametrize(("mask", "message"), [
+    (torch.tensor([[1, 1, 0], [1, 1, 1]]), "must pad on the left"),
+    (torch.tensor([[0, 0, 0], [1, 1, 1]]), "a row of zeros"),
+    (torch.ones(2, 4), "must have the tokens' shape"),
+])
+def test_bad_attention_masks_are_refused_clearly(model, mask, message):
+    with pytest.raises(ValueError, match=message):
+        generate(model, torch.zeros(2, 3, dtype=torch.long), 2, attention_mask=mask, greedy=True)
