@@ -6,7 +6,7 @@ import importlib.metadata
 import sys
 
 # Each module defines add_parser(subparsers), which registers its subcommand and its handler.
-SUBCOMMAND_MODULES = ("summary", "bench", "generate", "train")
+SUBCOMMAND_MODULES = ("summary", "bench", "generate", "train", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:

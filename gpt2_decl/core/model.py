@@ -209,6 +209,13 @@ class GPT2(nn.Module):
 
         return load_pretrained(path, cls, **options)
 
+    def save_gguf(self, path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> None:
+        """Write the model with GPT-2's tokenizer as a GGUF file for llama.cpp: see
+        `storage.gguf.save_gguf`."""
+        from gpt2_decl.storage.gguf import save_gguf
+
+        save_gguf(self, path, dtype=dtype)
+
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write `config.json` + `model.safetensors` (Hugging Face names and layout) as one
         atomic change of `directory`: see `storage.huggingface.save_pretrained`."""

