@@ -27,6 +27,7 @@ from gpt2_decl.bench.decode import weight_bytes_per_token
 from gpt2_decl.bench.measure import environment, random_tokens, time_interleaved
 from gpt2_decl.core.counting import forward_flops, training_flops_per_token
 from gpt2_decl.core.devices import resolve_device, synchronize
+from gpt2_decl.text.generation import stream
 
 
 @dataclass(frozen=True)
@@ -239,8 +240,10 @@ def decode(model: gpt2_decl.GPT2, sizes: Sizes, dtype: torch.dtype) -> dict:
     ours_generate()
     synchronize(device)
     warmup_s = time.perf_counter() - start
-    same = torch.equal(ours_generate(), reference_generate())
-    sync_free = without_host_sync(device, ours_generate)
+    same = same_greedy_tokens(model, prompt, new)
+    steps = stream(ours, prompt, new, greedy=True, compile=True)
+    next(steps), next(steps)  # the prompt's pass and the first step: checks and compiling
+    sync_free = without_host_sync(device, lambda: [next(steps) for _ in range(new - 4)])
     allocated = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
     timings = time_interleaved({"ours": ours_generate, "transformers": reference_generate},
                                device, runs=max(3, sizes.runs // 2), warmup=1)
@@ -256,6 +259,22 @@ def decode(model: gpt2_decl.GPT2, sizes: Sizes, dtype: torch.dtype) -> dict:
         "bound_fraction": rate["ours"] * weight_bytes / bandwidth, "sync_free": sync_free,
         "memory_growth_bytes_over_runs": grown,
     }
+
+
+def same_greedy_tokens(model: gpt2_decl.GPT2, prompt: torch.Tensor, new: int) -> bool:
+    """Whether our greedy tokens equal transformers' on the same float32 weights (TF32 off): in
+    bfloat16, near-ties between random weights' logits would make them part ways by chance."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        ours = gpt2_decl.GPT2(model.config).to(model.device).eval()
+        ours.load_state_dict(model.state_dict())
+        reference = transformers_model(ours, torch.float32)
+        expected = reference.generate(prompt, attention_mask=torch.ones_like(prompt),
+                                      max_new_tokens=new, do_sample=False)
+        return torch.equal(ours.generate(prompt, new, greedy=True, compile=True), expected)
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 @torch.no_grad()

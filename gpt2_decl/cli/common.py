@@ -54,11 +54,13 @@ def explained_out_of_memory(device: torch.device, what: str) -> Iterator[None]:
     try:
         yield
     except torch.OutOfMemoryError:
-        free, total = torch.cuda.mem_get_info(device)
-        raise SystemExit(
-            f"error: out of memory on {device} ({torch.cuda.get_device_name(device)}, "
-            f"{total / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free) {what}; try smaller sizes"
-        ) from None
+        there = ""
+        if device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(device)
+            there = (f" ({torch.cuda.get_device_name(device)}, {total / 2**30:.1f} GiB, "
+                     f"{free / 2**30:.1f} GiB free)")
+        raise SystemExit(f"error: out of memory on {device}{there} {what}; try smaller sizes") \
+            from None
     except RuntimeError as error:
         if "can't allocate memory" not in str(error):
             raise

@@ -1,7 +1,7 @@
 """Compiled mode: the whole model as one `torch.compile` graph, with checks kept at the boundary."""
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
@@ -20,24 +20,18 @@ class CompiledGPT2:
     Input validation runs eagerly before the compiled graph. In typechecked mode the graph is
     checked too, without running inside it (jaxtyping cannot be traced): `check_shapes` runs the
     typechecked model on shape-only tensors once per new input signature (batch, seq, cache,
-    last_only, training, dtype, device), again whenever the graph is recompiled (a weight's
-    shape changed, say), and whenever the compiled call fails, to name the layer and argument at
+    last_only, training, dtype, device), again whenever a graph is compiled (a weight's shape
+    changed, say), and whenever the compiled call fails, to name the layer and argument at
     fault instead of an error from inside the graph. Parameters stay shared with `model`.
     """
+
+    # Graphs compiled so far by the backends `compile` hands out, in this process.
+    compilations = 0
 
     def __init__(self, model: nn.Module, backend: Callable, freeze: bool = False, **compile_kw):
         self.model, self.freeze = model, freeze
         self.checked: set[tuple] = set()
-        self.recompiled = False
-        self.compiled = torch.compile(model, fullgraph=True, backend=self._backend(backend),
-                                      **compile_kw)
-
-    def _backend(self, backend: Callable) -> Callable:
-        def noting_recompiles(graph_module: torch.fx.GraphModule, example_inputs: list) -> Any:
-            self.recompiled = True
-            return backend(graph_module, example_inputs)
-
-        return noting_recompiles
+        self.compiled = torch.compile(model, fullgraph=True, backend=backend, **compile_kw)
 
     @shape_checked
     def __call__(
@@ -55,18 +49,24 @@ class CompiledGPT2:
                      model.training, torch.is_grad_enabled(), model.dtype, model.device)
         if checking and signature not in self.checked:
             self._check(signature)
-        self.recompiled = False
+        compilations = CompiledGPT2.compilations
         # Dynamo decides whether parameters may become constants from inductor's global config,
         # while it traces (torch.compile's `options` arrive too late for that).
         freezing = torch._inductor.config.patch(freezing=True) if self.freeze else None
         try:
             with freezing or contextlib.nullcontext():
                 logits = self.compiled(tokens, cache, last_only=last_only, check_values=False)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            raise RuntimeError(
+                f"this process compiled the model more than {torch._dynamo.config.recompile_limit}"
+                " times (models, dtypes, batch sizes, with and without a cache): raise "
+                "torch._dynamo.config.recompile_limit, or call torch._dynamo.reset() between uses"
+            ) from None
         except Exception:
             if checking:
                 self._check(signature)  # raises ShapeError if a shape is at fault
             raise
-        if checking and self.recompiled:
+        if checking and CompiledGPT2.compilations != compilations:
             self._check(signature)
         return logits
 
@@ -98,14 +98,35 @@ def compile(
     dynamic: None compiles for the first sequence length and makes the sequence axis dynamic on
         the first change (one extra compilation, never one per length); True is dynamic at once.
     backend, options: torch.compile's (options: inductor settings, on top of those of `mode`).
+    Compiling the same model again with the same settings reuses the graphs compiled before.
     """
     if backend == "inductor":
         options = {**torch._inductor.list_mode_options(mode or "default", dynamic),
                    **(options or {})}
-        backend = _inductor(options)
-    elif isinstance(backend, str):
-        backend = torch._dynamo.lookup_backend(backend)
+        key: Hashable = ("inductor", tuple(sorted(options.items())))
+        backend = _counted(key, lambda: _inductor(options))
+    else:
+        found = torch._dynamo.lookup_backend(backend) if isinstance(backend, str) else backend
+        backend = _counted(found, lambda: found)
     return CompiledGPT2(model, backend, freeze, dynamic=dynamic)
+
+
+# One wrapper per backend and settings, for the life of the process: Dynamo reuses the graphs a
+# backend compiled only when handed the very same backend object again.
+_backends: dict[Hashable, Callable] = {}
+
+
+def _counted(key: Hashable, make: Callable[[], Callable]) -> Callable:
+    """The backend for `key` (made once), counting the graphs it compiles."""
+    if key not in _backends:
+        backend = make()
+
+        def counting(graph_module: torch.fx.GraphModule, example_inputs: list) -> Any:
+            CompiledGPT2.compilations += 1
+            return backend(graph_module, example_inputs)
+
+        _backends[key] = counting
+    return _backends[key]
 
 
 def _inductor(options: dict[str, Any]) -> Callable:

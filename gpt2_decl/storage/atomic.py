@@ -81,7 +81,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _locked(path.parent):
-        recover_directory(path)
+        _recover(path)
         _remove_leftovers(path)
         staging = path.with_name(f".{path.name}.{uuid.uuid4().hex}.{_STAGING}")
         staging.mkdir()
@@ -103,7 +103,11 @@ def _staged(staging: Path, path: Path) -> Iterator[Path]:
                 staging.rename(retired)
             else:
                 path.rename(retired)
-                staging.rename(path)
+                try:
+                    staging.rename(path)
+                except BaseException:
+                    retired.rename(path)  # the old version back where it was
+                    raise
             if os.name == "posix":
                 _fsync(path.parent, os.O_RDONLY)
             shutil.rmtree(retired, ignore_errors=True)
@@ -133,9 +137,16 @@ def carry_over(old: Path, new: Path, skip: Callable[[str], bool]) -> None:
 
 def recover_directory(path: str | os.PathLike) -> bool:
     """Put back the old directory that an interrupted two-step swap left aside, if `path` is
-    missing because of it; return whether it did."""
+    missing because of it; return whether it did. Waits for a swap in progress to end."""
     path = Path(path)
     if path.exists() or not path.parent.is_dir():
+        return False
+    with _locked(path.parent):
+        return _recover(path)
+
+
+def _recover(path: Path) -> bool:
+    if path.exists():
         return False
     retired = sorted(
         path.parent.glob(f".{glob.escape(path.name)}.*.{_RETIRED}"), key=os.path.getmtime
@@ -155,7 +166,10 @@ def _locked(directory: Path) -> Iterator[None]:
         return
     descriptor = os.open(directory, os.O_RDONLY)
     try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        except OSError:
+            pass  # a file system without such locks (NFS wants a file open for writing): go on
         yield
     finally:
         os.close(descriptor)

@@ -8,6 +8,7 @@ bfloat16 and the position embedding, norms and biases stay float32, as llama.cpp
 writes them. Needs the `gguf` package (`pip install gguf`).
 """
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -57,8 +58,7 @@ def save_gguf(
         )
     tokens, merges = released_vocabulary()
     path = Path(path)
-    with atomic_write(path) as tmp:
-        writer = gguf.GGUFWriter(tmp, "gpt2")
+    with atomic_write(path) as tmp, contextlib.closing(gguf.GGUFWriter(tmp, "gpt2")) as writer:
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(path.stem)
         writer.add_block_count(config.n_layer)
@@ -68,7 +68,8 @@ def save_gguf(
         writer.add_head_count(config.n_head)
         writer.add_layer_norm_eps(config.layer_norm_eps)
         bf16 = dtype == torch.bfloat16
-        writer.add_file_type(gguf.LlamaFileType.MOSTLY_BF16 if bf16 else gguf.LlamaFileType.ALL_F32)
+        writer.add_file_type(
+            gguf.LlamaFileType.MOSTLY_BF16 if bf16 else gguf.LlamaFileType.ALL_F32)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre(PRE_TOKENIZER)
@@ -91,5 +92,4 @@ def save_gguf(
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
-        writer.close()
     return path

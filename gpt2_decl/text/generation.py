@@ -182,12 +182,14 @@ def prompt_batch(
         rows.append(ids)
     longest = max(len(ids) for ids in rows)
     padded = torch.tensor([[0] * (longest - len(ids)) + ids for ids in rows], device=device)
-    start = torch.tensor([longest - len(ids) for ids in rows], device=device)
-    return padded, start if int(start.max()) > 0 else None
+    if all(len(ids) == longest for ids in rows):
+        return padded, None
+    return padded, torch.tensor([longest - len(ids) for ids in rows], device=device)
 
 
-def _start_of_left_padding(mask: Tensor, tokens: Tensor) -> Tensor:
-    """Each row's first real token's column, from an attention mask that pads on the left."""
+def _start_of_left_padding(mask: Tensor, tokens: Tensor) -> Tensor | None:
+    """Each row's first real token's column, from an attention mask that pads on the left (None
+    when no row is padded). Read on the host, once per generation."""
     if not isinstance(mask, Tensor) or mask.shape != tokens.shape:
         shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
         raise ValueError(f"attention_mask must have the tokens' shape {tuple(tokens.shape)}, "
@@ -199,7 +201,7 @@ def _start_of_left_padding(mask: Tensor, tokens: Tensor) -> Tensor:
         raise ValueError("attention_mask must pad on the left: each row is zeros, then ones")
     if bool((start == real.shape[1]).any()):
         raise ValueError("attention_mask has a row of zeros: every prompt needs a token")
-    return start.to(tokens.device)
+    return start.to(tokens.device) if bool(start.any()) else None
 
 
 @torch.no_grad()
@@ -216,14 +218,13 @@ def _decode(
     # torch.no_grad() on a generator function applies to its own steps, not to the caller's code.
     if max_new_tokens == 0:
         return
-    was_training = model.training
+    was_training, cache = model.training, None
     model.eval()
     try:
         batch, seq = tokens.shape
         step = decode_step(model, compile, use_cache)
+        cache = _take_cache(model, batch, seq + max_new_tokens, start) if use_cache else None
         if use_cache:
-            cache = KVCache(model.config, batch, seq + max_new_tokens, dtype=model.dtype,
-                            device=model.device, start=start)
             logits = model(tokens, cache, last_only=True, check_values=False)[:, -1]
         else:
             context = tokens
@@ -247,6 +248,8 @@ def _decode(
                 logits = step(context, last_only=True, check_values=False)[:, -1]
     finally:
         model.train(was_training)
+        if cache is not None:
+            _spare_caches[model] = cache
 
 
 def decode_step(model: nn.Module, compile: bool | str | Callable, use_cache: bool) -> Callable:
@@ -259,21 +262,34 @@ def decode_step(model: nn.Module, compile: bool | str | Callable, use_cache: boo
     """
     if compile is False:
         return model
-    # Kept per model, so that later generations reuse the compiled graphs.
-    steps = _compiled_steps.setdefault(model, {})
-    key = (compile, use_cache, model.device.type)
-    if key not in steps:
-        if compile is True and use_cache and model.device.type == "cpu":
-            steps[key] = compile_model(model, backend=CPU_DECODING.backend)
-        elif compile is True and use_cache and model.device.type == "cuda":
-            steps[key] = compile_model(model, mode="reduce-overhead")
-        else:
-            # Without the cache the context grows a token per step: dynamic after one change.
-            steps[key] = compile_model(model, backend="inductor" if compile is True else compile)
-    return steps[key]
+    if compile is True and use_cache and model.device.type == "cpu":
+        return compile_model(model, backend=CPU_DECODING.backend)
+    if compile is True and use_cache and model.device.type == "cuda":
+        return compile_model(model, mode="reduce-overhead")
+    # Without the cache the context grows a token per step: dynamic after one change.
+    return compile_model(model, backend="inductor" if compile is True else compile)
 
 
-_compiled_steps: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+# The cache of each model's last generation, kept for the next one of the same sizes (a cache
+# holds no reference to its model): a step captured as a CUDA graph then finds its buffers at
+# the same addresses, and replays instead of capturing again.
+_spare_caches: "weakref.WeakKeyDictionary[nn.Module, KVCache]" = weakref.WeakKeyDictionary()
+
+
+def _take_cache(model: nn.Module, batch: int, max_len: int, start: Tensor | None) -> KVCache:
+    """An empty cache for a generation: the model's spare one if it fits, else a new one."""
+    cache = _spare_caches.pop(model, None)
+    fits = cache is not None and (cache.batch, cache.max_len, cache.keys[0].dtype,
+                                  cache.device) == (batch, max_len, model.dtype, model.device)
+    if not fits:
+        return KVCache(model.config, batch, max_len, dtype=model.dtype, device=model.device,
+                       start=start)
+    cache.length.zero_()
+    if start is None:
+        cache.start.zero_()
+    else:
+        cache.start.copy_(start)
+    return cache
 
 
 def generate(

@@ -32,6 +32,7 @@ CHECKPOINT_PREFIX = "step-"
 STATE_FILE = "training_state.pt"
 OPTIONS_FILE = "training_options.json"
 PARTIAL_SUFFIX = ".partial"
+DAMAGED_PREFIX = "damaged-"
 
 
 class NoCheckpointError(FileNotFoundError):
@@ -78,7 +79,8 @@ def save_checkpoint(out: Path, model: GPT2, state: dict, options: dict, keep: in
 def _remove_old_checkpoints(root: Path, keep: int, current: Path) -> None:
     """Keep the newest `keep` checkpoints, and `current` always; drop partial ones that a crash
     left behind."""
-    for leftover in root.glob(f".*{PARTIAL_SUFFIX}"):
+    # A partial checkpoint, or what an interrupted save into one left beside it.
+    for leftover in root.glob(f".*{PARTIAL_SUFFIX}*"):
         shutil.rmtree(leftover, ignore_errors=True)
     finished = sorted(root.glob(f"{CHECKPOINT_PREFIX}*"))
     for old in finished[:-keep]:
@@ -103,15 +105,23 @@ def load_resumable(out: Path, device: torch.device, warn: Callable[[str], None])
     steps = sorted((out / CHECKPOINTS_DIR).glob(f"{CHECKPOINT_PREFIX}*"), reverse=True)
     candidates = ([named] if named is not None else []) + [s for s in steps if s != named]
     problems = []
+    damaged = []
     for directory in candidates:
         try:
             resumable = Resumable(directory, _load_model(directory, device), load_state(directory))
+        except torch.OutOfMemoryError:
+            raise  # the machine's trouble, not the checkpoint's
         except (OSError, CheckpointError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
             problems.append(f"{directory.name}: {_first_line(error)}")
+            damaged.append(directory)
             continue
+        # Set aside, not deleted, so that they neither hold a place among the checkpoints kept
+        # nor are taken for the newest again.
+        for bad in (path for path in damaged if path.is_dir()):
+            bad.rename(bad.with_name(f"{DAMAGED_PREFIX}{bad.name}"))
         if problems:
-            warn(f"warning: skipped damaged checkpoints ({'; '.join(problems)}); resuming from "
-                 f"{directory}")
+            warn(f"warning: skipped damaged checkpoints ({'; '.join(problems)}; renamed "
+                 f"{DAMAGED_PREFIX}...); resuming from {directory}")
         return resumable
     if not candidates:
         raise NoCheckpointError(f"resume: {out} holds no checkpoint ({LATEST} is missing)")

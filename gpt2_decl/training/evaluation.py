@@ -64,17 +64,19 @@ def mean_loss(
     rank, world_size = (group.rank, group.world_size) if group else (0, 1)
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    count = 0
+    losses, counts = [], []
     for inputs, targets in evaluation_batches(
         tokens, model.config.n_ctx, batch_size, device, max_windows, rank, world_size
     ):
         with autocast:
             logits = model(inputs, check_values=False)
-        loss_sum += next_token_loss(logits, targets).double() * targets.numel()
-        count += targets.numel()
+        losses.append(next_token_loss(logits, targets).detach())
+        counts.append(targets.numel())
     model.train(was_training)
-    totals = [loss_sum.item(), count]
+    # Read back once, at the end; summed in float64 on the host (not every device has it).
+    batch_losses = torch.stack(losses).float().cpu().double() if losses else torch.zeros(0)
+    totals = [float((batch_losses * torch.tensor(counts, dtype=torch.float64)).sum()),
+              sum(counts)]
     total, tokens_counted = group.sum(totals) if group else totals
     return total / tokens_counted, int(tokens_counted)
 

@@ -168,6 +168,7 @@ class Trainer:
         self.model = None if config.resume else self._new_model()
         if self.model is not None:
             check_fits(self.corpus.tokens, self.model.config)
+            split_tokens(self.corpus.tokens, config.val_fraction, self.model.config.n_ctx)
 
     def run(self) -> TrainResult:
         """The loop. Until `steps`: one optimizer step, its report, and when due, the held-out

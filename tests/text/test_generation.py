@@ -1,3 +1,6 @@
+import gc
+import weakref
+
 import pytest
 import torch
 from helpers import HostReads
@@ -355,3 +358,28 @@ def test_bad_batches_of_prompts_are_refused_clearly(model, prompts, options, err
 def test_bad_attention_masks_are_refused_clearly(model, mask, message):
     with pytest.raises(ValueError, match=message):
         generate(model, torch.zeros(2, 3, dtype=torch.long), 2, attention_mask=mask, greedy=True)
+
+
+def test_compiled_generation_keeps_no_model_alive():
+    model = GPT2(DECISIVE.replace(n_layer=1)).eval()
+    model.generate(torch.randint(DECISIVE.vocab_size, (1, 4), generator=seeded(3)), 3,
+                   greedy=True, compile=True)
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
+
+
+def test_a_generation_of_the_same_sizes_reuses_the_last_cache(model, prompt):
+    model.generate(prompt, 4, greedy=True)
+    kept = generation._spare_caches[model]
+    addresses = [tensor.data_ptr() for tensor in kept.keys]
+    again = model.generate(prompt, 4, greedy=True)
+    assert [tensor.data_ptr() for tensor in generation._spare_caches[model].keys] == addresses
+    assert torch.equal(again, longhand_greedy(model, prompt, 4))  # nothing left from before
+
+
+def test_an_attention_mask_of_ones_is_no_padding(model, prompt):
+    mask = torch.ones_like(prompt)
+    assert torch.equal(model.generate(prompt, 3, greedy=True, attention_mask=mask,
+                                      use_cache=False), longhand_greedy(model, prompt, 3))

@@ -280,6 +280,8 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_says_so(text_file, tmp_pat
     assert resumed.step == 5
     err = capsys.readouterr().err
     assert "skipped damaged checkpoints (step-0000004:" in err and "step-0000002" in err
+    # Set aside under another name: neither resumed from again nor counted among those kept.
+    assert (out / "checkpoints" / "damaged-step-0000004" / "training_state.pt").exists()
 
 
 def test_resume_after_the_latest_checkpoint_was_deleted_takes_the_one_before(text_file, tmp_path):
@@ -302,7 +304,7 @@ def test_resume_with_nothing_intact_lists_what_it_found(text_file, tmp_path):
 
 @pytest.mark.parametrize("options", [
     dict(init_from="no/such/checkpoint"), dict(d_model=30), dict(resume=True),
-    dict(vocab_size=100),
+    dict(vocab_size=100), dict(val_fraction=0.99),
 ])
 def test_a_run_that_cannot_start_leaves_no_output_directory(text_file, tmp_path, options):
     with pytest.raises((ValueError, FileNotFoundError)):
@@ -362,3 +364,15 @@ def test_a_training_step_reads_nothing_back_from_the_device(text_file, tmp_path,
     monkeypatch.setattr(Trainer, "train_step", counted)
     run(text_file, tmp_path / "out", steps=4, grad_accum=2, eval_every=4)
     assert reads == []
+
+
+def test_a_save_interrupted_inside_a_checkpoint_leaves_nothing_after_the_next(text_file, tmp_path):
+    out = tmp_path / "out"
+    run(text_file, out, steps=1, eval_every=1)
+    root = out / "checkpoints"
+    # What a kill during a checkpoint's weights leaves: its partial directory, and the staging
+    # directory of the weights' own atomic save beside it.
+    (root / ".step-0000002.0123.partial").mkdir()
+    (root / "..step-0000002.0123.partial.4567.staging").mkdir()
+    run(text_file, out, steps=2, eval_every=1, resume=True)
+    assert sorted(path.name for path in root.iterdir()) == ["step-0000001", "step-0000002"]
