@@ -3,27 +3,25 @@ so tokens/s <= read bandwidth / bytes of weights. The ways of decoding take turn
 and the read bandwidth is measured right after every run, so each run meets the bound of its
 own moment (a shared machine's bandwidth drifts from minute to minute)."""
 
+import itertools
 import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from gpt2_decl.bench.measure import ReadBandwidth, Timing, time_interleaved
-from gpt2_decl.core.devices import synchronize
 from gpt2_decl.core.model import GPT2
 from gpt2_decl.speedups.huge_pages import move_parameters as move_into_huge_pages
+from gpt2_decl.storage.gguf import save_gguf
 from gpt2_decl.text.generation import generate
 
-# Without the cache every token reruns the whole context: one run is long enough.
-UNCACHED_RUNS = 1
 # Warm-up generations are this short: enough to compile every graph a full run uses.
 WARMUP_TOKENS = 2
-# The ways that --compare-dtype also times in the other dtype.
-COMPARED = ("eager, cache", "compiled, cache")
 
 
 @dataclass(frozen=True)
@@ -32,7 +30,6 @@ class Way:
 
     name: str
     decode: Callable[[Tensor, int], Tensor]
-    runs: int
     weight_bytes: int
     dtype: torch.dtype
     rows: int = 1  # prompts decoded at once: one read of the weights serves them all
@@ -40,12 +37,10 @@ class Way:
 
 def weight_bytes_per_token(model: GPT2) -> int:
     """What a decode step reads: every parameter once, but of the position embedding a row."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    position = model.position_embedding.weight
-    return total - position.numel() * position.element_size()
+    return sum(p.nbytes for p in model.parameters()) - model.position_embedding.weight.nbytes
 
 
-def ways_of_decoding(model: GPT2, runs: int, *, suffix: str = "", reference: bool = True,
+def ways_of_decoding(model: GPT2, *, suffix: str = "", reference: bool = True,
                      huge_pages: bool = False, batches: Sequence[int] = ()) -> list[Way]:
     """Ours eager and compiled, with and without the cache, compiled for each of `batches`
     copies of the prompt at once, and transformers' `generate`; huge_pages: every model's
@@ -54,21 +49,39 @@ def ways_of_decoding(model: GPT2, runs: int, *, suffix: str = "", reference: boo
     if huge_pages:
         move_into_huge_pages(model)
 
-    def ours(name: str, compile: bool, use_cache: bool, runs: int, rows: int = 1) -> Way:
+    def ours(name: str, compile: bool, rows: int = 1) -> Way:
         def decode(prompt: Tensor, new: int) -> Tensor:
-            return generate(model, prompt.repeat(rows, 1), new, greedy=True, compile=compile,
-                            use_cache=use_cache)
+            return generate(model, prompt.repeat(rows, 1), new, greedy=True, compile=compile)
 
-        return Way(name + suffix, decode, runs, n_bytes, model.dtype, rows)
+        return Way(name + suffix, decode, n_bytes, model.dtype, rows)
 
-    ways = [ours("eager, cache", False, True, runs), ours("compiled, cache", True, True, runs)]
-    ways += [ours(f"compiled, cache, batch {rows}", True, True, runs, rows)
-             for rows in batches if rows > 1]
-    if not suffix:
-        ways += [ours("eager, no cache", False, False, min(runs, UNCACHED_RUNS)),
-                 ours("compiled, no cache", True, False, min(runs, UNCACHED_RUNS))]
+    ways = [ours("eager, cache", False), ours("compiled, cache", True)]
+    ways += [ours(f"compiled, cache, batch {rows}", True, rows) for rows in batches if rows > 1]
     if reference and (decode := transformers_generate(model, huge_pages)) is not None:
-        ways.append(Way("transformers generate", decode, runs, n_bytes, model.dtype))
+        ways.append(Way("transformers generate", decode, n_bytes, model.dtype))
+    return ways
+
+
+def llama_cpp_ways(model: GPT2, directory: str) -> list[Way]:
+    """llama.cpp (llama-cpp-python) greedy decoding of the same weights, written as GGUF files
+    in F32 and BF16 into `directory`, on as many threads as torch."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise ImportError("--compare llama.cpp needs llama-cpp-python: pip install it") from None
+
+    ways, n_bytes = [], weight_bytes_per_token(model) * 4 // model.dtype.itemsize
+    for name, dtype in (("F32", torch.float32), ("BF16", torch.bfloat16)):
+        path = save_gguf(model, Path(directory) / f"{name}.gguf", dtype=dtype)
+        llm = llama_cpp.Llama(str(path), n_ctx=model.config.n_ctx, verbose=False,
+                              n_threads=torch.get_num_threads())
+
+        def decode(prompt: Tensor, new: int, llm=llm) -> Tensor:
+            llm.reset()
+            tokens = itertools.islice(llm.generate(prompt[0].tolist(), top_k=1, temp=0.0), new)
+            return torch.cat([prompt, torch.tensor([list(tokens)])], dim=1)
+
+        ways.append(Way(f"llama.cpp {name}", decode, n_bytes * dtype.itemsize // 4, dtype))
     return ways
 
 
@@ -114,7 +127,7 @@ def row(way: Way, times_ms: list[float], new_tokens: int, read_bandwidths: list[
     }
 
 
-def time_ways(ways: list[Way], prompt: Tensor, new_tokens: int, warmup: int,
+def time_ways(ways: list[Way], prompt: Tensor, new_tokens: int, warmup: int, runs: int,
               bandwidth: ReadBandwidth) -> list[dict]:
     """Warm every way up (compiling what it compiles), then time them in turns, one run each
     per turn, each run followed by a read-bandwidth measurement. A row's tokens are compared
@@ -127,15 +140,12 @@ def time_ways(ways: list[Way], prompt: Tensor, new_tokens: int, warmup: int,
             way.decode(prompt, WARMUP_TOKENS)
         warmup_s[way.name] = time.perf_counter() - start
         times[way.name], bandwidths[way.name] = [], []
-    for turn in range(max(way.runs for way in ways)):
+    for turn in range(runs):
         print(f"timing turn {turn + 1}...", flush=True)
         for way in ways:
-            if turn >= way.runs:
-                continue
-            start = time.perf_counter()
-            outputs[way.name] = way.decode(prompt, new_tokens)
-            synchronize(device)
-            times[way.name].append((time.perf_counter() - start) * 1e3)
+            run = time_interleaved({"run": lambda way=way: outputs.update(
+                {way.name: way.decode(prompt, new_tokens)})}, device, runs=1, warmup=0)["run"]
+            times[way.name] += run.times_ms
             read = time_interleaved({"read": bandwidth}, device, runs=3, warmup=0)["read"]
             bandwidths[way.name].append(bandwidth.bytes_per_s(read))
     firsts: dict[torch.dtype, Tensor] = {}
@@ -152,7 +162,7 @@ def speed_ratios(rows: list[dict], suffix: str) -> dict[str, float]:
         name: statistics.median(
             other / ours for other, ours in zip(by_name[name + suffix]["run_tokens_per_s"],
                                                 by_name[name]["run_tokens_per_s"], strict=True))
-        for name in COMPARED if name + suffix in by_name
+        for name in by_name if name + suffix in by_name
     }
 
 

@@ -50,13 +50,11 @@ class ForwardRow:
                     f"{name}_max_ms": timing.max_ms}
         for prefix, name in (("", "compiled"), ("eager_", "eager")):
             row[f"{prefix}tokens_per_s"] = self.tokens_per_s(name)
-            row[f"{prefix}flops_per_s"] = self.flops / (ms[name] / 1e3)
-            row[f"{prefix}roofline_fraction"] = row[f"{prefix}flops_per_s"] / row[
-                "roofline_flops_per_s"]
-        for key, checked, plain in (("typecheck_overhead", "typechecked_eager", "eager"),
-                                    ("compiled_typecheck_overhead", "typechecked_compiled",
-                                     "compiled")):
-            row[key] = ms[checked] / ms[plain] - 1.0 if checked in ms else None
+            flops_per_s = row[f"{prefix}flops_per_s"] = self.flops / (ms[name] / 1e3)
+            row[f"{prefix}roofline_fraction"] = flops_per_s / self.roofline_flops_per_s
+        for prefix, name in (("", "eager"), ("compiled_", "compiled")):
+            checked = ms.get(f"typechecked_{name}")
+            row[f"{prefix}typecheck_overhead"] = checked / ms[name] - 1 if checked else None
         return row
 
 

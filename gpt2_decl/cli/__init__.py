@@ -5,6 +5,8 @@ import importlib
 import importlib.metadata
 import sys
 
+from gpt2_decl.storage.lock import DirectoryInUseError
+
 # Each module defines add_parser(subparsers), which registers its subcommand and its handler.
 SUBCOMMAND_MODULES = ("summary", "bench", "generate", "train", "export")
 
@@ -22,9 +24,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Errors that name what is wrong with the input: shown as one line, without a traceback.
+CLEAR_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ImportError, DirectoryInUseError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.handler(args) or 0
+    try:
+        return args.handler(args) or 0
+    except CLEAR_ERRORS as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -29,10 +30,8 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "bench", help="time compiled vs eager forward passes (or decoding, with --generate)",
-        description="Eager and compiled forward passes at each sequence length (median/min/max "
-        "ms, compile time, speedup, tokens/s, share of a matmul roofline timed in turn, logit "
-        "difference, typechecked mode's cost); with --generate, decoding tokens/s against the "
-        "memory bound.")
+        description="Eager against compiled forward passes at each sequence length; with "
+        "--generate, decoding tokens/s against the memory bound. See the README's method.")
     common.add_model_arguments(parser)
     positive, at_least_0 = common.positive_int, common.non_negative_int
     for name, text in (("n_layer", "blocks"), ("n_head", "heads"), ("d_model", "width")):
@@ -60,6 +59,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     decoding.add_argument("--checkpoint", metavar="DIR", help="weights to load (default: random)")
     decoding.add_argument("--compare-dtype", choices=sorted(DTYPES),
                           help="also decode with the cache in this dtype, in turns")
+    decoding.add_argument("--compare", choices=["llama.cpp"], help="also llama.cpp on the same "
+                          "weights, F32 and BF16 (needs llama-cpp-python and gguf)")
     decoding.add_argument("--huge-pages", action="store_true",
                           help="move the weights into transparent huge pages first (CPU)")
     parser.set_defaults(handler=run)
@@ -91,15 +92,9 @@ def load_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
     if args.checkpoint:
         if not args.generate:
             raise SystemExit("error: --checkpoint is for --generate (weights do not change speed)")
-        try:
-            return GPT2.from_pretrained(args.checkpoint, dtype=dtype, device=device)
-        except ValueError as error:
-            raise SystemExit(f"error: {error}") from None
+        return GPT2.from_pretrained(args.checkpoint, dtype=dtype, device=device)
     overrides = {name: getattr(args, name) for name in SIZE_OVERRIDES if getattr(args, name)}
-    try:
-        config = GPT2Config.from_preset(args.preset, seed=args.seed, **overrides)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+    config = GPT2Config.from_preset(args.preset, seed=args.seed, **overrides)
     return GPT2(config).to(device=device, dtype=dtype).eval()
 
 
@@ -113,17 +108,12 @@ def run_forward(args: argparse.Namespace, model: GPT2) -> dict:
         model, args.seq, batch=batch, runs=args.runs, warmup=args.warmup, mode=args.mode,
         freeze=args.freeze, typecheck_overhead=args.typecheck_overhead, seed=args.seed,
         log=lambda message: print(message, flush=True)))
-    print()
-    print(forward.format_table(rows))
+    print("\n" + forward.format_table(rows))
     if args.plot:
         plot(rows, args.plot, title=f"{describe(model)}, batch {batch}, {model.dtype}")
-        print(f"plot written to {args.plot}")
-    return {
-        "preset": args.preset, "batch": batch, "compile_mode": args.mode,
-        "freeze": args.freeze,
-        "roofline_flops_per_s": statistics.median(row.roofline_flops_per_s for row in rows),
-        "rows": [row.to_dict() for row in rows],
-    }
+    return {"preset": args.preset, "batch": batch, "compile_mode": args.mode,
+            "freeze": args.freeze, "rows": [row.to_dict() for row in rows],
+            "roofline_flops_per_s": statistics.median(r.roofline_flops_per_s for r in rows)}
 
 
 def run_decode(args: argparse.Namespace, model: GPT2) -> dict:
@@ -136,20 +126,21 @@ def run_decode(args: argparse.Namespace, model: GPT2) -> dict:
     if args.huge_pages and not huge_pages.available():  # a clear error, before any work
         raise SystemExit("error: --huge-pages: this system gives no transparent huge pages")
     on_huge_pages = args.huge_pages and model.device.type == "cpu"
-    ways = decode.ways_of_decoding(model, args.runs, huge_pages=on_huge_pages,
-                                   batches=args.batch)
+    ways = decode.ways_of_decoding(model, huge_pages=on_huge_pages, batches=args.batch)
     if args.compare_dtype:
         other = copy.deepcopy(model).to(DTYPES[args.compare_dtype])  # the same weights, rounded
-        ways += decode.ways_of_decoding(other, args.runs, suffix=f", {args.compare_dtype}",
-                                        reference=False, huge_pages=on_huge_pages)
+        ways += decode.ways_of_decoding(other, suffix=f", {args.compare_dtype}", reference=False,
+                                        huge_pages=on_huge_pages)
+    gguf_files = tempfile.TemporaryDirectory()  # llama.cpp's copies of the weights, until the end
+    ways += decode.llama_cpp_ways(model, gguf_files.name) if args.compare else []
     rewrites = CPU_DECODING.names() if model.device.type == "cpu" else []
     print(f"{describe(model)}, {model.dtype} on {model.device}, {args.prompt_len} + "
           f"{args.new_tokens} greedy tokens; huge pages: {on_huge_pages}; rewrites: {rewrites}")
     prompt = random_tokens(config.vocab_size, 1, args.prompt_len, model.device, args.seed)
     bandwidth = ReadBandwidth(model.device, in_huge_pages=on_huge_pages)
-    rows = decode.time_ways(ways, prompt, args.new_tokens, args.warmup, bandwidth)
-    print()
-    print(decode.format_table(rows))
+    with gguf_files:
+        rows = decode.time_ways(ways, prompt, args.new_tokens, args.warmup, args.runs, bandwidth)
+    print("\n" + decode.format_table(rows))
     ratios = decode.speed_ratios(rows, f", {args.compare_dtype}") if args.compare_dtype else {}
     for name, ratio in ratios.items():
         print(f"{args.compare_dtype} / {args.dtype}, {name}: {ratio:.2f}x (median over turns)")
