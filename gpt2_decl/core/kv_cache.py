@@ -46,9 +46,10 @@ class KVCache:
         for tensor in self.keys + self.values:
             # One compiled step then serves generations of every length.
             torch._dynamo.mark_dynamic(tensor, MAX_LEN_AXIS)
-        for tensor in [*self.keys, *self.values, self.length, self.start]:
-            # Written or read in place by the step: fixed addresses let CUDA graphs replay it.
-            torch._dynamo.mark_static_address(tensor)
+        if self.length.device.type == "cuda":
+            for tensor in [*self.keys, *self.values, self.length, self.start]:
+                # Read or written in place by the step: CUDA graphs replay it at these addresses.
+                torch._dynamo.mark_static_address(tensor)
 
     @property
     def batch(self) -> int:
