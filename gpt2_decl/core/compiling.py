@@ -45,10 +45,13 @@ class CompiledGPT2:
         model = self.model
         check_tokens(tokens, model.config, model.device, cache=cache, values=check_values)
         checking = is_typechecked()
-        signature = (tuple(tokens.shape), None if cache is None else cache.max_len, last_only,
-                     model.training, torch.is_grad_enabled(), model.dtype, model.device)
-        if checking and signature not in self.checked:
-            self._check(signature)
+        signature = None  # what the checks key on; nothing is worked out with the mode off
+        if checking:
+            signature = (tuple(tokens.shape), None if cache is None else cache.max_len,
+                         last_only, model.training, torch.is_grad_enabled(), model.dtype,
+                         model.device)
+            if signature not in self.checked:
+                self._check(signature)
         compilations = CompiledGPT2.compilations
         # Dynamo decides whether parameters may become constants from inductor's global config,
         # while it traces (torch.compile's `options` arrive too late for that).
