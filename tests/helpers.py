@@ -23,7 +23,7 @@ def reference_logits(model: GPT2, tokens: torch.Tensor) -> torch.Tensor:
     def gelu_tanh(x):
         return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
 
-    mask = torch.ones(seq, seq).tril().bool()
+    mask = torch.ones(seq, seq, device=tokens.device).tril().bool()
     for block in model.blocks:
         qkv = norm(x, block.ln_1) @ block.attn.qkv.weight.T + block.attn.qkv.bias
         q, k, v = qkv.split(config.d_model, dim=-1)

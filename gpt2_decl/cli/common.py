@@ -53,19 +53,34 @@ def explained_out_of_memory(device: torch.device, what: str) -> Iterator[None]:
     there."""
     try:
         yield
-    except torch.OutOfMemoryError:
-        there = ""
-        if device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(device)
-            there = (f" ({torch.cuda.get_device_name(device)}, {total / 2**30:.1f} GiB, "
-                     f"{free / 2**30:.1f} GiB free)")
-        raise SystemExit(f"error: out of memory on {device}{there} {what}; try smaller sizes") \
-            from None
-    except RuntimeError as error:
-        if "can't allocate memory" not in str(error):
+    except Exception as error:
+        cause = _out_of_memory_cause(error)
+        if cause is None:
             raise
+        if isinstance(cause, torch.OutOfMemoryError):
+            there = ""
+            if device.type == "cuda":
+                free, total = torch.cuda.mem_get_info(device)
+                there = (f" ({torch.cuda.get_device_name(device)}, {total / 2**30:.1f} GiB, "
+                         f"{free / 2**30:.1f} GiB free)")
+            raise SystemExit(f"error: out of memory on {device}{there} {what}; try smaller "
+                             "sizes") from None
         raise SystemExit(f"error: out of memory on {device} {what}: "
-                         f"{str(error).splitlines()[0]}; try smaller sizes") from None
+                         f"{str(cause).splitlines()[0]}; try smaller sizes") from None
+
+
+def _out_of_memory_cause(error: BaseException | None) -> BaseException | None:
+    """The out-of-memory error behind `error`, if any: also one met while compiling, which
+    torch.compile wraps in its own error (inductor tries kernels out on real tensors)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, torch.OutOfMemoryError) or (
+                isinstance(error, RuntimeError) and "can't allocate memory" in str(error)):
+            return error
+        error = (getattr(error, "inner_exception", None) or error.__cause__
+                 or error.__context__)
+    return None
 
 
 def resolve_dtype(name: str, device: torch.device | None = None) -> torch.dtype:

@@ -97,3 +97,29 @@ def test_several_prompts_are_decoded_together_each_as_it_would_be_alone(tmp_path
     assert [block.split("\n", 1)[0] for block in blocks] == ["1", "2", "3"]
     for text, block in zip(texts, blocks, strict=True):
         assert block.split("\n", 1)[1] == expected_text(text, checkpoint)
+
+
+def test_running_out_of_memory_is_one_line_naming_the_size():
+    from gpt2_decl.cli.common import explained_out_of_memory
+
+    with pytest.raises(SystemExit) as exited, explained_out_of_memory(torch.device("cpu"),
+                                                                      "with batch 10**18"):
+        torch.empty(10**18, dtype=torch.uint8)  # an exabyte: no machine has it
+    message = str(exited.value.code)
+    assert message.startswith("error: out of memory on cpu with batch 10**18: ")
+    assert "\n" not in message
+
+
+def test_running_out_of_memory_while_compiling_is_explained_too():
+    from gpt2_decl.cli.common import explained_out_of_memory
+
+    # torch.compile reports an out-of-memory met while trying kernels out as its own error.
+    with pytest.raises(SystemExit) as exited, explained_out_of_memory(torch.device("cpu"), "x"):
+        try:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 585.94 GiB.")
+        except torch.OutOfMemoryError as error:
+            raise RuntimeError("backend='inductor' raised: OutOfMemoryError") from error
+    assert str(exited.value.code) == "error: out of memory on cpu x; try smaller sizes"
+    with pytest.raises(ValueError, match="unrelated"), explained_out_of_memory(
+            torch.device("cpu"), "x"):
+        raise ValueError("unrelated")

@@ -135,3 +135,24 @@ def test_memory_stays_flat_over_200_decoding_steps():
         next(steps)
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() - before <= 1024 * 1024  # the 200 yielded tokens aside
+
+
+def test_out_of_memory_is_a_one_line_error_with_the_size_and_the_memory():
+    from gpt2_decl.cli import main
+
+    # 200,000 sequences of 1024 tokens: about 300 GiB of activations in the first layer alone.
+    with pytest.raises(SystemExit) as exited:
+        main(["bench", "--device", "cuda", "--n-layer", "1", "--batch", "200000", "--seq", "1024",
+              "--runs", "1", "--warmup", "0", "--no-typecheck-overhead"])
+    message = str(exited.value.code)
+    assert message.startswith("error: out of memory on cuda") and "\n" not in message
+    assert "batch 200000" in message and "GiB free" in message
+
+
+def test_a_gpu_that_is_not_there_is_refused_in_one_line():
+    from gpt2_decl.core.devices import resolve_device
+
+    count = torch.cuda.device_count()
+    with pytest.raises(ValueError, match=f"^device 'cuda:{count}' does not exist: this machine "
+                       f"has {count} CUDA GPU"):
+        resolve_device(f"cuda:{count}")
