@@ -210,7 +210,7 @@ class Trainer:
             skip_sync = self.ddp is not None and micro_step < config.grad_accum - 1
             with self.ddp.no_sync() if skip_sync else contextlib.nullcontext():
                 with self.autocast:
-                    loss = next_token_loss(self.forward(inputs, check_values=False), targets)
+                    loss = self.loss(self.forward(inputs, check_values=False), targets)
                 (loss / config.grad_accum).backward()
             loss_sum += loss.detach()
         if config.clip_grad is not None:
@@ -311,6 +311,10 @@ class Trainer:
             # step itself is compiled (and so not checked inside).
             check_shapes(self.model, config.batch_size, n_ctx, training=True)
         self.forward, self.ddp = self._build_forward()
+        # Compiled apart from the model, the loss's float32 upcast of the logits and its
+        # gradient are fused into its kernels, never batch x seq x vocab floats in memory.
+        self.loss = (torch.compile(next_token_loss, fullgraph=True) if self.config.compile
+                     else next_token_loss)
         torch.manual_seed(config.seed)
         if resumed:
             self._restore(resumed.state)
