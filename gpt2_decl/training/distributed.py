@@ -50,14 +50,17 @@ class ProcessGroup:
 
 @contextlib.contextmanager
 def process_group(device_name: str | None) -> Iterator[ProcessGroup]:
-    """One process, or torchrun's: it sets WORLD_SIZE, RANK, LOCAL_RANK and the rendezvous."""
+    """One process, or torchrun's: it sets WORLD_SIZE, RANK, LOCAL_RANK and the rendezvous.
+
+    On CUDA each process takes the GPU of its local rank (`cuda`), or, when the device names
+    one (`cuda:0`), every process shares that GPU, where NCCL allows it."""
     device = resolve_device(device_name)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         yield ProcessGroup(0, 1, device)
         return
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        device = device if device.index is not None else gpu_of_local_rank()
         torch.cuda.set_device(device)
     created = not dist.is_initialized()
     if created:
@@ -67,6 +70,17 @@ def process_group(device_name: str | None) -> Iterator[ProcessGroup]:
     finally:
         if created:
             dist.destroy_process_group()
+
+
+def gpu_of_local_rank() -> torch.device:
+    local_rank, count = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
+    if local_rank >= count:
+        raise ValueError(
+            f"{os.environ.get('LOCAL_WORLD_SIZE', local_rank + 1)} processes per node, but this "
+            f"machine has {count} CUDA GPU{'s' if count != 1 else ''}: start one process per "
+            f"GPU (--nproc_per_node={count}), or name one GPU for all of them (--device cuda:0)"
+        )
+    return torch.device("cuda", local_rank)
 
 
 class StopSignals:

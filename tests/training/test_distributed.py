@@ -47,3 +47,16 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     ddp_weights = GPT2.from_pretrained(tmp_path / "ddp" / "latest").state_dict()
     single_weights = GPT2.from_pretrained(tmp_path / "single" / "latest").state_dict()
     torch.testing.assert_close(ddp_weights, single_weights, rtol=1e-4, atol=1e-5)
+
+
+def test_more_processes_than_gpus_is_refused_in_one_line(monkeypatch):
+    from gpt2_decl.training.distributed import gpu_of_local_rank
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert gpu_of_local_rank() == torch.device("cuda", 0)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ValueError, match=r"^2 processes per node, but this machine has 1 CUDA "
+                       r"GPU: .*--nproc_per_node=1.*--device cuda:0"):
+        gpu_of_local_rank()
