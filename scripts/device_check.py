@@ -12,6 +12,7 @@ Run by scripts/device_check.sh, which installs what is missing and runs the cuda
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -20,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import gpt2_decl
 from gpt2_decl.bench.decode import weight_bytes_per_token
@@ -28,6 +28,7 @@ from gpt2_decl.bench.measure import environment, random_tokens, time_interleaved
 from gpt2_decl.core.counting import forward_flops, training_flops_per_token
 from gpt2_decl.core.devices import resolve_device, synchronize
 from gpt2_decl.text.generation import stream
+from gpt2_decl.training.evaluation import next_token_loss
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "device_check"),
                         help="where the JSON and Markdown go (default: $OUT, else ./device_check)")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes (the default on a CPU)")
+    parser.add_argument("--budget-s", type=float, default=float("inf"),
+                        help="start no further benchmark after this many seconds")
     args = parser.parse_args()
     try:
         device = resolve_device(args.device)
@@ -75,22 +78,28 @@ def main() -> int:
     started = time.perf_counter()
     model = gpt2_decl.GPT2(sizes.config).to(device)
     for name, bench in (("forward", forward), ("training", training), ("decode", decode),
-                        ("decode_batch", decode_batch)):
+                        ("decode_batch", decode_batch), ("ddp", ddp)):
         print(f"--- {name}", flush=True)
-        try:
-            report[name] = bench(model, sizes, dtype)
-        except Exception as error:  # one failing part must not cost the others' figures
-            report[name] = {"error": f"{type(error).__name__}: {error}"}
-            traceback.print_exc()
+        if time.perf_counter() - started > args.budget_s:
+            report[name] = {"skipped": f"over the time budget of {args.budget_s:.0f} s"}
+        else:
+            try:
+                report[name] = bench(model, sizes, dtype)
+            except Exception as error:  # one failing part must not cost the others' figures
+                report[name] = {"error": f"{type(error).__name__}: {error}"}
+                traceback.print_exc()
         print(json.dumps(report[name], indent=1), flush=True)
         torch._dynamo.reset()
-    report["seconds"] = time.perf_counter() - started
-    (args.out / "device_check.json").write_text(json.dumps(report, indent=2) + "\n")
-    table = markdown(report)
-    (args.out / "device_check.md").write_text(table + "\n")
-    print(table)
-    return 0 if all("error" not in report[name] for name in ("forward", "training", "decode",
-                                                              "decode_batch")) else 1
+        report["seconds"] = time.perf_counter() - started
+        write(report, args.out)  # after each part, so a run cut short keeps what it measured
+    print(markdown(report))
+    return 0 if all("error" not in part for part in report.values()
+                    if isinstance(part, dict)) else 1
+
+
+def write(report: dict, out: Path) -> None:
+    (out / "device_check.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "device_check.md").write_text(markdown(report) + "\n")
 
 
 def matmul_flops_per_s(device: torch.device, dtype: torch.dtype, size: int, runs: int) -> float:
@@ -165,11 +174,13 @@ def training(model: gpt2_decl.GPT2, sizes: Sizes, dtype: torch.dtype) -> dict:
     data = random_tokens(model.config.vocab_size, batch, seq + 1, device, 1)
     inputs, targets = data[:, :-1], data[:, 1:]
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    # The loss compiled apart from the model, as the trainer computes it; for comparison, eager.
+    compiled_loss = torch.compile(next_token_loss, fullgraph=True)
 
-    def step() -> torch.Tensor:
+    def step(loss_fn=compiled_loss) -> torch.Tensor:
         with autocast:
             logits = compiled(inputs, check_values=False)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        loss = loss_fn(logits, targets)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
         optimizer.step()
@@ -177,15 +188,19 @@ def training(model: gpt2_decl.GPT2, sizes: Sizes, dtype: torch.dtype) -> dict:
         return loss.detach()
 
     losses = [step() for _ in range(3)]  # compiles, and warms up
+    step(next_token_loss)
     synchronize(device)
     sync_free = without_host_sync(device, step)
-    timing = time_interleaved({"step": step}, device, runs=sizes.runs, warmup=0)["step"]
+    timings = time_interleaved({"step": step, "eager_loss": lambda: step(next_token_loss)},
+                               device, runs=sizes.runs, warmup=0)
+    timing = timings["step"]
     tokens_per_s = batch * seq / (timing.median_ms / 1e3)
     roofline = matmul_flops_per_s(device, dtype, sizes.matmul, sizes.runs)
     flops = training_flops_per_token(model.config, seq)
     return {
         "batch": batch, "seq": seq, "step_ms": timing.median_ms, "tokens_per_s": tokens_per_s,
         "mfu": tokens_per_s * flops / roofline, "roofline_tflops": roofline / 1e12,
+        "step_ms_with_eager_loss": timings["eager_loss"].median_ms,
         "first_losses": [float(loss) for loss in losses], "sync_free": sync_free,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30
         if device.type == "cuda" else None,
@@ -247,6 +262,7 @@ def decode(model: gpt2_decl.GPT2, sizes: Sizes, dtype: torch.dtype) -> dict:
     allocated = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
     timings = time_interleaved({"ours": ours_generate, "transformers": reference_generate},
                                device, runs=max(3, sizes.runs // 2), warmup=1)
+    same_in_dtype = torch.equal(ours_generate(), reference_generate())
     grown = (torch.cuda.memory_allocated(device) - allocated) if allocated is not None else None
     weight_bytes = weight_bytes_per_token(ours)
     rate = {name: new / (timing.median_ms / 1e3) for name, timing in timings.items()}
@@ -255,6 +271,7 @@ def decode(model: gpt2_decl.GPT2, sizes: Sizes, dtype: torch.dtype) -> dict:
         "prompt": sizes.prompt, "new_tokens": new, "dtype": str(dtype), "warmup_s": warmup_s,
         "tokens_per_s": rate["ours"], "transformers_tokens_per_s": rate["transformers"],
         "over_transformers": rate["ours"] / rate["transformers"], "same_tokens": same,
+        "same_tokens_in_dtype": same_in_dtype,
         "copy_bandwidth_gb_s": bandwidth / 1e9, "weight_bytes_per_token": weight_bytes,
         "bound_fraction": rate["ours"] * weight_bytes / bandwidth, "sync_free": sync_free,
         "memory_growth_bytes_over_runs": grown,
@@ -262,8 +279,9 @@ def decode(model: gpt2_decl.GPT2, sizes: Sizes, dtype: torch.dtype) -> dict:
 
 
 def same_greedy_tokens(model: gpt2_decl.GPT2, prompt: torch.Tensor, new: int) -> bool:
-    """Whether our greedy tokens equal transformers' on the same float32 weights (TF32 off): in
-    bfloat16, near-ties between random weights' logits would make them part ways by chance."""
+    """Whether our greedy tokens (eager; the cuda tests check compiled against eager) equal
+    transformers' on the same float32 weights (TF32 off): in bfloat16, near-ties between random
+    weights' logits can make them part ways by chance."""
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
     try:
@@ -272,7 +290,7 @@ def same_greedy_tokens(model: gpt2_decl.GPT2, prompt: torch.Tensor, new: int) ->
         reference = transformers_model(ours, torch.float32)
         expected = reference.generate(prompt, attention_mask=torch.ones_like(prompt),
                                       max_new_tokens=new, do_sample=False)
-        return torch.equal(ours.generate(prompt, new, greedy=True, compile=True), expected)
+        return torch.equal(ours.generate(prompt, new, greedy=True), expected)
     finally:
         torch.set_float32_matmul_precision(before)
 
@@ -296,6 +314,44 @@ def decode_batch(model: gpt2_decl.GPT2, sizes: Sizes, dtype: torch.dtype) -> dic
             "batch_1_tokens_per_s": rates[1], "speedup": rates[sizes.decode_batch] / rates[1]}
 
 
+def ddp(model: gpt2_decl.GPT2, sizes: Sizes, dtype: torch.dtype) -> dict:
+    """`torchrun` with two processes (NCCL) training a tiny model, both on the first GPU where
+    there is only one, as far as NCCL allows that; the reason where it does not."""
+    device = model.device
+    if device.type != "cuda":
+        return {"skipped": "off CUDA (the tests train with two processes over gloo on the CPU)"}
+    gpus = torch.cuda.device_count()
+    with tempfile.TemporaryDirectory() as directory:
+        text = Path(directory) / "text.txt"
+        text.write_text("".join(f"Line {i}: {i} squared is {i * i}.\n" for i in range(400)))
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "-m", "gpt2_decl", "train", f"--data={text}", f"--out={directory}/run",
+            f"--cache-dir={directory}/cache", "--device", "cuda" if gpus >= 2 else "cuda:0",
+            "--n-layer=2", "--n-head=4", "--d-model=128", "--n-ctx=64", "--batch-size=8",
+            "--steps=20", "--eval-every=20", "--eval-batches=2", "--no-progress",
+        ]
+        start = time.perf_counter()
+        try:
+            finished = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        except subprocess.TimeoutExpired:
+            return {"processes": 2, "gpus": gpus, "ran": False,
+                    "why_not": "the two processes had not finished after 120 s (hung)"}
+        seconds = time.perf_counter() - start
+    lines = (finished.stdout + finished.stderr).strip().splitlines()
+    result = {"processes": 2, "gpus": gpus, "seconds": seconds,
+              "ran": finished.returncode == 0}
+    if finished.returncode == 0:
+        result["report"] = [line for line in lines if "trained" in line][-1:]
+    else:
+        # The first worker's own error, not torchrun's summary of it.
+        errors = [line.strip() for line in lines if ("Error" in line or "error:" in line)
+                  and "elastic" not in line and "ChildFailedError" not in line]
+        result["why_not"] = (errors or lines or ["no output"])[0][:300]
+        result["output_tail"] = lines[-40:]
+    return result
+
+
 def markdown(report: dict) -> str:
     """The short table: each figure beside its target."""
     rows = [("| figure | measured | target on a GPU |", "|---|---|---|")]
@@ -307,9 +363,11 @@ def markdown(report: dict) -> str:
             value = f"{value:,.3g}" if abs(value) < 100 else f"{value:,.0f}"
         rows.append((f"| {name} | {value} | {target} |",))
 
-    for part, figures in (("forward", f), ("training", t), ("decode", d), ("batch decode", b)):
-        if "error" in figures:
-            row(part, f"error: {figures['error'][:80]}")
+    for part, figures in (("forward", f), ("training", t), ("decode", d), ("batch decode", b),
+                          ("ddp", report.get("ddp", {}))):
+        for problem in ("error", "skipped"):
+            if problem in figures:
+                row(part, f"{problem}: {figures[problem][:80]}")
     row("forward, compiled, share of the matmul roofline", f.get("roofline_fraction"), ">= 0.5")
     row("forward, compiled over eager", f.get("over_eager"), ">= 1.3x")
     row("forward, compiled over transformers compiled (SDPA)", f.get("over_transformers"),
@@ -323,6 +381,10 @@ def markdown(report: dict) -> str:
     row("decoding, share of the memory bound", d.get("bound_fraction"))
     row("decoding without host syncs", d.get("sync_free"), "True")
     row(f"decoding batch {b.get('batch')}, tokens/s", b.get("tokens_per_s"))
+    ddp_part = report.get("ddp", {})
+    if "ran" in ddp_part:
+        row("torchrun, 2 processes (NCCL)", "ran" if ddp_part["ran"] else
+            f"did not run: {ddp_part['why_not'][:100]}")
     head = (f"Device check: {report['device_name']} ({report['device']}), torch "
             f"{report['torch']}, {report['date']}, {report.get('seconds', 0):.0f} s")
     return "\n".join([head, "", *(line for group in rows for line in group)])

