@@ -64,6 +64,8 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny sizes (the default on a CPU)")
     parser.add_argument("--budget-s", type=float, default=float("inf"),
                         help="start no further benchmark after this many seconds")
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help=f"which benchmarks, comma-separated (default: {','.join(PARTS)})")
     args = parser.parse_args()
     try:
         device = resolve_device(args.device)
@@ -77,8 +79,12 @@ def main() -> int:
     report = {**environment(device, dtype), "sizes": repr(sizes), "targets": TARGETS}
     started = time.perf_counter()
     model = gpt2_decl.GPT2(sizes.config).to(device)
-    for name, bench in (("forward", forward), ("training", training), ("decode", decode),
-                        ("decode_batch", decode_batch), ("ddp", ddp)):
+    unknown = set(args.parts.split(",")) - set(PARTS)
+    if unknown:
+        raise SystemExit(f"error: --parts: unknown {', '.join(sorted(unknown))}; expected some "
+                         f"of {', '.join(PARTS)}")
+    for name in args.parts.split(","):
+        bench = PARTS[name]
         print(f"--- {name}", flush=True)
         if time.perf_counter() - started > args.budget_s:
             report[name] = {"skipped": f"over the time budget of {args.budget_s:.0f} s"}
@@ -140,11 +146,23 @@ def forward(model: gpt2_decl.GPT2, sizes: Sizes, dtype: torch.dtype) -> dict:
     reference_difference = (compiled_reference(tokens).logits.float()
                             - ours(tokens).float()).abs().max().item()
     a, b = (torch.randn(sizes.matmul, sizes.matmul, device=device, dtype=dtype) for _ in range(2))
-    timings = time_interleaved({
+    runs = {
         "compiled": lambda: compiled(tokens), "eager": lambda: ours(tokens),
         "transformers_compiled": lambda: compiled_reference(tokens).logits,
         "matmul": lambda: a @ b,
-    }, device, runs=sizes.runs, warmup=2)
+    }
+    compile_s_of = {}
+    # Weight freezing, for comparison (max-autotune was slower on an H200 and took 131 s).
+    if device.type == "cuda":
+        for name, settings in (("frozen", dict(freeze=True)),):
+            variant = gpt2_decl.compile(ours, **settings)
+            start = time.perf_counter()
+            variant(tokens)
+            synchronize(device)
+            compile_s_of[name] = time.perf_counter() - start
+            print(f"compiled ({name}) in {compile_s_of[name]:.1f} s", flush=True)
+            runs[f"compiled_{name}"] = lambda variant=variant: variant(tokens)
+    timings = time_interleaved(runs, device, runs=sizes.runs, warmup=2)
     flops = forward_flops(model.config, batch, seq)
     roofline = 2 * sizes.matmul**3 / (timings["matmul"].median_ms / 1e3)
 
@@ -153,6 +171,7 @@ def forward(model: gpt2_decl.GPT2, sizes: Sizes, dtype: torch.dtype) -> dict:
 
     return {
         "batch": batch, "seq": seq, "dtype": str(dtype), "compile_s": compile_s,
+        **{f"compile_s_{name}": seconds for name, seconds in compile_s_of.items()},
         **{f"{name}_ms": timing.median_ms for name, timing in timings.items()},
         "roofline_tflops": roofline / 1e12,
         "roofline_fraction": achieved("compiled") / roofline,
@@ -372,6 +391,10 @@ def markdown(report: dict) -> str:
     row("forward, compiled over eager", f.get("over_eager"), ">= 1.3x")
     row("forward, compiled over transformers compiled (SDPA)", f.get("over_transformers"),
         ">= 1.2x")
+    for variant, label in (("frozen", "weights frozen"),):
+        if f"compiled_{variant}_ms" in f:
+            row(f"forward, compiled ({label}) over transformers compiled",
+                f["transformers_compiled_ms"] / f[f"compiled_{variant}_ms"])
     row("training step, MFU", t.get("mfu"), ">= 0.45")
     row("training, tokens/s", t.get("tokens_per_s"))
     row("training step without host syncs", t.get("sync_free"), "True")
@@ -389,6 +412,9 @@ def markdown(report: dict) -> str:
             f"{report['torch']}, {report['date']}, {report.get('seconds', 0):.0f} s")
     return "\n".join([head, "", *(line for group in rows for line in group)])
 
+
+PARTS = {"forward": forward, "training": training, "decode": decode,
+         "decode_batch": decode_batch, "ddp": ddp}
 
 if __name__ == "__main__":
     sys.exit(main())

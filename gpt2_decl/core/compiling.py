@@ -106,7 +106,9 @@ def compile(
     if backend == "inductor":
         options = {**torch._inductor.list_mode_options(mode or "default", dynamic),
                    **(options or {})}
-        key: Hashable = ("inductor", tuple(sorted(options.items())))
+        # Frozen graphs are other graphs: a backend of their own, or Dynamo would hand back
+        # the unfrozen ones compiled earlier for the same model.
+        key: Hashable = ("inductor", freeze, tuple(sorted(options.items())))
         backend = _counted(key, lambda: _inductor(options))
     else:
         found = torch._dynamo.lookup_backend(backend) if isinstance(backend, str) else backend

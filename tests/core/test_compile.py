@@ -82,3 +82,13 @@ def test_freeze_folds_the_weights_into_the_graph(tiny_config, tokens, freeze):
         model.blocks[0].mlp.up.weight.mul_(2.0)
         after = compiled(tokens)
     assert torch.equal(after, before) == freeze
+
+
+def test_freezing_applies_after_the_same_model_was_compiled_unfrozen(tiny_config, tokens):
+    model = gpt2_decl.GPT2(tiny_config).eval()
+    with torch.no_grad():
+        compile_model(model)(tokens)
+        frozen = compile_model(model, freeze=True)
+        before = frozen(tokens)
+        model.blocks[0].mlp.up.weight.mul_(2.0)
+        assert torch.equal(frozen(tokens), before)  # a graph of its own, with packed weights
