@@ -64,6 +64,7 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny sizes (the default on a CPU)")
     parser.add_argument("--budget-s", type=float, default=float("inf"),
                         help="start no further benchmark after this many seconds")
+    parser.add_argument("--tests", default="not run", help="what the cuda tests gave")
     parser.add_argument("--parts", default=",".join(PARTS),
                         help=f"which benchmarks, comma-separated (default: {','.join(PARTS)})")
     args = parser.parse_args()
@@ -76,7 +77,8 @@ def main() -> int:
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for the float32 parts
     args.out.mkdir(parents=True, exist_ok=True)
-    report = {**environment(device, dtype), "sizes": repr(sizes), "targets": TARGETS}
+    report = {**environment(device, dtype), "sizes": repr(sizes), "targets": TARGETS,
+              "cuda_tests": args.tests.strip()}
     started = time.perf_counter()
     model = gpt2_decl.GPT2(sizes.config).to(device)
     unknown = set(args.parts.split(",")) - set(PARTS)
@@ -387,6 +389,7 @@ def markdown(report: dict) -> str:
         for problem in ("error", "skipped"):
             if problem in figures:
                 row(part, f"{problem}: {figures[problem][:80]}")
+    row("cuda tests", report.get("cuda_tests"), "all pass")
     row("forward, compiled, share of the matmul roofline", f.get("roofline_fraction"), ">= 0.5")
     row("forward, compiled over eager", f.get("over_eager"), ">= 1.3x")
     row("forward, compiled over transformers compiled (SDPA)", f.get("over_transformers"),

@@ -48,10 +48,9 @@ timeout "${TESTS_TIMEOUT:-300}" "$python" -m pytest -q -rs "${parallel[@]}" -m c
     | tee "$out/cuda_tests.txt"
 tests=${PIPESTATUS[0]}
 
-echo "--- benchmarks"
-"$python" scripts/device_check.py "$@" --out "$out" 2>&1 | tee "$out/benchmarks.txt"
+echo "--- benchmarks (results in $out; the table comes last)"
+summary=$(grep -E "[0-9]+ (passed|failed|skipped|error)" "$out/cuda_tests.txt" | tail -1 | tr -d =)
+"$python" scripts/device_check.py "$@" --out "$out" --tests "${summary:-no summary} (exit $tests)" \
+    2>&1 | tee "$out/benchmarks.txt"
 benchmarks=${PIPESTATUS[0]}
-
-echo
-echo "cuda tests: exit $tests; benchmarks: exit $benchmarks; results in $out"
 exit $((tests || benchmarks))
