@@ -9,6 +9,7 @@ from gpt2_decl.core.model import GPT2
 from gpt2_decl.core.shape_table import shape_table
 from gpt2_decl.core.shapes import ShapeCheck, check_shapes
 from gpt2_decl.core.typecheck import ShapeError, is_typechecked, set_typechecked, typechecked
+from gpt2_decl.speedups.quantize import quantize
 from gpt2_decl.storage.huggingface import CheckpointError
 from gpt2_decl.text.tokenizer import GPT2Tokenizer
 from gpt2_decl.training.loop import train
@@ -28,6 +29,7 @@ __all__ = [
     "count_parameters",
     "default_device",
     "is_typechecked",
+    "quantize",
     "set_typechecked",
     "shape_table",
     "train",

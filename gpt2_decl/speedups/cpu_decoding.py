@@ -7,7 +7,8 @@ eager runs, are untouched:
 
 - one_row_products: a product of one row with a weight matrix becomes a multiply and a sum,
   accumulated in float32, which inductor streams over the weight in one pass; the BLAS
-  matrix-vector product it replaces reads memory at a fraction of the speed.
+  matrix-vector product it replaces reads memory at a fraction of the speed. An int8 weight
+  (`gpt2_decl.quantize`) is streamed as int8, and its rows scaled after the sum.
 - one_query_attention: attention of one query per head becomes two float32 matmuls around a
   masked softmax, instead of the CPU attention kernel, which is slow for one bfloat16 query.
 - store_pointwise: inductor stores every pointwise result (LayerNorm, GELU) instead of
@@ -25,10 +26,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
 
+from gpt2_decl.speedups.quantize import int8_rows
+
 
 def one_row_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """`F.linear` of a single row, as a multiply and a float32 sum over the weight's rows."""
-    product = (x[..., None, :].float() * weight.float()).sum(-1).to(x.dtype)
+    """`F.linear` of a single row, as a multiply and a float32 sum over the weight's rows (an
+    int8 weight's rows are read as int8, and scaled once each)."""
+    rows = int8_rows(weight)
+    if rows is None:
+        product = (x[..., None, :].float() * weight.float()).sum(-1)
+    else:
+        qdata, scale, zero_point = rows
+        centred = qdata.float() - zero_point.float()
+        product = (x[..., None, :].float() * centred).sum(-1) * scale.float().flatten()
+    product = product.to(x.dtype)
     return product if bias is None else product + bias
 
 

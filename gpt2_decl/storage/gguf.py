@@ -17,6 +17,7 @@ from torch import nn
 
 from gpt2_decl.core.config import END_OF_TEXT_ID, GPT2_VOCAB_SIZE
 from gpt2_decl.storage.atomic import atomic_write
+from gpt2_decl.storage.huggingface import refuse_quantized
 from gpt2_decl.text.tokenizer import released_vocabulary
 
 # Our module names -> llama.cpp's (per block, and at the top).
@@ -48,6 +49,7 @@ def save_gguf(
         import gguf
     except ImportError:
         raise ImportError("writing GGUF needs the gguf package: pip install gguf") from None
+    refuse_quantized(model)
     config, dtype = model.config, dtype or model.dtype
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"GGUF files are written in float32 or bfloat16, not {dtype}")

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from gpt2_decl.core.config import END_OF_TEXT_ID, GPT2Config
 from gpt2_decl.core.devices import resolve_device
+from gpt2_decl.speedups.quantize import is_quantized
 from gpt2_decl.storage.atomic import atomic_directory, carry_over, recover_directory
 
 CONFIG_FILE = "config.json"
@@ -426,6 +427,7 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> None:
     kept; weights files of other formats are removed, so they cannot shadow the new ones. Each
     tensor's CRC-32 goes into the file's metadata, for loading to check.
     """
+    refuse_quantized(model)
     tensors = {}
     for name, tensor in model.state_dict().items():
         if name == HEAD:  # tied: the token embedding, saved once
@@ -440,6 +442,12 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> None:
         safetensors.torch.save_file(tensors, staging / SAFETENSORS_FILE, metadata=metadata)
         (staging / CONFIG_FILE).write_text(config)
         carry_over(Path(directory), staging, skip=_is_weights_file)
+
+
+def refuse_quantized(model: nn.Module) -> None:
+    if is_quantized(model):
+        raise ValueError("a quantized model is not saved: save the float model, and quantize it "
+                         "again after loading (quantizing takes seconds)")
 
 
 def crc32(tensor: Tensor) -> int:
