@@ -17,8 +17,11 @@ from torch import Tensor
 from gpt2_decl.bench.measure import ReadBandwidth, Timing, time_interleaved
 from gpt2_decl.core.model import GPT2
 from gpt2_decl.speedups.huge_pages import move_parameters as move_into_huge_pages
+from gpt2_decl.speedups.quantize import Agreement, agreement, parameter_bytes
 from gpt2_decl.storage.gguf import save_gguf
 from gpt2_decl.text.generation import generate
+from gpt2_decl.training.data import evaluation_batches, load_corpus
+from gpt2_decl.training.evaluation import check_fits
 
 # Warm-up generations are this short: enough to compile every graph a full run uses.
 WARMUP_TOKENS = 2
@@ -36,15 +39,19 @@ class Way:
 
 
 def weight_bytes_per_token(model: GPT2) -> int:
-    """What a decode step reads: every parameter once, but of the position embedding a row."""
-    return sum(p.nbytes for p in model.parameters()) - model.position_embedding.weight.nbytes
+    """What a decode step reads: every parameter once (an int8 one as int8), but of an
+    embedding table only a row, unless the table is also the output head."""
+    tables = {id(model.position_embedding.weight), id(model.token_embedding.weight)}
+    skip = tables - {id(model.lm_head.weight)}
+    return sum(parameter_bytes(p) for p in model.parameters() if id(p) not in skip)
 
 
 def ways_of_decoding(model: GPT2, *, suffix: str = "", reference: bool = True,
-                     huge_pages: bool = False, batches: Sequence[int] = ()) -> list[Way]:
-    """Ours eager and compiled, with and without the cache, compiled for each of `batches`
-    copies of the prompt at once, and transformers' `generate`; huge_pages: every model's
-    weights (transformers' too) moved into huge pages first."""
+                     huge_pages: bool = False, batches: Sequence[int] = (),
+                     eager: bool = True) -> list[Way]:
+    """Ours eager (unless not `eager`) and compiled, with the cache, compiled for each of
+    `batches` copies of the prompt at once, and transformers' `generate`; huge_pages: every
+    model's weights (transformers' too) moved into huge pages first."""
     n_bytes = weight_bytes_per_token(model)
     if huge_pages:
         move_into_huge_pages(model)
@@ -55,7 +62,8 @@ def ways_of_decoding(model: GPT2, *, suffix: str = "", reference: bool = True,
 
         return Way(name + suffix, decode, n_bytes, model.dtype, rows)
 
-    ways = [ours("eager, cache", False), ours("compiled, cache", True)]
+    ways = [ours("eager, cache", False)] if eager else []
+    ways.append(ours("compiled, cache", True))
     ways += [ours(f"compiled, cache, batch {rows}", True, rows) for rows in batches if rows > 1]
     if reference and (decode := transformers_generate(model, huge_pages)) is not None:
         ways.append(Way("transformers generate", decode, n_bytes, model.dtype))
@@ -108,6 +116,16 @@ def transformers_generate(model: GPT2, huge_pages: bool = False
                                       max_new_tokens=new, do_sample=False)
 
     return decode
+
+
+def quantization_quality(model: GPT2, quantized: GPT2, data: Path, windows: int = 8
+                         ) -> Agreement:
+    """The quantized model's next-token top-1 agreement with `model` and both losses, over the
+    first `windows` context windows of the text at `data` (tokenized once, cached)."""
+    tokens = load_corpus(data, None, None).tokens
+    check_fits(tokens, model.config)
+    batches = evaluation_batches(tokens, model.config.n_ctx, 4, model.device, windows, 0, 1)
+    return agreement(model, quantized, batches)
 
 
 def row(way: Way, times_ms: list[float], new_tokens: int, read_bandwidths: list[float],

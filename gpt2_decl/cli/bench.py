@@ -8,6 +8,7 @@ import json
 import os
 import statistics
 import sys
+import sysconfig
 import tempfile
 from pathlib import Path
 
@@ -20,10 +21,12 @@ from gpt2_decl.core.config import DTYPES, GPT2Config
 from gpt2_decl.core.model import GPT2
 from gpt2_decl.core.typecheck import is_typechecked, set_typechecked
 from gpt2_decl.speedups import huge_pages
+from gpt2_decl.speedups.quantize import SCHEMES, quantize
 from gpt2_decl.text.generation import CPU_DECODING
 
 SIZE_OVERRIDES = ("n_layer", "n_head", "d_model")
 # torch.compile's modes (named here: asking inductor for them would import it, for seconds).
+STDLIB_JSON = Path(sysconfig.get_paths()["stdlib"]) / "json"
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -63,6 +66,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                           "weights, F32 and BF16 (needs llama-cpp-python and gguf)")
     decoding.add_argument("--huge-pages", action="store_true",
                           help="move the weights into transparent huge pages first (CPU)")
+    decoding.add_argument("--quantize", choices=SCHEMES, help="also decode a quantized copy, "
+                          "in turns, and measure its agreement with the model on --quality-data")
+    decoding.add_argument("--quality-data", type=Path, default=STDLIB_JSON, metavar="PATH",
+                          help="text for --quantize's agreement (default: the standard "
+                          "library's json package sources)")
     parser.set_defaults(handler=run)
 
 
@@ -131,6 +139,10 @@ def run_decode(args: argparse.Namespace, model: GPT2) -> dict:
         other = copy.deepcopy(model).to(DTYPES[args.compare_dtype])  # the same weights, rounded
         ways += decode.ways_of_decoding(other, suffix=f", {args.compare_dtype}", reference=False,
                                         huge_pages=on_huge_pages)
+    if args.quantize:  # compiled only: eager int8 products on a CPU dequantize every weight
+        quantized = quantize(copy.deepcopy(model), args.quantize)
+        ways += decode.ways_of_decoding(quantized, suffix=f", {args.quantize}", reference=False,
+                                        eager=False)
     gguf_files = tempfile.TemporaryDirectory()  # llama.cpp's copies of the weights, until the end
     ways += decode.llama_cpp_ways(model, gguf_files.name) if args.compare else []
     rewrites = CPU_DECODING.names() if model.device.type == "cpu" else []
@@ -144,7 +156,14 @@ def run_decode(args: argparse.Namespace, model: GPT2) -> dict:
     ratios = decode.speed_ratios(rows, f", {args.compare_dtype}") if args.compare_dtype else {}
     for name, ratio in ratios.items():
         print(f"{args.compare_dtype} / {args.dtype}, {name}: {ratio:.2f}x (median over turns)")
+    quality = None
+    if args.quantize:
+        quality = decode.quantization_quality(model, quantized, args.quality_data)
+        print(f"{args.quantize} against {args.dtype} on {quality.tokens:,} tokens of "
+              f"{args.quality_data}: top-1 agreement {quality.top1:.2%}, loss {quality.loss:.4f} "
+              f"against {quality.reference_loss:.4f} ({quality.loss_increase:+.4f})")
     return {"checkpoint": args.checkpoint, "prompt_len": args.prompt_len,
+            "quantize": args.quantize, "quality": quality and dataclasses.asdict(quality),
             "new_tokens": args.new_tokens, "huge_pages": on_huge_pages, "cpu_decoding": rewrites,
             "rows": rows, "compare_dtype": args.compare_dtype,
             "compare_dtype_speed_ratios": ratios}

@@ -19,6 +19,7 @@ from gpt2_decl.cli.common import (
 from gpt2_decl.core.config import GPT2Config
 from gpt2_decl.core.model import GPT2
 from gpt2_decl.speedups import huge_pages
+from gpt2_decl.speedups.quantize import SCHEMES, quantize
 from gpt2_decl.text.generation import generate, stream
 from gpt2_decl.text.tokenizer import GPT2Tokenizer
 
@@ -68,6 +69,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--huge-pages", action="store_true",
                         help="move the weights into transparent huge pages first (Linux CPU)")
+    parser.add_argument("--quantize", choices=SCHEMES,
+                        help="weight-only quantization for decoding (needs torchao)")
     parser.set_defaults(handler=run)
 
 
@@ -82,10 +85,17 @@ def run(args: argparse.Namespace) -> None:
         if not ids:
             where = f"prompt {index + 1}" if len(prompts) > 1 else "the prompt"
             raise SystemExit(f"error: {where} is empty; give at least one character of text")
+    if args.huge_pages and args.quantize:
+        raise SystemExit("error: --huge-pages takes float weights: leave out --quantize or it")
     model = load_model(args, device, dtype)
     if args.huge_pages and not huge_pages.move_parameters(model):
         raise SystemExit("error: --huge-pages: this system gives no transparent huge pages to "
                          "a CPU model")
+    if args.quantize:
+        try:
+            quantize(model, args.quantize)
+        except (ValueError, ImportError) as error:
+            raise SystemExit(f"error: --quantize: {error}") from None
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    greedy=args.greedy, eos_id=tokenizer.eot_id, compile=args.compile,
                    generator=[torch.Generator(device=device).manual_seed(args.seed + row)

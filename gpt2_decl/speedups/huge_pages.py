@@ -58,6 +58,9 @@ def move_parameters(module: nn.Module) -> bool:
     Empty parameters stay where they are.
     """
     parameters = [parameter for parameter in module.parameters() if parameter.numel() > 0]
+    if any(type(parameter.data) is not torch.Tensor for parameter in parameters):
+        raise ValueError("huge pages take plain tensors, not quantized weights: move the "
+                         "weights first, or leave huge pages out")
     if (
         not parameters
         or not available()

@@ -171,3 +171,28 @@ def test_decode_bench_says_what_comparing_with_llama_cpp_needs(monkeypatch):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if it were not installed
     with pytest.raises(SystemExit, match="needs llama-cpp-python"):
         main([*TINY_DECODE, "--compare", "llama.cpp"])
+
+
+def test_decode_bench_times_an_int8_copy_and_measures_its_agreement(tmp_path, capsys):
+    pytest.importorskip("torchao")
+    text = tmp_path / "text.txt"
+    text.write_text("".join(f"def f{i}(x):\n    return x * {i}\n" for i in range(800)))
+    report_path = tmp_path / "decode.json"
+    main([*TINY_DECODE, "--runs", "1", "--warmup", "0", "--quantize", "int8",
+          "--quality-data", str(text), "--json", str(report_path)])
+    report = json.loads(report_path.read_text())
+    rows = {row["name"]: row for row in report["rows"]}
+    assert "eager, cache, int8" not in rows
+    # By hand: int8 matrices with a float32 scale and an int8 zero point per output row, float
+    # LayerNorms and biases; the head an int8 copy of the embedding, whose rows are looked up.
+    def int8(rows_, columns):
+        return rows_ * columns + rows_ * (4 + 1)
+
+    block = (int8(96, 32) + int8(32, 32) + int8(128, 32) + int8(32, 128)
+             + 4 * (2 * 32 + 96 + 32 + 2 * 32 + 128 + 32))
+    assert rows["compiled, cache, int8"]["weight_bytes_per_token"] == \
+        int8(50257, 32) + block + 4 * 2 * 32
+    quality = report["quality"]
+    assert quality["tokens"] == 8 * 1024 and 0.9 <= quality["top1"] <= 1.0
+    assert abs(quality["loss"] - quality["reference_loss"]) < 0.05
+    assert f"int8 against float32 on 8,192 tokens of {text}" in capsys.readouterr().out

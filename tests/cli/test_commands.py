@@ -123,3 +123,15 @@ def test_running_out_of_memory_while_compiling_is_explained_too():
     with pytest.raises(ValueError, match="unrelated"), explained_out_of_memory(
             torch.device("cpu"), "x"):
         raise ValueError("unrelated")
+
+
+def test_generate_decodes_with_int8_weights(checkpoint, capsys):
+    pytest.importorskip("torchao")
+    from gpt2_decl import quantize
+
+    tokenizer = GPT2Tokenizer()
+    model = quantize(GPT2.from_pretrained(checkpoint), "int8")
+    tokens = model.generate(torch.tensor([tokenizer.encode("Hi")]), 4, greedy=True)
+    main(["generate", "--prompt", "Hi", "--checkpoint", str(checkpoint), "--max-new-tokens", "4",
+          "--greedy", "--device", "cpu", "--quantize", "int8", "--compile"])
+    assert capsys.readouterr().out == tokenizer.decode(tokens[0].tolist()) + "\n"

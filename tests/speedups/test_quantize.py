@@ -121,3 +121,12 @@ def test_what_quantizing_refuses(tmp_path):
     pytest.importorskip("gguf")
     with pytest.raises(ValueError, match="^a quantized model is not saved"):
         model.save_gguf(tmp_path / "model.gguf")
+
+
+def test_huge_pages_refuse_quantized_weights_rather_than_dequantize_them():
+    from gpt2_decl.speedups.huge_pages import move_parameters
+
+    _, quantized = float_and_int8()
+    with pytest.raises(ValueError, match="huge pages take plain tensors, not quantized weights"):
+        move_parameters(quantized)
+    assert int8_rows(quantized.lm_head.weight) is not None
