@@ -70,17 +70,25 @@ def ways_of_decoding(model: GPT2, *, suffix: str = "", reference: bool = True,
     return ways
 
 
-def llama_cpp_ways(model: GPT2, directory: str) -> list[Way]:
+def llama_cpp_ways(model: GPT2, directory: str, q8_0: bool = False) -> list[Way]:
     """llama.cpp (llama-cpp-python) greedy decoding of the same weights, written as GGUF files
-    in F32 and BF16 into `directory`, on as many threads as torch."""
+    in F32 and BF16 (and q8_0: F32 quantized by llama.cpp to Q8_0) into `directory`, on as many
+    threads as torch."""
     try:
         import llama_cpp
     except ImportError:
         raise ImportError("--compare llama.cpp needs llama-cpp-python: pip install it") from None
 
-    ways, n_bytes = [], weight_bytes_per_token(model) * 4 // model.dtype.itemsize
-    for name, dtype in (("F32", torch.float32), ("BF16", torch.bfloat16)):
-        path = save_gguf(model, Path(directory) / f"{name}.gguf", dtype=dtype)
+    ways, float32_bytes = [], weight_bytes_per_token(model) * 4 // model.dtype.itemsize
+    files = {name: save_gguf(model, Path(directory) / f"{name}.gguf", dtype=dtype)
+             for name, dtype in (("F32", torch.float32), ("BF16", torch.bfloat16))}
+    if q8_0:  # 32 int8 weights and a float16 scale per block: 34 bytes for 32 weights
+        files["Q8_0"] = Path(directory) / "Q8_0.gguf"
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+        llama_cpp.llama_model_quantize(str(files["F32"]).encode(), str(files["Q8_0"]).encode(),
+                                       params)
+    for name, path in files.items():
         llm = llama_cpp.Llama(str(path), n_ctx=model.config.n_ctx, verbose=False,
                               n_threads=torch.get_num_threads())
 
@@ -89,7 +97,9 @@ def llama_cpp_ways(model: GPT2, directory: str) -> list[Way]:
             tokens = itertools.islice(llm.generate(prompt[0].tolist(), top_k=1, temp=0.0), new)
             return torch.cat([prompt, torch.tensor([list(tokens)])], dim=1)
 
-        ways.append(Way(f"llama.cpp {name}", decode, n_bytes * dtype.itemsize // 4, dtype))
+        bytes_per_weight = {"F32": 4, "BF16": 2, "Q8_0": 34 / 32}[name]
+        ways.append(Way(f"llama.cpp {name}", decode, int(float32_bytes * bytes_per_weight / 4),
+                        torch.float32 if name == "F32" else torch.bfloat16))
     return ways
 
 

@@ -63,7 +63,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     decoding.add_argument("--compare-dtype", choices=sorted(DTYPES),
                           help="also decode with the cache in this dtype, in turns")
     decoding.add_argument("--compare", choices=["llama.cpp"], help="also llama.cpp on the same "
-                          "weights, F32 and BF16 (needs llama-cpp-python and gguf)")
+                          "weights, F32 and BF16, and Q8_0 with --quantize int8 (needs "
+                          "llama-cpp-python and gguf)")
     decoding.add_argument("--huge-pages", action="store_true",
                           help="move the weights into transparent huge pages first (CPU)")
     decoding.add_argument("--quantize", choices=SCHEMES, help="also decode a quantized copy, "
@@ -144,7 +145,8 @@ def run_decode(args: argparse.Namespace, model: GPT2) -> dict:
         ways += decode.ways_of_decoding(quantized, suffix=f", {args.quantize}", reference=False,
                                         eager=False)
     gguf_files = tempfile.TemporaryDirectory()  # llama.cpp's copies of the weights, until the end
-    ways += decode.llama_cpp_ways(model, gguf_files.name) if args.compare else []
+    ways += decode.llama_cpp_ways(model, gguf_files.name, q8_0=args.quantize == "int8") \
+        if args.compare else []
     rewrites = CPU_DECODING.names() if model.device.type == "cpu" else []
     print(f"{describe(model)}, {model.dtype} on {model.device}, {args.prompt_len} + "
           f"{args.new_tokens} greedy tokens; huge pages: {on_huge_pages}; rewrites: {rewrites}")

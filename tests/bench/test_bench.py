@@ -167,6 +167,20 @@ def test_decode_bench_compares_llama_cpp_on_the_same_weights(tmp_path):
     assert rows["llama.cpp BF16"]["tokens_per_s"] > 0
 
 
+def test_decode_bench_compares_int8_with_llama_cpp_q8_0(tmp_path):
+    for module in ("gguf", "llama_cpp", "torchao"):
+        pytest.importorskip(module)
+    report_path = tmp_path / "decode.json"
+    text = tmp_path / "text.txt"
+    text.write_text("x = 1\n" * 2000)
+    main([*TINY_DECODE, "--runs", "1", "--warmup", "0", "--compare", "llama.cpp", "--quantize",
+          "int8", "--quality-data", str(text), "--json", str(report_path)])
+    rows = {row["name"]: row for row in json.loads(report_path.read_text())["rows"]}
+    assert rows["llama.cpp Q8_0"]["tokens_per_s"] > 0
+    assert rows["llama.cpp Q8_0"]["weight_bytes_per_token"] == pytest.approx(
+        rows["llama.cpp F32"]["weight_bytes_per_token"] * 34 / 32 / 4, rel=1e-6)
+
+
 def test_decode_bench_says_what_comparing_with_llama_cpp_needs(monkeypatch):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if it were not installed
     with pytest.raises(SystemExit, match="needs llama-cpp-python"):
