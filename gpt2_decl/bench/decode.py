@@ -128,12 +128,13 @@ def transformers_generate(model: GPT2, huge_pages: bool = False
     return decode
 
 
-def quantization_quality(model: GPT2, quantized: GPT2, data: Path, windows: int = 8
+def quantization_quality(model: GPT2, quantized: GPT2, data: Path, n_tokens: int = 8192
                          ) -> Agreement:
     """The quantized model's next-token top-1 agreement with `model` and both losses, over the
-    first `windows` context windows of the text at `data` (tokenized once, cached)."""
+    first context windows (about `n_tokens` tokens) of the text at `data` (tokenized once)."""
     tokens = load_corpus(data, None, None).tokens
     check_fits(tokens, model.config)
+    windows = max(1, n_tokens // model.config.n_ctx)
     batches = evaluation_batches(tokens, model.config.n_ctx, 4, model.device, windows, 0, 1)
     return agreement(model, quantized, batches)
 
