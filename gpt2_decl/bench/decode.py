@@ -11,10 +11,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from gpt2_decl.bench.measure import ReadBandwidth, Timing, time_interleaved
+from gpt2_decl.core.config import GPT2Config
 from gpt2_decl.core.model import GPT2
 from gpt2_decl.speedups.huge_pages import move_parameters as move_into_huge_pages
 from gpt2_decl.speedups.quantize import Agreement, agreement, parameter_bytes
@@ -86,8 +88,9 @@ def llama_cpp_ways(model: GPT2, directory: str, q8_0: bool = False) -> list[Way]
         files["Q8_0"] = Path(directory) / "Q8_0.gguf"
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
-        llama_cpp.llama_model_quantize(str(files["F32"]).encode(), str(files["Q8_0"]).encode(),
-                                       params)
+        if llama_cpp.llama_model_quantize(str(files["F32"]).encode(),
+                                          str(files["Q8_0"]).encode(), params) != 0:
+            raise RuntimeError("llama.cpp could not quantize the F32 file to Q8_0")
     for name, path in files.items():
         llm = llama_cpp.Llama(str(path), n_ctx=model.config.n_ctx, verbose=False,
                               n_threads=torch.get_num_threads())
@@ -98,8 +101,9 @@ def llama_cpp_ways(model: GPT2, directory: str, q8_0: bool = False) -> list[Way]
             return torch.cat([prompt, torch.tensor([list(tokens)])], dim=1)
 
         bytes_per_weight = {"F32": 4, "BF16": 2, "Q8_0": 34 / 32}[name]
+        # Q8_0's tokens are compared with float32's, as our int8's are.
         ways.append(Way(f"llama.cpp {name}", decode, int(float32_bytes * bytes_per_weight / 4),
-                        torch.float32 if name == "F32" else torch.bfloat16))
+                        torch.bfloat16 if name == "BF16" else torch.float32))
     return ways
 
 
@@ -128,12 +132,17 @@ def transformers_generate(model: GPT2, huge_pages: bool = False
     return decode
 
 
-def quantization_quality(model: GPT2, quantized: GPT2, data: Path, n_tokens: int = 8192
+def quality_tokens(data: Path, config: GPT2Config) -> np.ndarray:
+    """The tokens of the text at `data` (tokenized once, then cached), at least a window."""
+    tokens = load_corpus(data, None, None).tokens
+    check_fits(tokens, config)
+    return tokens
+
+
+def quantization_quality(model: GPT2, quantized: GPT2, tokens: np.ndarray, n_tokens: int = 8192
                          ) -> Agreement:
     """The quantized model's next-token top-1 agreement with `model` and both losses, over the
-    first context windows (about `n_tokens` tokens) of the text at `data` (tokenized once)."""
-    tokens = load_corpus(data, None, None).tokens
-    check_fits(tokens, model.config)
+    first context windows (about `n_tokens` tokens) of `tokens`."""
     windows = max(1, n_tokens // model.config.n_ctx)
     batches = evaluation_batches(tokens, model.config.n_ctx, 4, model.device, windows, 0, 1)
     return agreement(model, quantized, batches)

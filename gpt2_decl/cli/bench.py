@@ -25,8 +25,8 @@ from gpt2_decl.speedups.quantize import SCHEMES, quantize
 from gpt2_decl.text.generation import CPU_DECODING
 
 SIZE_OVERRIDES = ("n_layer", "n_head", "d_model")
-# torch.compile's modes (named here: asking inductor for them would import it, for seconds).
 STDLIB_JSON = Path(sysconfig.get_paths()["stdlib"]) / "json"
+# torch.compile's modes (named here: asking inductor for them would import it, for seconds).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -79,6 +79,8 @@ def run(args: argparse.Namespace) -> None:
     set_typechecked(args.typecheck or is_typechecked())
     if not args.generate and len(args.batch) > 1:
         raise SystemExit("error: forward passes take one --batch; a list is for --generate")
+    if not args.generate and args.quantize:
+        raise SystemExit("error: --quantize is for --generate (weight-only int8 is for decoding)")
     if args.threads:
         if args.threads > (os.cpu_count() or args.threads):
             print(f"warning: --threads {args.threads} is more than this machine's "
@@ -141,6 +143,11 @@ def run_decode(args: argparse.Namespace, model: GPT2) -> dict:
         ways += decode.ways_of_decoding(other, suffix=f", {args.compare_dtype}", reference=False,
                                         huge_pages=on_huge_pages)
     if args.quantize:  # compiled only: eager int8 products on a CPU dequantize every weight
+        try:  # the text first: a bad path fails before minutes of timing
+            quality_tokens = decode.quality_tokens(args.quality_data, config)
+        except (ValueError, OSError) as error:  # the loader names the path as training's --data
+            why = str(error).split(": ", 1)[-1] if str(error).startswith("--data") else error
+            raise SystemExit(f"error: --quality-data {args.quality_data}: {why}") from None
         quantized = quantize(copy.deepcopy(model), args.quantize)
         ways += decode.ways_of_decoding(quantized, suffix=f", {args.quantize}", reference=False,
                                         eager=False)
@@ -160,7 +167,7 @@ def run_decode(args: argparse.Namespace, model: GPT2) -> dict:
         print(f"{args.compare_dtype} / {args.dtype}, {name}: {ratio:.2f}x (median over turns)")
     quality = None
     if args.quantize:
-        quality = decode.quantization_quality(model, quantized, args.quality_data)
+        quality = decode.quantization_quality(model, quantized, quality_tokens)
         print(f"{args.quantize} against {args.dtype} on {quality.tokens:,} tokens of "
               f"{args.quality_data}: top-1 agreement {quality.top1:.2%}, loss {quality.loss:.4f} "
               f"against {quality.reference_loss:.4f} ({quality.loss_increase:+.4f})")

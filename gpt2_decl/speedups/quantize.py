@@ -34,8 +34,13 @@ def quantize(model: nn.Module, scheme: str = "int8") -> nn.Module:
     if model.device.type == "cpu" and model.dtype == torch.float16:
         raise ValueError("int8 on the CPU takes a float32 or bfloat16 model, got float16")
     Int8WeightOnlyConfig, quantize_ = _torchao()
-    quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda module, _: isinstance(module,
-                                                                                    nn.Linear))
+    # set_inductor_config=False: torchao would otherwise change inductor's settings for the
+    # whole process, and so every other model compiled after this one.
+    config = Int8WeightOnlyConfig(set_inductor_config=False)
+    quantize_(model, config, filter_fn=lambda module, _: isinstance(module, nn.Linear))
+    if not is_quantized(model):
+        raise RuntimeError("this torchao did not give the int8 weights (qdata, scale per row) "
+                           "that gpt2_decl reads: install torchao>=0.18")
     return model
 
 
@@ -67,6 +72,10 @@ def int8_rows(weight: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
     names = getattr(weight, "__tensor_flatten__", lambda: ((), None))()[0]
     if "qdata" not in names or weight.qdata.dtype != torch.int8:
         return None
+    per_row = list(getattr(weight, "block_size", ())) == [1, weight.shape[-1]]
+    if not per_row or getattr(weight, "act_quant_kwargs", None) is not None:
+        raise ValueError("only weight-only int8 with one scale per row is read here, as "
+                         "gpt2_decl.quantize makes it")
     return weight.qdata, weight.scale, weight.zero_point
 
 

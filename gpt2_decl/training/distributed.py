@@ -52,15 +52,18 @@ class ProcessGroup:
 def process_group(device_name: str | None) -> Iterator[ProcessGroup]:
     """One process, or torchrun's: it sets WORLD_SIZE, RANK, LOCAL_RANK and the rendezvous.
 
-    On CUDA each process takes the GPU of its local rank (`cuda`), or, when the device names
-    one (`cuda:0`), every process shares that GPU, where NCCL allows it."""
+    On CUDA each process takes the GPU of its local rank: NCCL refuses two processes on one
+    GPU ("invalid usage", seen on an H200), so a device that names one GPU is refused."""
     device = resolve_device(device_name)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         yield ProcessGroup(0, 1, device)
         return
     if device.type == "cuda":
-        device = device if device.index is not None else gpu_of_local_rank()
+        if device.index is not None:
+            raise ValueError(f"under torchrun each process takes the GPU of its local rank: "
+                             f"give --device cuda, not {device}")
+        device = gpu_of_local_rank()
         torch.cuda.set_device(device)
     created = not dist.is_initialized()
     if created:
@@ -77,8 +80,8 @@ def gpu_of_local_rank() -> torch.device:
     if local_rank >= count:
         raise ValueError(
             f"{os.environ.get('LOCAL_WORLD_SIZE', local_rank + 1)} processes per node, but this "
-            f"machine has {count} CUDA GPU{'s' if count != 1 else ''}: start one process per "
-            f"GPU (--nproc_per_node={count}), or name one GPU for all of them (--device cuda:0)"
+            f"machine has {count} CUDA GPU{'s' if count != 1 else ''}: NCCL needs one GPU per "
+            f"process (--nproc_per_node={count})"
         )
     return torch.device("cuda", local_rank)
 

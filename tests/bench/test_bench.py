@@ -210,3 +210,23 @@ def test_decode_bench_times_an_int8_copy_and_measures_its_agreement(tmp_path, ca
     assert quality["tokens"] == 8 * 1024 and 0.9 <= quality["top1"] <= 1.0
     assert abs(quality["loss"] - quality["reference_loss"]) < 0.05
     assert f"int8 against float32 on 8,192 tokens of {text}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["--quality-data", "/no/such/text"], "--quality-data /no/such/text: no such file"),
+    (["--quality-data", "SHORT"], "fewer than one window"),
+])
+def test_decode_bench_checks_the_quality_text_before_timing(tmp_path, arguments, message, capsys):
+    pytest.importorskip("torchao")
+    short = tmp_path / "short.txt"
+    short.write_text("x = 1\n")
+    arguments = [str(short) if argument == "SHORT" else argument for argument in arguments]
+    with pytest.raises(SystemExit) as exited:
+        main([*TINY_DECODE, "--quantize", "int8", *arguments])
+    assert message in str(exited.value.code) and "\n" not in str(exited.value.code)
+    assert "timing turn" not in capsys.readouterr().out
+
+
+def test_quantize_is_for_decoding():
+    with pytest.raises(SystemExit, match="--quantize is for --generate"):
+        main([*TINY_CLI, "--quantize", "int8"])

@@ -58,5 +58,5 @@ def test_more_processes_than_gpus_is_refused_in_one_line(monkeypatch):
     assert gpu_of_local_rank() == torch.device("cuda", 0)
     monkeypatch.setenv("LOCAL_RANK", "1")
     with pytest.raises(ValueError, match=r"^2 processes per node, but this machine has 1 CUDA "
-                       r"GPU: .*--nproc_per_node=1.*--device cuda:0"):
+                       r"GPU: NCCL needs one GPU per process \(--nproc_per_node=1\)$"):
         gpu_of_local_rank()
