@@ -134,8 +134,11 @@ def transformers_generate(model: GPT2, huge_pages: bool = False
 
 def quality_tokens(data: Path, config: GPT2Config) -> np.ndarray:
     """The tokens of the text at `data` (tokenized once, then cached), at least a window."""
-    tokens = load_corpus(data, None, None).tokens
-    check_fits(tokens, config)
+    tokens = load_corpus(data, None, None, called="--quality-data").tokens
+    try:
+        check_fits(tokens, config)
+    except ValueError as error:
+        raise ValueError(f"--quality-data {str(data)!r}: {error}") from None
     return tokens
 
 

@@ -145,9 +145,8 @@ def run_decode(args: argparse.Namespace, model: GPT2) -> dict:
     if args.quantize:  # compiled only: eager int8 products on a CPU dequantize every weight
         try:  # the text first: a bad path fails before minutes of timing
             quality_tokens = decode.quality_tokens(args.quality_data, config)
-        except (ValueError, OSError) as error:  # the loader names the path as training's --data
-            why = str(error).split(": ", 1)[-1] if str(error).startswith("--data") else error
-            raise SystemExit(f"error: --quality-data {args.quality_data}: {why}") from None
+        except (ValueError, OSError) as error:
+            raise SystemExit(f"error: {error}") from None
         quantized = quantize(copy.deepcopy(model), args.quantize)
         ways += decode.ways_of_decoding(quantized, suffix=f", {args.quantize}", reference=False,
                                         eager=False)

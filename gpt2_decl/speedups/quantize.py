@@ -69,8 +69,7 @@ def is_quantized(model: nn.Module) -> bool:
 def int8_rows(weight: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
     """(qdata, scale, zero_point) of a torchao int8 weight, rows dequantizing as
     (qdata - zero_point) * scale; None for a plain tensor."""
-    names = getattr(weight, "__tensor_flatten__", lambda: ((), None))()[0]
-    if "qdata" not in names or weight.qdata.dtype != torch.int8:
+    if "qdata" not in _inner_tensor_names(weight) or weight.qdata.dtype != torch.int8:
         return None
     per_row = list(getattr(weight, "block_size", ())) == [1, weight.shape[-1]]
     if not per_row or getattr(weight, "act_quant_kwargs", None) is not None:
@@ -81,9 +80,16 @@ def int8_rows(weight: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
 
 def parameter_bytes(tensor: Tensor) -> int:
     """Bytes a tensor holds in memory: a quantized one's inner tensors, not its nominal dtype."""
-    names = getattr(tensor, "__tensor_flatten__", lambda: ((), None))()[0]
+    names = _inner_tensor_names(tensor)
     return sum(parameter_bytes(getattr(tensor, name)) for name in names) if names \
         else tensor.nbytes
+
+
+def _inner_tensor_names(tensor: Tensor) -> list[str]:
+    """The attributes holding a tensor subclass's inner tensors (torchao's); none for a plain
+    tensor."""
+    flatten = getattr(tensor, "__tensor_flatten__", None)
+    return list(flatten()[0]) if flatten is not None else []
 
 
 @dataclass(frozen=True)

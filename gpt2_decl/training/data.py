@@ -66,19 +66,20 @@ def default_cache_dir() -> Path:
     return Path(base) / "gpt2_decl" / "tokens"
 
 
-def find_text_files(data: str | os.PathLike) -> list[Path]:
-    """The files `data` names, sorted: itself, the text files under it, or the glob's matches."""
+def find_text_files(data: str | os.PathLike, called: str = "--data") -> list[Path]:
+    """The files `data` names, sorted: itself, the text files under it, or the glob's matches.
+    Errors name it as `called` (the option that gave it)."""
     text = os.fspath(data)
     if GLOB_CHARACTERS & set(text):
         files = [Path(match) for match in glob.glob(text, recursive=True) if Path(match).is_file()]
         if not files:
-            raise FileNotFoundError(f"--data {text!r}: the glob matches no files")
+            raise FileNotFoundError(f"{called} {text!r}: the glob matches no files")
         return sorted(path.resolve() for path in files)
     path = Path(text)
     if path.is_file():
         return [path.resolve()]
     if not path.is_dir():
-        raise FileNotFoundError(f"--data {text!r}: no such file or directory")
+        raise FileNotFoundError(f"{called} {text!r}: no such file or directory")
     files = sorted(
         found.resolve()
         for found in path.rglob("*")
@@ -88,7 +89,7 @@ def find_text_files(data: str | os.PathLike) -> list[Path]:
     )
     if not files:
         raise FileNotFoundError(
-            f"--data {text!r}: the directory holds no text files "
+            f"{called} {text!r}: the directory holds no text files "
             f"(suffixes {', '.join(TEXT_SUFFIXES)})"
         )
     return files
@@ -103,18 +104,20 @@ def load_corpus(
     data: str | os.PathLike,
     tokenizer: Tokenizer | None = None,
     cache_dir: str | os.PathLike | None = None,
+    called: str = "--data",
 ) -> TokenCorpus:
-    """The tokens of `data`, from the cache when its inputs are unchanged, else tokenized now."""
+    """The tokens of `data`, from the cache when its inputs are unchanged, else tokenized now.
+    Errors name it as `called` (the option that gave it)."""
     if tokenizer is None:
         from gpt2_decl.text.tokenizer import GPT2Tokenizer
 
         tokenizer = GPT2Tokenizer()
-    found = find_text_files(data)
+    found = find_text_files(data, called)
     contents = [path.read_bytes() for path in found]
     text = [is_text(content) for content in contents]
     if not any(text):
         raise ValueError(
-            f"--data {os.fspath(data)!r}: none of its {len(found)} files is text (UTF-8 without "
+            f"{called} {os.fspath(data)!r}: none of its {len(found)} files is text (UTF-8 without "
             f"NUL bytes), e.g. {found[0]}"
         )
     skipped = tuple(path for path, keep in zip(found, text, strict=True) if not keep)

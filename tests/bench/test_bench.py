@@ -213,8 +213,9 @@ def test_decode_bench_times_an_int8_copy_and_measures_its_agreement(tmp_path, ca
 
 
 @pytest.mark.parametrize(("arguments", "message"), [
-    (["--quality-data", "/no/such/text"], "--quality-data /no/such/text: no such file"),
-    (["--quality-data", "SHORT"], "fewer than one window"),
+    (["--quality-data", "/no/such/text"], "--quality-data '/no/such/text': no such file"),
+    # "x", " =", " 1", "\n" and the end-of-text token that follows each file.
+    (["--quality-data", "SHORT"], "short.txt': the data has 5 tokens, fewer than one window"),
 ])
 def test_decode_bench_checks_the_quality_text_before_timing(tmp_path, arguments, message, capsys):
     pytest.importorskip("torchao")
