@@ -26,7 +26,7 @@ import gpt2_decl
 from gpt2_decl.bench.decode import weight_bytes_per_token
 from gpt2_decl.bench.measure import environment, random_tokens, time_interleaved
 from gpt2_decl.core.counting import forward_flops, training_flops_per_token
-from gpt2_decl.core.devices import resolve_device, synchronize
+from gpt2_decl.core.devices import matmul_roofline, resolve_device, synchronize
 from gpt2_decl.text.generation import stream
 from gpt2_decl.training.evaluation import next_token_loss
 
@@ -108,12 +108,6 @@ def main() -> int:
 def write(report: dict, out: Path) -> None:
     (out / "device_check.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "device_check.md").write_text(markdown(report) + "\n")
-
-
-def matmul_flops_per_s(device: torch.device, dtype: torch.dtype, size: int, runs: int) -> float:
-    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
-    timing = time_interleaved({"mm": lambda: a @ b}, device, runs=runs, warmup=3)["mm"]
-    return 2 * size**3 / (timing.median_ms / 1e3)
 
 
 def transformers_model(model: gpt2_decl.GPT2, dtype: torch.dtype):
@@ -215,7 +209,7 @@ def training(model: gpt2_decl.GPT2, sizes: Sizes, dtype: torch.dtype) -> dict:
                                device, runs=sizes.runs, warmup=0)
     timing = timings["step"]
     tokens_per_s = batch * seq / (timing.median_ms / 1e3)
-    roofline = matmul_flops_per_s(device, dtype, sizes.matmul, sizes.runs)
+    roofline = matmul_roofline(device, dtype, size=sizes.matmul, runs=sizes.runs)
     flops = training_flops_per_token(model.config, seq)
     return {
         "batch": batch, "seq": seq, "step_ms": timing.median_ms, "tokens_per_s": tokens_per_s,
