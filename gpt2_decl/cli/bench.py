@@ -21,8 +21,8 @@ from gpt2_decl.core.config import DTYPES, GPT2Config
 from gpt2_decl.core.model import GPT2
 from gpt2_decl.core.typecheck import is_typechecked, set_typechecked
 from gpt2_decl.speedups import huge_pages
+from gpt2_decl.speedups.cpu_decoding import choice_for
 from gpt2_decl.speedups.quantize import SCHEMES, quantize
-from gpt2_decl.text.generation import CPU_DECODING
 
 SIZE_OVERRIDES = ("n_layer", "n_head", "d_model")
 STDLIB_JSON = Path(sysconfig.get_paths()["stdlib"]) / "json"
@@ -153,9 +153,18 @@ def run_decode(args: argparse.Namespace, model: GPT2) -> dict:
     gguf_files = tempfile.TemporaryDirectory()  # llama.cpp's copies of the weights, until the end
     ways += decode.llama_cpp_ways(model, gguf_files.name, q8_0=args.quantize == "int8") \
         if args.compare else []
-    rewrites = CPU_DECODING.names() if model.device.type == "cpu" else []
     print(f"{describe(model)}, {model.dtype} on {model.device}, {args.prompt_len} + "
-          f"{args.new_tokens} greedy tokens; huge pages: {on_huge_pages}; rewrites: {rewrites}")
+          f"{args.new_tokens} greedy tokens; huge pages: {on_huge_pages}")
+    rewrites = {}
+    if model.device.type == "cpu":  # measured before any timing, for each kind of model timed
+        print("choosing the rewrites of compiled CPU decoding by timing them...", flush=True)
+        timed = [(args.dtype, model)]
+        timed += [(args.compare_dtype, other)] if args.compare_dtype else []
+        timed += [(args.quantize, quantized)] if args.quantize else []
+        for name, kind in timed:
+            choice = choice_for(kind)
+            rewrites[name] = {"used": choice.decoding.names(), "times_ms": choice.times_ms}
+            print(f"  {name}: {choice.describe()}")
     prompt = random_tokens(config.vocab_size, 1, args.prompt_len, model.device, args.seed)
     bandwidth = ReadBandwidth(model.device, in_huge_pages=on_huge_pages)
     with gguf_files:

@@ -15,16 +15,23 @@ eager runs, are untouched:
   recomputing it inside each loop that reads it, which would be once per weight row; the
   generated code's per-call size asserts are dropped too (Dynamo's guards check the inputs).
 
-`gpt2_decl.text.generation` uses it for compiled CPU decoding; the README gives the figures.
+Whether a rewrite wins depends on the machine: a BLAS that reads float32 rows fast makes the
+one-row product lose there, while it wins in bfloat16. So `choice_for` times each rewrite
+against the library call it replaces, on the model's own weights, once per model kind in a
+process, and `gpt2_decl.text.generation` compiles CPU decoding with what it chose;
+`store_pointwise` is a rule (it only spares recomputation). The README gives the figures.
 """
 
 import math
+import statistics
+import time
+import types
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, fx
+from torch import Tensor, fx, nn
 
 from gpt2_decl.speedups.quantize import int8_rows
 
@@ -98,6 +105,106 @@ class CpuDecoding:
         return compile_fx(
             graph_module, example_inputs, config_patches=options if self.store_pointwise else {}
         )
+
+
+# What each measured rewrite is timed on, per alternative: this many runs, taken in turns.
+CHOICE_RUNS = 5
+# The cache length one-query attention is timed at (or the context, if shorter).
+CHOICE_CACHE_LEN = 512
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The rewrites chosen for a kind of model on this machine, and the median milliseconds per
+    token's worth of work that chose them: times_ms[rewrite] = (with it, without it)."""
+
+    decoding: CpuDecoding
+    times_ms: dict[str, tuple[float, float]]
+
+    def describe(self) -> str:
+        parts = [f"{name} {'on' if getattr(self.decoding, name) else 'off'} "
+                 f"({with_it:.2f} ms with, {without:.2f} ms without)"
+                 for name, (with_it, without) in self.times_ms.items()]
+        rules = [name for name in self.decoding.names() if name not in self.times_ms]
+        return "; ".join(parts + [f"{name} on (a rule)" for name in rules])
+
+
+_choices: dict[tuple, Choice] = {}
+
+
+def choice_for(model: nn.Module) -> Choice:
+    """The rewrites that make `model`'s compiled decoding step faster on this machine: each
+    measured rewrite is timed with and without on the model's weights (cached per kind of model:
+    its configuration, dtype, weight types and torch's thread count)."""
+    key = (model.config, model.dtype, torch.get_num_threads(),
+           tuple(type(parameter) for parameter in model.parameters()))
+    if key not in _choices:
+        _choices[key] = _choose(model)
+    return _choices[key]
+
+
+def _choose(model: nn.Module) -> Choice:
+    with torch.no_grad():
+        times = {"one_row_products": _time_products(model),
+                 "one_query_attention": _time_attention(model)}
+    chosen = {name: with_it < without for name, (with_it, without) in times.items()}
+    return Choice(replace(CpuDecoding(), **chosen), times)
+
+
+def _time_products(model: nn.Module) -> tuple[float, float]:
+    """Milliseconds to multiply a row by every weight matrix of the model once, as a decoding
+    step does, with and without one-row products (median of runs taken in turns)."""
+    groups = [[m for m in block.modules() if isinstance(m, nn.Linear)] for block in model.blocks]
+    groups.append([model.lm_head])
+    calls = [([torch.randn(1, 1, m.in_features, dtype=model.dtype) for m in group],
+              [m.weight for m in group], [m.bias for m in group]) for group in groups]
+    return _time_with_and_without("one_row_products", _products, calls)
+
+
+def _time_attention(model: nn.Module) -> tuple[float, float]:
+    """Milliseconds for one query's attention in every layer, over a cache of
+    CHOICE_CACHE_LEN keys (half of them visible), with and without one-query attention."""
+    config = model.config
+    length = min(config.n_ctx, CHOICE_CACHE_LEN)
+    visible = (torch.arange(length) < length // 2 + 1).expand(1, 1, 1, length)
+
+    def heads(seq: int) -> Tensor:
+        return torch.randn(1, config.n_head, seq, config.d_model // config.n_head,
+                           dtype=model.dtype)
+
+    calls = [(heads(1), heads(length), heads(length), visible) for _ in range(config.n_layer)]
+    return _time_with_and_without("one_query_attention", _attention, calls)
+
+
+def _products(inputs: list[Tensor], weights: list[Tensor], biases: list[Tensor | None]
+              ) -> list[Tensor]:
+    return [F.linear(x, w, b) for x, w, b in zip(inputs, weights, biases, strict=True)]
+
+
+def _attention(q: Tensor, keys: Tensor, values: Tensor, visible: Tensor) -> Tensor:
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)
+
+
+def _time_with_and_without(rewrite: str, function: Callable, calls: list[tuple]
+                           ) -> tuple[float, float]:
+    none = CpuDecoding(one_row_products=False, one_query_attention=False)
+    compiled = [_compiled(function, replace(none, **{rewrite: on}).backend) for on in (True, False)]
+    times: list[list[float]] = [[], []]
+    for run in range(CHOICE_RUNS + 1):  # the first run compiles, and is not counted
+        for alternative, times_ms in zip(compiled, times, strict=True):
+            start = time.perf_counter()
+            for args in calls:
+                alternative(*args)
+            if run:
+                times_ms.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def _compiled(function: Callable, backend: Callable) -> Callable:
+    """`function` compiled with `backend`, through a fresh copy of its code: Dynamo keeps its
+    graphs per code object, and would count these against its limit of recompilations."""
+    fresh = types.FunctionType(function.__code__.replace(), function.__globals__)
+    return torch.compile(fresh, backend=backend, fullgraph=True, dynamic=False)
 
 
 def _example(node: object) -> Tensor | None:

@@ -19,15 +19,13 @@ from gpt2_decl.core.compiling import compile as compile_model
 from gpt2_decl.core.inputs import check_tokens
 from gpt2_decl.core.kv_cache import KVCache
 from gpt2_decl.core.typecheck import shape_checked
-from gpt2_decl.speedups.cpu_decoding import CpuDecoding
+from gpt2_decl.speedups.cpu_decoding import choice_for
 
 # Below this temperature, sampling is greedy: softmax(logits / t) is a point mass there to
 # float32's precision, and smaller t would overflow the division.
 GREEDY_BELOW_TEMPERATURE = 1e-5
 # On an accelerator, how many tokens pass between two checks that every row has stopped.
 EOS_CHECK_EVERY = 16
-# The rewrites of compiled CPU decoding steps (see `CpuDecoding`).
-CPU_DECODING = CpuDecoding()
 
 
 @shape_checked
@@ -117,8 +115,9 @@ def stream(
         eos_id may come first; `generate` drops them).
     generator: the torch.Generator to sample with (a seeded one makes the output reproducible),
         or one per row, so that each row draws what it would draw alone.
-    compile: compile the decode step: True (inductor; on a CPU with `CpuDecoding`'s rewrites,
-        on CUDA with CUDA graphs), or a torch.compile backend.
+    compile: compile the decode step: True (inductor; on a CPU with the `CpuDecoding` rewrites
+        that win on this machine, measured once per kind of model; on CUDA with CUDA graphs),
+        or a torch.compile backend.
     use_cache: keep keys and values in a `KVCache` (fast) rather than rerun the whole context.
 
     The model runs in eval mode, without gradients, until the iterator is exhausted or closed;
@@ -256,14 +255,14 @@ def decode_step(model: nn.Module, compile: bool | str | Callable, use_cache: boo
     """What computes each step's logits: the model itself, or the model compiled whole.
 
     compile=True compiles the one-token cached step for the device: on a CPU with the rewrites
-    of `CpuDecoding`, on CUDA with CUDA graphs (one launch per token); without the cache, or
-    with another backend, it is a plain compile. Compiled, it is checked as `gpt2_decl.compile`
-    checks in typechecked mode.
+    of `CpuDecoding` that `choice_for` measured to win, on CUDA with CUDA graphs (one launch
+    per token); without the cache, or with another backend, it is a plain compile. Compiled, it
+    is checked as `gpt2_decl.compile` checks in typechecked mode.
     """
     if compile is False:
         return model
     if compile is True and use_cache and model.device.type == "cpu":
-        return compile_model(model, backend=CPU_DECODING.backend)
+        return compile_model(model, backend=choice_for(model).decoding.backend)
     if compile is True and use_cache and model.device.type == "cuda":
         return compile_model(model, mode="reduce-overhead")
     # Without the cache the context grows a token per step: dynamic after one change.

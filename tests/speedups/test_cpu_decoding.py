@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2_decl import GPT2, GPT2Config, KVCache
+from gpt2_decl.speedups import cpu_decoding
 from gpt2_decl.speedups.cpu_decoding import CpuDecoding, one_query_attention, one_row_linear
 
 CONFIG = GPT2Config(vocab_size=97, n_ctx=32, d_model=48, n_layer=2, n_head=3, init_std=0.2)
@@ -123,3 +124,33 @@ def test_rewritten_inductor_step_matches_eager(dtype):
             logits[name] = run(prompt[:, -1:], cache, check_values=False).float()
     tolerance = 1e-5 if dtype == torch.float32 else 0.05 * logits["eager"].abs().max()
     assert (logits["compiled"] - logits["eager"]).abs().max() <= tolerance
+
+
+@pytest.mark.parametrize("products, attention", [((1.0, 2.0), (4.0, 3.0)),
+                                                 ((2.0, 1.0), (3.0, 4.0))])
+def test_choice_takes_each_rewrite_only_where_it_timed_faster(monkeypatch, products, attention):
+    monkeypatch.setattr(cpu_decoding, "_time_products", lambda model: products)
+    monkeypatch.setattr(cpu_decoding, "_time_attention", lambda model: attention)
+    monkeypatch.setattr(cpu_decoding, "_choices", {})
+    choice = cpu_decoding.choice_for(GPT2(CONFIG).eval())
+    assert choice.decoding.one_row_products == (products[0] < products[1])
+    assert choice.decoding.one_query_attention == (attention[0] < attention[1])
+    assert choice.decoding.store_pointwise
+    assert choice.times_ms == {"one_row_products": products, "one_query_attention": attention}
+    on_or_off = "on" if products[0] < products[1] else "off"
+    assert f"one_row_products {on_or_off} ({products[0]:.2f} ms with" in choice.describe()
+
+
+def test_choice_is_measured_once_per_kind_of_model(monkeypatch):
+    monkeypatch.setattr(cpu_decoding, "_choices", {})
+    timed = []
+    real = cpu_decoding._time_products
+    monkeypatch.setattr(cpu_decoding, "_time_products",
+                        lambda model: timed.append(model) or real(model))
+    first, same_kind = GPT2(CONFIG).eval(), GPT2(CONFIG).eval()
+    choice = cpu_decoding.choice_for(first)
+    assert cpu_decoding.choice_for(same_kind) is choice
+    assert cpu_decoding.choice_for(GPT2(CONFIG).eval().to(torch.bfloat16)) is not choice
+    assert len(timed) == 2
+    for with_it, without in choice.times_ms.values():  # real times, of work really done
+        assert 0 < with_it < 10_000 and 0 < without < 10_000
