@@ -63,12 +63,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     decoding.add_argument("--compare-dtype", choices=sorted(DTYPES),
                           help="also decode with the cache in this dtype, in turns")
     decoding.add_argument("--compare", choices=["llama.cpp"], help="also llama.cpp on the same "
-                          "weights, F32 and BF16, and Q8_0 with --quantize int8 (needs "
+                          "weights, F32 and BF16, and Q8_0 with --quantize (needs "
                           "llama-cpp-python and gguf)")
     decoding.add_argument("--huge-pages", action="store_true",
                           help="move the weights into transparent huge pages first (CPU)")
-    decoding.add_argument("--quantize", choices=SCHEMES, help="also decode a quantized copy, "
-                          "in turns, and measure its agreement with the model on --quality-data")
+    decoding.add_argument("--quantize", type=schemes, default=[], metavar="SCHEMES",
+                          help=f"also decode quantized copies ({', '.join(SCHEMES)}; a list: "
+                          "int8,int8-dynamic) in turns, and measure their agreement with the "
+                          "model on --quality-data")
     decoding.add_argument("--quality-data", type=Path, default=STDLIB_JSON, metavar="PATH",
                           help="text for --quantize's agreement (default: the standard "
                           "library's json package sources)")
@@ -80,7 +82,7 @@ def run(args: argparse.Namespace) -> None:
     if not args.generate and len(args.batch) > 1:
         raise SystemExit("error: forward passes take one --batch; a list is for --generate")
     if not args.generate and args.quantize:
-        raise SystemExit("error: --quantize is for --generate (weight-only int8 is for decoding)")
+        raise SystemExit("error: --quantize is for --generate (int8 is for decoding)")
     if args.threads:
         if args.threads > (os.cpu_count() or args.threads):
             print(f"warning: --threads {args.threads} is more than this machine's "
@@ -142,16 +144,17 @@ def run_decode(args: argparse.Namespace, model: GPT2) -> dict:
         other = copy.deepcopy(model).to(DTYPES[args.compare_dtype])  # the same weights, rounded
         ways += decode.ways_of_decoding(other, suffix=f", {args.compare_dtype}", reference=False,
                                         huge_pages=on_huge_pages)
-    if args.quantize:  # compiled only: eager int8 products on a CPU dequantize every weight
+    if args.quantize:
         try:  # the text first: a bad path fails before minutes of timing
             quality_tokens = decode.quality_tokens(args.quality_data, config)
         except (ValueError, OSError) as error:
             raise SystemExit(f"error: {error}") from None
-        quantized = quantize(copy.deepcopy(model), args.quantize)
-        ways += decode.ways_of_decoding(quantized, suffix=f", {args.quantize}", reference=False,
+    quantized = {scheme: quantize(copy.deepcopy(model), scheme) for scheme in args.quantize}
+    for scheme, copied in quantized.items():  # compiled only: eager int8 is slow on a CPU
+        ways += decode.ways_of_decoding(copied, suffix=f", {scheme}", reference=False,
                                         eager=False)
     gguf_files = tempfile.TemporaryDirectory()  # llama.cpp's copies of the weights, until the end
-    ways += decode.llama_cpp_ways(model, gguf_files.name, q8_0=args.quantize == "int8") \
+    ways += decode.llama_cpp_ways(model, gguf_files.name, q8_0=bool(args.quantize)) \
         if args.compare else []
     print(f"{describe(model)}, {model.dtype} on {model.device}, {args.prompt_len} + "
           f"{args.new_tokens} greedy tokens; huge pages: {on_huge_pages}")
@@ -160,7 +163,7 @@ def run_decode(args: argparse.Namespace, model: GPT2) -> dict:
         print("choosing the rewrites of compiled CPU decoding by timing them...", flush=True)
         timed = [(args.dtype, model)]
         timed += [(args.compare_dtype, other)] if args.compare_dtype else []
-        timed += [(args.quantize, quantized)] if args.quantize else []
+        timed += list(quantized.items())
         for name, kind in timed:
             choice = choice_for(kind)
             rewrites[name] = {"used": choice.decoding.names(), "times_ms": choice.times_ms}
@@ -173,17 +176,29 @@ def run_decode(args: argparse.Namespace, model: GPT2) -> dict:
     ratios = decode.speed_ratios(rows, f", {args.compare_dtype}") if args.compare_dtype else {}
     for name, ratio in ratios.items():
         print(f"{args.compare_dtype} / {args.dtype}, {name}: {ratio:.2f}x (median over turns)")
-    quality = None
-    if args.quantize:
-        quality = decode.quantization_quality(model, quantized, quality_tokens)
-        print(f"{args.quantize} against {args.dtype} on {quality.tokens:,} tokens of "
-              f"{args.quality_data}: top-1 agreement {quality.top1:.2%}, loss {quality.loss:.4f} "
-              f"against {quality.reference_loss:.4f} ({quality.loss_increase:+.4f})")
+    quality = {}
+    for scheme, copied in quantized.items():
+        quality[scheme] = decode.quantization_quality(model, copied, quality_tokens)
+        print(f"{scheme} against {args.dtype} on {quality[scheme].tokens:,} tokens of "
+              f"{args.quality_data}: top-1 agreement {quality[scheme].top1:.2%}, loss "
+              f"{quality[scheme].loss:.4f} against {quality[scheme].reference_loss:.4f} "
+              f"({quality[scheme].loss_increase:+.4f})")
     return {"checkpoint": args.checkpoint, "prompt_len": args.prompt_len,
-            "quantize": args.quantize, "quality": quality and dataclasses.asdict(quality),
+            "quantize": args.quantize,
+            "quality": {scheme: dataclasses.asdict(found) for scheme, found in quality.items()},
             "new_tokens": args.new_tokens, "huge_pages": on_huge_pages, "cpu_decoding": rewrites,
             "rows": rows, "compare_dtype": args.compare_dtype,
             "compare_dtype_speed_ratios": ratios}
+
+
+def schemes(text: str) -> list[str]:
+    """An argparse type: a comma-separated list of quantization schemes."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [name for name in names if name not in SCHEMES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"expected schemes among {', '.join(SCHEMES)}, got {text!r}")
+    return list(dict.fromkeys(names))
 
 
 def describe(model: GPT2) -> str:

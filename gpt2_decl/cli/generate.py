@@ -70,7 +70,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--huge-pages", action="store_true",
                         help="move the weights into transparent huge pages first (Linux CPU)")
     parser.add_argument("--quantize", choices=SCHEMES,
-                        help="weight-only quantization for decoding (needs torchao)")
+                        help="int8 weights for decoding (needs torchao): int8 (weight-only) or "
+                        "int8-dynamic (inputs to each product rounded to int8 too; fastest "
+                        "with --compile on a CPU)")
     parser.set_defaults(handler=run)
 
 

@@ -14,12 +14,16 @@ eager runs, are untouched:
 - store_pointwise: inductor stores every pointwise result (LayerNorm, GELU) instead of
   recomputing it inside each loop that reads it, which would be once per weight row; the
   generated code's per-call size asserts are dropped too (Dynamo's guards check the inputs).
+- freeze_weights: the weights become constants of the compiled step (inductor's freezing), for
+  int8 products with int8 activations ("int8-dynamic"): inductor then lays each int8 weight
+  out for its integer matrix product once, when compiling, instead of at every step. Those
+  products are left as they are by one_row_products (theirs round the input to int8 first).
 
 Whether a rewrite wins depends on the machine: a BLAS that reads float32 rows fast makes the
 one-row product lose there, while it wins in bfloat16. So `choice_for` times each rewrite
 against the library call it replaces, on the model's own weights, once per model kind in a
 process, and `gpt2_decl.text.generation` compiles CPU decoding with what it chose;
-`store_pointwise` is a rule (it only spares recomputation). The README gives the figures.
+`store_pointwise` and `freeze_weights` are rules. The README gives the figures.
 """
 
 import math
@@ -33,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from gpt2_decl.speedups.quantize import int8_rows
+from gpt2_decl.speedups.quantize import int8_rows, quantizes_activations
 
 
 def one_row_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -74,6 +78,7 @@ class CpuDecoding:
     one_row_products: bool = True
     one_query_attention: bool = True
     store_pointwise: bool = True
+    freeze_weights: bool = False  # see CompiledGPT2: frozen weights are set while tracing
 
     def names(self) -> list[str]:
         return [field.name for field in fields(self) if getattr(self, field.name)]
@@ -84,7 +89,8 @@ class CpuDecoding:
         for node in graph_module.graph.nodes:
             if node.op != "call_function":
                 continue
-            if self.one_row_products and node.target is F.linear and _is_one_cpu_row(node):
+            if self.one_row_products and node.target is F.linear and _is_one_cpu_row(node) \
+                    and not _rounds_input_to_int8(node):
                 node.target = one_row_linear
                 counts["one_row_products"] += 1
             elif (
@@ -135,20 +141,24 @@ _choices: dict[tuple, Choice] = {}
 def choice_for(model: nn.Module) -> Choice:
     """The rewrites that make `model`'s compiled decoding step faster on this machine: each
     measured rewrite is timed with and without on the model's weights (cached per kind of model:
-    its configuration, dtype, weight types and torch's thread count)."""
+    its configuration, dtype, kinds of weights and torch's thread count)."""
     key = (model.config, model.dtype, torch.get_num_threads(),
-           tuple(type(parameter) for parameter in model.parameters()))
+           tuple((type(parameter), quantizes_activations(parameter))
+                 for parameter in model.parameters()))
     if key not in _choices:
         _choices[key] = _choose(model)
     return _choices[key]
 
 
 def _choose(model: nn.Module) -> Choice:
+    # Products that round their input to int8 are not rewritten: they want frozen weights.
+    freeze = any(quantizes_activations(parameter) for parameter in model.parameters())
     with torch.no_grad():
-        times = {"one_row_products": _time_products(model),
-                 "one_query_attention": _time_attention(model)}
+        times = {} if freeze else {"one_row_products": _time_products(model)}
+        times["one_query_attention"] = _time_attention(model)
     chosen = {name: with_it < without for name, (with_it, without) in times.items()}
-    return Choice(replace(CpuDecoding(), **chosen), times)
+    decoding = CpuDecoding(one_row_products=False, freeze_weights=freeze)
+    return Choice(replace(decoding, **chosen), times)
 
 
 def _time_products(model: nn.Module) -> tuple[float, float]:
@@ -215,6 +225,11 @@ def _example(node: object) -> Tensor | None:
 def _is_one_cpu_row(node: fx.Node) -> bool:
     x = _example(node.args[0])
     return x is not None and x.device.type == "cpu" and math.prod(x.shape[:-1]) == 1
+
+
+def _rounds_input_to_int8(linear: fx.Node) -> bool:
+    weight = _example(linear.args[1] if len(linear.args) > 1 else linear.kwargs.get("weight"))
+    return weight is not None and quantizes_activations(weight)
 
 
 def _is_one_query_over_a_mask(node: fx.Node) -> bool:

@@ -1,8 +1,13 @@
-"""Weight-only int8 for decoding, through torchao: each linear layer's matrix (the output head's
-too) becomes int8 with a float scale per output row, so a decoding step, which reads every
-weight once, reads a quarter of float32's bytes. Applied from outside, in place:
+"""int8 for decoding, through torchao: each linear layer's matrix (the output head's too)
+becomes int8 with a float scale per output row, so a decoding step, which reads every weight
+once, reads a quarter of float32's bytes. Applied from outside, in place:
 
-    gpt2_decl.quantize(model, "int8")
+    gpt2_decl.quantize(model, "int8")          # weight-only: products in float
+    gpt2_decl.quantize(model, "int8-dynamic")  # activations too: int8 products
+
+"int8-dynamic" also rounds each row of a layer's input to int8 at run time (a scale per row,
+symmetric), as llama.cpp's Q8_0 does for its dot products, so the products run in integers:
+on a CPU with fbgemm (x86) these are its int8 kernels (`int8_row_product`).
 
 The token embedding stays in the model's dtype for the lookups of the input tokens, one row per
 token; the output head, tied to it in float, gets an int8 copy of its own. Compiled CPU decoding
@@ -18,12 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-SCHEMES = ("int8",)
+SCHEMES = ("int8", "int8-dynamic")
 
 
 def quantize(model: nn.Module, scheme: str = "int8") -> nn.Module:
-    """Quantize `model`'s linear layers in place with torchao (`Int8WeightOnlyConfig`);
-    returns the model, in eval mode."""
+    """Quantize `model`'s linear layers in place with torchao (`Int8WeightOnlyConfig`, or for
+    "int8-dynamic" `Int8DynamicActivationInt8WeightConfig`); returns the model, in eval mode."""
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantization {scheme!r}; expected one of {', '.join(SCHEMES)}")
     if model.training:
@@ -33,11 +38,12 @@ def quantize(model: nn.Module, scheme: str = "int8") -> nn.Module:
         raise ValueError("the model is quantized already")
     if model.device.type == "cpu" and model.dtype == torch.float16:
         raise ValueError("int8 on the CPU takes a float32 or bfloat16 model, got float16")
-    Int8WeightOnlyConfig, quantize_ = _torchao()
+    torchao = _torchao()
     # set_inductor_config=False: torchao would otherwise change inductor's settings for the
     # whole process, and so every other model compiled after this one.
-    config = Int8WeightOnlyConfig(set_inductor_config=False)
-    quantize_(model, config, filter_fn=lambda module, _: isinstance(module, nn.Linear))
+    config = (torchao.Int8WeightOnlyConfig if scheme == "int8" else
+              torchao.Int8DynamicActivationInt8WeightConfig)(set_inductor_config=False)
+    torchao.quantize_(model, config, filter_fn=lambda module, _: isinstance(module, nn.Linear))
     if not is_quantized(model):
         raise RuntimeError("this torchao did not give the int8 weights (qdata, scale per row) "
                            "that gpt2_decl reads: install torchao>=0.18")
@@ -52,14 +58,14 @@ def _torchao():
     for logger in quiet:
         logger.setLevel(logging.ERROR)
     try:
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+        import torchao.quantization
     except ImportError:
         raise ImportError("quantizing needs torchao: pip install torchao "
                           "(or the project's [quantize] extra)") from None
     finally:
         for logger, level in zip(quiet, levels, strict=True):
             logger.setLevel(level)
-    return Int8WeightOnlyConfig, quantize_
+    return torchao.quantization
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -72,10 +78,19 @@ def int8_rows(weight: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
     if "qdata" not in _inner_tensor_names(weight) or weight.qdata.dtype != torch.int8:
         return None
     per_row = list(getattr(weight, "block_size", ())) == [1, weight.shape[-1]]
-    if not per_row or getattr(weight, "act_quant_kwargs", None) is not None:
-        raise ValueError("only weight-only int8 with one scale per row is read here, as "
-                         "gpt2_decl.quantize makes it")
+    activations = getattr(weight, "act_quant_kwargs", None)
+    symmetric_rows = activations is None or (
+        type(activations.granularity).__name__ == "PerRow"
+        and activations.mapping_type.name == "SYMMETRIC")
+    if not per_row or not symmetric_rows or getattr(weight, "act_pre_scale", None) is not None:
+        raise ValueError("only int8 with one scale per row (and symmetric int8 activations per "
+                         "row, if any) is read here, as gpt2_decl.quantize makes it")
     return weight.qdata, weight.scale, weight.zero_point
+
+
+def quantizes_activations(weight: Tensor) -> bool:
+    """Whether products with `weight` round their input to int8 first ("int8-dynamic")."""
+    return getattr(weight, "act_quant_kwargs", None) is not None
 
 
 def parameter_bytes(tensor: Tensor) -> int:

@@ -262,7 +262,8 @@ def decode_step(model: nn.Module, compile: bool | str | Callable, use_cache: boo
     if compile is False:
         return model
     if compile is True and use_cache and model.device.type == "cpu":
-        return compile_model(model, backend=choice_for(model).decoding.backend)
+        decoding = choice_for(model).decoding
+        return compile_model(model, backend=decoding.backend, freeze=decoding.freeze_weights)
     if compile is True and use_cache and model.device.type == "cuda":
         return compile_model(model, mode="reduce-overhead")
     # Without the cache the context grows a token per step: dynamic after one change.

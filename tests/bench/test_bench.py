@@ -195,11 +195,12 @@ def test_decode_bench_times_an_int8_copy_and_measures_its_agreement(tmp_path, ca
     text = tmp_path / "text.txt"
     text.write_text("".join(f"def f{i}(x):\n    return x * {i}\n" for i in range(800)))
     report_path = tmp_path / "decode.json"
-    main([*TINY_DECODE, "--runs", "1", "--warmup", "0", "--quantize", "int8",
+    main([*TINY_DECODE, "--runs", "1", "--warmup", "0", "--quantize", "int8,int8-dynamic",
           "--quality-data", str(text), "--json", str(report_path)])
     report = json.loads(report_path.read_text())
     rows = {row["name"]: row for row in report["rows"]}
     assert "eager, cache, int8" not in rows
+    assert "freeze_weights" in report["cpu_decoding"]["int8-dynamic"]["used"]
     # By hand: int8 matrices with a float32 scale and an int8 zero point per output row, float
     # LayerNorms and biases; the head an int8 copy of the embedding, whose rows are looked up.
     def int8(rows_, columns):
@@ -209,10 +210,22 @@ def test_decode_bench_times_an_int8_copy_and_measures_its_agreement(tmp_path, ca
              + 4 * (2 * 32 + 96 + 32 + 2 * 32 + 128 + 32))
     assert rows["compiled, cache, int8"]["weight_bytes_per_token"] == \
         int8(50257, 32) + block + 4 * 2 * 32
-    quality = report["quality"]
-    assert quality["tokens"] == 8 * 1024 and 0.9 <= quality["top1"] <= 1.0
-    assert abs(quality["loss"] - quality["reference_loss"]) < 0.05
-    assert f"int8 against float32 on 8,192 tokens of {text}" in capsys.readouterr().out
+    # int8 activations add nothing to what is read
+    assert rows["compiled, cache, int8-dynamic"]["weight_bytes_per_token"] == \
+        rows["compiled, cache, int8"]["weight_bytes_per_token"]
+    out = capsys.readouterr().out
+    for scheme in ("int8", "int8-dynamic"):
+        quality = report["quality"][scheme]
+        assert quality["tokens"] == 8 * 1024 and 0.9 <= quality["top1"] <= 1.0
+        assert abs(quality["loss"] - quality["reference_loss"]) < 0.05
+        assert f"{scheme} against float32 on 8,192 tokens of {text}" in out
+
+
+def test_decode_bench_names_the_schemes_it_knows(capsys):
+    with pytest.raises(SystemExit):
+        main([*TINY_DECODE, "--quantize", "int8,int3"])
+    assert "expected schemes among int8, int8-dynamic, got 'int8,int3'" in \
+        capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("arguments", "message"), [

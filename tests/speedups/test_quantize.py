@@ -1,5 +1,6 @@
-"""Weight-only int8 through torchao: the rounding bound per row, the tied embedding, the compiled
-CPU step reading int8 rows, the agreement measure, and what is refused."""
+"""int8 through torchao: the rounding bound per row, the tied embedding, the compiled CPU step
+reading int8 rows, int8 activations ("int8-dynamic") against integer sums by hand and in a
+frozen compiled step, the agreement measure, and what is refused."""
 
 import pytest
 import torch
@@ -22,10 +23,10 @@ CONFIG = GPT2Config(vocab_size=97, n_ctx=48, d_model=64, n_layer=2, n_head=4, in
 MATRICES = ["blocks.0.attn.qkv.weight", "blocks.1.mlp.down.weight", "lm_head.weight"]
 
 
-def float_and_int8(dtype=torch.float32):
+def float_and_int8(dtype=torch.float32, scheme="int8"):
     original = GPT2(CONFIG).to(dtype).eval()
     quantized = GPT2(CONFIG).to(dtype).eval()
-    return original, quantize(quantized, "int8")
+    return original, quantize(quantized, scheme)
 
 
 @pytest.mark.parametrize("name", MATRICES)
@@ -114,7 +115,8 @@ def test_agreement_against_hand_counted_predictions():
 
 def test_what_quantizing_refuses(tmp_path):
     model = GPT2(CONFIG)
-    with pytest.raises(ValueError, match="^unknown quantization 'int3'; expected one of int8$"):
+    with pytest.raises(ValueError, match="^unknown quantization 'int3'; expected one of int8, "
+                                         "int8-dynamic$"):
         quantize(model.eval(), "int3")
     with pytest.raises(ValueError, match="for inference, not training"):
         quantize(model.train(), "int8")
@@ -136,3 +138,49 @@ def test_huge_pages_refuse_quantized_weights_rather_than_dequantize_them():
     with pytest.raises(ValueError, match="huge pages take plain tensors, not quantized weights"):
         move_parameters(quantized)
     assert int8_rows(quantized.lm_head.weight) is not None
+
+
+def integer_product_by_hand(x, qdata, scale, bias):
+    """Each row of x rounded to int8 at max |row| / 127.5 (symmetric; the division in float32,
+    as x is), summed with the int8 weight rows exactly in float64, then scaled."""
+    rows = x.float().reshape(-1, x.shape[-1])
+    row_scales = rows.abs().amax(-1, keepdim=True) / 127.5
+    steps = (rows * (1.0 / row_scales)).round().clamp(-128, 127).double()
+    sums = steps @ qdata.double().T  # exact: integers well below 2**53
+    return (sums * row_scales.double() * scale.double().reshape(1, -1)
+            + bias.double()).reshape(*x.shape[:-1], -1)
+
+
+@pytest.mark.parametrize("name", ["blocks.0.attn.qkv", "blocks.1.mlp.down", "lm_head"])
+def test_int8_dynamic_products_are_integer_sums_of_rounded_rows(name):
+    _, quantized = float_and_int8(scheme="int8-dynamic")
+    layer = quantized.get_submodule(name)
+    bias = layer.bias if layer.bias is not None else torch.zeros(layer.out_features)
+    x = torch.randn(2, 3, layer.in_features, generator=torch.Generator().manual_seed(4))
+    qdata, scale, _ = int8_rows(layer.weight)
+    with torch.no_grad():
+        expected = integer_product_by_hand(x, qdata, scale, bias)
+        produced = layer(x).double()
+    assert (produced - expected).abs().max() < 1e-5 * expected.abs().max()
+    # Not weight-only: the rounded input moves the result further than float32 rounding would.
+    weight_only = F.linear(x.double(), (qdata.double() * scale.double()), bias.double())
+    assert (produced - weight_only).abs().max() > 1e-4 * expected.abs().max()
+
+
+def test_compiled_cpu_decoding_of_int8_dynamic_freezes_weights_and_keeps_integer_products():
+    from gpt2_decl.speedups import cpu_decoding
+
+    _, quantized = float_and_int8(scheme="int8-dynamic")
+    choice = cpu_decoding.choice_for(quantized)
+    assert choice.decoding.freeze_weights and not choice.decoding.one_row_products
+    assert "one_row_products" not in choice.times_ms
+    prompt = torch.randint(CONFIG.vocab_size, (1, 6), generator=torch.Generator().manual_seed(5))
+    compiled = quantized.generate(prompt, 12, greedy=True, compile=True)
+    with torch.no_grad():
+        logits = quantized(compiled[:, :-1])[0, prompt.shape[1] - 1:]
+    chosen = logits.gather(-1, compiled[0, prompt.shape[1]:, None])[:, 0]
+    best = logits.max(-1).values
+    # Each token is eager's choice, or a near-tie that one input rounded to the next int8
+    # step can flip (logits here spread over several units).
+    assert (chosen >= best - 0.05).all()
+    assert (chosen == best).float().mean() >= 0.75
