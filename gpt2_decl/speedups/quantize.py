@@ -6,12 +6,12 @@ once, reads a quarter of float32's bytes. Applied from outside, in place:
     gpt2_decl.quantize(model, "int8-dynamic")  # activations too: int8 products
 
 "int8-dynamic" also rounds each row of a layer's input to int8 at run time (a scale per row,
-symmetric), as llama.cpp's Q8_0 does for its dot products, so the products run in integers:
-on a CPU with fbgemm (x86) these are its int8 kernels (`int8_row_product`).
+symmetric), as llama.cpp's Q8_0 does for its dot products, so the products are integer matrix
+products (torch's `_int_mm`); compiled CPU decoding freezes such weights (`CpuDecoding`).
 
 The token embedding stays in the model's dtype for the lookups of the input tokens, one row per
 token; the output head, tied to it in float, gets an int8 copy of its own. Compiled CPU decoding
-(`CpuDecoding`'s one-row products) reads the int8 rows directly. Quantized models are for
+(`CpuDecoding`'s one-row products) reads weight-only int8 rows directly. Quantized models are for
 inference: they neither train nor save (save the float model; quantize after loading).
 """
 

@@ -113,14 +113,15 @@ def test_agreement_against_hand_counted_predictions():
     assert same.top1 == 1.0 and same.loss_increase == 0.0
 
 
-def test_what_quantizing_refuses(tmp_path):
+@pytest.mark.parametrize("scheme", ["int8", "int8-dynamic"])
+def test_what_quantizing_refuses(tmp_path, scheme):
     model = GPT2(CONFIG)
     with pytest.raises(ValueError, match="^unknown quantization 'int3'; expected one of int8, "
                                          "int8-dynamic$"):
         quantize(model.eval(), "int3")
     with pytest.raises(ValueError, match="for inference, not training"):
-        quantize(model.train(), "int8")
-    quantize(model.eval(), "int8")
+        quantize(model.train(), scheme)
+    quantize(model.eval(), scheme)
     with pytest.raises(ValueError, match="quantized already"):
         quantize(model, "int8")
     with pytest.raises(ValueError, match="^a quantized model is not saved: save the float"):
