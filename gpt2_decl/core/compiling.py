@@ -1,6 +1,7 @@
 """Compiled mode: the whole model as one `torch.compile` graph, with checks kept at the boundary."""
 
 import contextlib
+import weakref
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -97,12 +98,15 @@ def compile(
     mode: torch.compile's mode ("default", "reduce-overhead", "max-autotune", ...).
     freeze: inductor's weight freezing, which folds weights into the graph as constants for
         inference (applies under `torch.no_grad()`): faster on CPU, but later weight updates are
-        not seen, so never use it for training.
+        not seen, so never use it for training. Compiling a model frozen again after its
+        weights changed in place raises RuntimeError (Dynamo would hand back the old graphs).
     dynamic: None compiles for the first sequence length and makes the sequence axis dynamic on
         the first change (one extra compilation, never one per length); True is dynamic at once.
     backend, options: torch.compile's (options: inductor settings, on top of those of `mode`).
     Compiling the same model again with the same settings reuses the graphs compiled before.
     """
+    if freeze:
+        _check_unchanged_since_frozen(model)
     if backend == "inductor":
         options = {**torch._inductor.list_mode_options(mode or "default", dynamic),
                    **(options or {})}
@@ -114,6 +118,33 @@ def compile(
         found = torch._dynamo.lookup_backend(backend) if isinstance(backend, str) else backend
         backend = _counted(found, lambda: found)
     return CompiledGPT2(model, backend, freeze, dynamic=dynamic)
+
+
+# The versions of each frozen model's weights (and of a quantized weight's inner tensors) when
+# it was first compiled frozen: Dynamo hands the same frozen graphs back for the same model.
+_frozen_versions: "weakref.WeakKeyDictionary[nn.Module, tuple[int, ...]]" = (
+    weakref.WeakKeyDictionary())
+
+
+def _check_unchanged_since_frozen(model: nn.Module) -> None:
+    """Raise if `model`'s weights changed in place since graphs froze them: compiled again,
+    it would be given those graphs, with the old weights in them."""
+    versions = tuple(tensor._version for parameter in model.parameters()
+                     for tensor in _tensors_of(parameter))
+    if _frozen_versions.setdefault(model, versions) != versions:
+        raise RuntimeError(
+            "this model's weights changed in place after a compiled step froze them "
+            "(freeze=True, or int8-dynamic decoding); the frozen graphs would still use the old "
+            "ones: compile a copy instead (copy.deepcopy(model))")
+
+
+def _tensors_of(parameter: Tensor) -> list[Tensor]:
+    """A parameter, or a tensor subclass's inner tensors (a quantized weight's data and
+    scales), whose versions count the changes made in place."""
+    flatten = getattr(parameter, "__tensor_flatten__", None)
+    if flatten is None:
+        return [parameter]
+    return [inner for name in flatten()[0] for inner in _tensors_of(getattr(parameter, name))]
 
 
 # One wrapper per backend and settings, for the life of the process: Dynamo reuses the graphs a

@@ -1,13 +1,13 @@
 """Faster one-token decoding steps on a CPU: a `torch.compile` backend that rewrites the graph.
 
 The model's layers compute a step the general way (`F.linear`, `scaled_dot_product_attention`).
-For a single token on a CPU, inductor runs three things better written otherwise, so this
-backend rewrites them in the traced graph before inductor compiles it; the model's code, and
-eager runs, are untouched:
+For a single token on a CPU, some of them can run better written otherwise, so this backend
+rewrites them in the traced graph before inductor compiles it; the model's code, and eager
+runs, are untouched:
 
 - one_row_products: a product of one row with a weight matrix becomes a multiply and a sum,
-  accumulated in float32, which inductor streams over the weight in one pass; the BLAS
-  matrix-vector product it replaces reads memory at a fraction of the speed. An int8 weight
+  accumulated in float32, which inductor streams over the weight in one pass, where the BLAS
+  matrix-vector product it replaces reads memory slower (bfloat16, int8). An int8 weight
   (`gpt2_decl.quantize`) is streamed as int8, and its rows scaled after the sum.
 - one_query_attention: attention of one query per head becomes two float32 matmuls around a
   masked softmax, instead of the CPU attention kernel, which is slow for one bfloat16 query.

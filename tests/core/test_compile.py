@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
@@ -92,3 +94,17 @@ def test_freezing_applies_after_the_same_model_was_compiled_unfrozen(tiny_config
         before = frozen(tokens)
         model.blocks[0].mlp.up.weight.mul_(2.0)
         assert torch.equal(frozen(tokens), before)  # a graph of its own, with packed weights
+
+
+def test_compiling_frozen_again_after_the_weights_changed_is_refused(tiny_config, tokens):
+    model = gpt2_decl.GPT2(tiny_config).eval()
+    with torch.no_grad():
+        compile_model(model, freeze=True)(tokens)
+        compile_model(model, freeze=True)(tokens)  # unchanged: the same graphs serve
+        model.blocks[0].mlp.up.weight.mul_(2.0)
+        with pytest.raises(RuntimeError, match="changed in place after a compiled step froze"):
+            compile_model(model, freeze=True)
+        compile_model(model)  # unfrozen graphs read the weights at every call
+        copied = copy.deepcopy(model)
+        torch.testing.assert_close(compile_model(copied, freeze=True)(tokens), model(tokens),
+                                   atol=1e-5, rtol=0)
