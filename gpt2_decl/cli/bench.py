@@ -178,11 +178,10 @@ def run_decode(args: argparse.Namespace, model: GPT2) -> dict:
         print(f"{args.compare_dtype} / {args.dtype}, {name}: {ratio:.2f}x (median over turns)")
     quality = {}
     for scheme, copied in quantized.items():
-        quality[scheme] = decode.quantization_quality(model, copied, quality_tokens)
-        print(f"{scheme} against {args.dtype} on {quality[scheme].tokens:,} tokens of "
-              f"{args.quality_data}: top-1 agreement {quality[scheme].top1:.2%}, loss "
-              f"{quality[scheme].loss:.4f} against {quality[scheme].reference_loss:.4f} "
-              f"({quality[scheme].loss_increase:+.4f})")
+        found = quality[scheme] = decode.quantization_quality(model, copied, quality_tokens)
+        print(f"{scheme} against {args.dtype} on {found.tokens:,} tokens of {args.quality_data}: "
+              f"top-1 agreement {found.top1:.2%}, loss {found.loss:.4f} against "
+              f"{found.reference_loss:.4f} ({found.loss_increase:+.4f})")
     return {"checkpoint": args.checkpoint, "prompt_len": args.prompt_len,
             "quantize": args.quantize,
             "quality": {scheme: dataclasses.asdict(found) for scheme, found in quality.items()},

@@ -9,6 +9,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from gpt2_decl.core.counting import stored_tensors
 from gpt2_decl.core.inputs import check_tokens
 from gpt2_decl.core.kv_cache import KVCache
 from gpt2_decl.core.shapes import check_shapes
@@ -130,21 +131,12 @@ def _check_unchanged_since_frozen(model: nn.Module) -> None:
     """Raise if `model`'s weights changed in place since graphs froze them: compiled again,
     it would be given those graphs, with the old weights in them."""
     versions = tuple(tensor._version for parameter in model.parameters()
-                     for tensor in _tensors_of(parameter))
+                     for tensor in stored_tensors(parameter))
     if _frozen_versions.setdefault(model, versions) != versions:
         raise RuntimeError(
             "this model's weights changed in place after a compiled step froze them "
             "(freeze=True, or int8-dynamic decoding); the frozen graphs would still use the old "
             "ones: compile a copy instead (copy.deepcopy(model))")
-
-
-def _tensors_of(parameter: Tensor) -> list[Tensor]:
-    """A parameter, or a tensor subclass's inner tensors (a quantized weight's data and
-    scales), whose versions count the changes made in place."""
-    flatten = getattr(parameter, "__tensor_flatten__", None)
-    if flatten is None:
-        return [parameter]
-    return [inner for name in flatten()[0] for inner in _tensors_of(getattr(parameter, name))]
 
 
 # One wrapper per backend and settings, for the life of the process: Dynamo reuses the graphs a

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gpt2_decl.core.counting import inner_tensor_names, stored_tensors
+
 SCHEMES = ("int8", "int8-dynamic")
 
 
@@ -75,7 +77,7 @@ def is_quantized(model: nn.Module) -> bool:
 def int8_rows(weight: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
     """(qdata, scale, zero_point) of a torchao int8 weight, rows dequantizing as
     (qdata - zero_point) * scale; None for a plain tensor."""
-    if "qdata" not in _inner_tensor_names(weight) or weight.qdata.dtype != torch.int8:
+    if "qdata" not in inner_tensor_names(weight) or weight.qdata.dtype != torch.int8:
         return None
     per_row = list(getattr(weight, "block_size", ())) == [1, weight.shape[-1]]
     activations = getattr(weight, "act_quant_kwargs", None)
@@ -95,16 +97,7 @@ def quantizes_activations(weight: Tensor) -> bool:
 
 def parameter_bytes(tensor: Tensor) -> int:
     """Bytes a tensor holds in memory: a quantized one's inner tensors, not its nominal dtype."""
-    names = _inner_tensor_names(tensor)
-    return sum(parameter_bytes(getattr(tensor, name)) for name in names) if names \
-        else tensor.nbytes
-
-
-def _inner_tensor_names(tensor: Tensor) -> list[str]:
-    """The attributes holding a tensor subclass's inner tensors (torchao's); none for a plain
-    tensor."""
-    flatten = getattr(tensor, "__tensor_flatten__", None)
-    return list(flatten()[0]) if flatten is not None else []
+    return sum(stored.nbytes for stored in stored_tensors(tensor))
 
 
 @dataclass(frozen=True)
