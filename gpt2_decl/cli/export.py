@@ -27,9 +27,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    try:
-        model = GPT2.from_pretrained(args.checkpoint)
-        path = save_gguf(model, args.out, dtype=resolve_dtype(args.dtype))
-    except (ValueError, ImportError) as error:
-        raise SystemExit(f"error: {error}") from None
+    model = GPT2.from_pretrained(args.checkpoint)
+    path = save_gguf(model, args.out, dtype=resolve_dtype(args.dtype))
     print(f"wrote {path} ({path.stat().st_size / 2**20:,.1f} MiB, {args.dtype})")

@@ -107,11 +107,7 @@ def run(args: argparse.Namespace) -> None:
         with explained_out_of_memory(device, what + f", {len(prompts)} prompts at once"):
             print_batch(model, texts, prompts, args.max_new_tokens, options, tokenizer)
         return
-    try:
-        tokens = stream(model, torch.tensor(prompts, device=device), args.max_new_tokens,
-                        **options)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+    tokens = stream(model, torch.tensor(prompts, device=device), args.max_new_tokens, **options)
     text, ids = texts[0], prompts[0]
 
     print(text, end="", flush=True)
@@ -128,10 +124,7 @@ def print_batch(model: GPT2, texts: list[str], prompts: list[list[int]], max_new
                 options: dict, tokenizer: GPT2Tokenizer) -> None:
     """Decode the prompts as one batch, then print each with its continuation."""
     start = time.perf_counter()
-    try:
-        rows = generate(model, prompts, max_new_tokens, **options)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+    rows = generate(model, prompts, max_new_tokens, **options)
     seconds = time.perf_counter() - start
     for index, (text, prompt, row) in enumerate(zip(texts, prompts, rows, strict=True)):
         print(f"--- {index + 1}")
@@ -203,10 +196,7 @@ def speed_line(times: list[float]) -> str:
 
 def load_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> GPT2:
     if args.checkpoint:
-        try:
-            return GPT2.from_pretrained(args.checkpoint, dtype=dtype, device=device)
-        except ValueError as error:  # CheckpointError names the problem
-            raise SystemExit(f"error: {error}") from None
+        return GPT2.from_pretrained(args.checkpoint, dtype=dtype, device=device)
     print(
         f"note: no --checkpoint given, so the weights are RANDOM (GPT-2 {args.preset}, seed "
         f"{args.seed}): the text will be gibberish",

@@ -36,14 +36,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    try:
-        model, title = load(args)
-        if args.shapes:
-            print(shape_table(model, args.batch, args.seq))
-        else:
-            print(format_summary(model.config, title=title))
-    except ValueError as error:  # a bad size or checkpoint, named
-        raise SystemExit(f"error: {error}") from None
+    model, title = load(args)  # a bad size or checkpoint: a ValueError, shown by main
+    if args.shapes:
+        print(shape_table(model, args.batch, args.seq))
+    else:
+        print(format_summary(model.config, title=title))
 
 
 def load(args: argparse.Namespace) -> tuple[GPT2, str]:

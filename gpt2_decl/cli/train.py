@@ -132,7 +132,6 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from gpt2_decl.storage.lock import DirectoryInUseError
     from gpt2_decl.training.loop import NonFiniteLossError, TrainingInterrupted, train
     from gpt2_decl.training.options import TrainConfig
 
@@ -148,8 +147,6 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         with explained_out_of_memory(torch.device(options["device"]), what):
             result = train(data, out, **options)
-    except (ValueError, FileNotFoundError, FileExistsError, DirectoryInUseError) as error:
-        raise SystemExit(f"error: {error}") from None
     except PermissionError as error:
         raise SystemExit(f"error: cannot write to {error.filename}: {error.strerror}") from None
     except NonFiniteLossError as error:
@@ -181,14 +178,11 @@ def run_train(args: argparse.Namespace) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     from gpt2_decl.training.evaluation import evaluate_checkpoint
 
-    try:
-        evaluation = evaluate_checkpoint(
-            args.checkpoint, args.data, split=args.split, val_fraction=args.val_fraction,
-            batch_size=args.batch_size, max_batches=args.max_batches,
-            device=resolve_device(args.device), dtype=args.dtype, cache_dir=args.cache_dir,
-        )
-    except (ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"error: {error}") from None
+    evaluation = evaluate_checkpoint(
+        args.checkpoint, args.data, split=args.split, val_fraction=args.val_fraction,
+        batch_size=args.batch_size, max_batches=args.max_batches,
+        device=resolve_device(args.device), dtype=args.dtype, cache_dir=args.cache_dir,
+    )
     print(f"checkpoint {evaluation.checkpoint}")
     print(f"{evaluation.split} split: {evaluation.tokens:,} tokens")
     print(f"loss {evaluation.loss:.4f}")
