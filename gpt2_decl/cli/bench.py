@@ -164,8 +164,10 @@ def run_decode(args: argparse.Namespace, model: GPT2) -> dict:
         timed = [(args.dtype, model)]
         timed += [(args.compare_dtype, other)] if args.compare_dtype else []
         timed += list(quantized.items())
-        for name, kind in timed:
-            choice = choice_for(kind)
+        timed = [(name, kind, 1) for name, kind in timed]
+        timed += [(f"{args.dtype}, batch {rows}", model, rows) for rows in args.batch if rows > 1]
+        for name, kind, rows in timed:
+            choice = choice_for(kind, rows)
             rewrites[name] = {"used": choice.decoding.names(), "times_ms": choice.times_ms}
             print(f"  {name}: {choice.describe()}")
     prompt = random_tokens(config.vocab_size, 1, args.prompt_len, model.device, args.seed)

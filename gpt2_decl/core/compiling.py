@@ -130,13 +130,22 @@ _frozen_versions: "weakref.WeakKeyDictionary[nn.Module, tuple[int, ...]]" = (
 def _check_unchanged_since_frozen(model: nn.Module) -> None:
     """Raise if `model`'s weights changed in place since graphs froze them: compiled again,
     it would be given those graphs, with the old weights in them."""
-    versions = tuple(tensor._version for parameter in model.parameters()
-                     for tensor in stored_tensors(parameter))
-    if _frozen_versions.setdefault(model, versions) != versions:
+    if changed_since_frozen(model):
         raise RuntimeError(
             "this model's weights changed in place after a compiled step froze them "
-            "(freeze=True, or int8-dynamic decoding); the frozen graphs would still use the old "
-            "ones: compile a copy instead (copy.deepcopy(model))")
+            "(freeze=True); the frozen graphs would still use the old ones: compile a copy "
+            "instead (copy.deepcopy(model))")
+    _frozen_versions.setdefault(model, _versions(model))
+
+
+def changed_since_frozen(model: nn.Module) -> bool:
+    """Whether `model`'s weights changed in place since it was first compiled frozen."""
+    return model in _frozen_versions and _frozen_versions[model] != _versions(model)
+
+
+def _versions(model: nn.Module) -> tuple[int, ...]:
+    return tuple(tensor._version for parameter in model.parameters()
+                 for tensor in stored_tensors(parameter))
 
 
 # One wrapper per backend and settings, for the life of the process: Dynamo reuses the graphs a

@@ -11,6 +11,11 @@ runs, are untouched:
   (`gpt2_decl.quantize`) is streamed as int8, and its rows scaled after the sum.
 - one_query_attention: attention of one query per head becomes two float32 matmuls around a
   masked softmax, instead of the CPU attention kernel, which is slow for one bfloat16 query.
+- packed_products: the float weights become constants of the compiled step, laid out once for
+  their products, and inductor's max-autotune picks each product's kernel by timing its C++
+  GEMM templates against ATen's on the machine (batches of rows gain most: the BLAS product
+  of a few rows reads its weight far slower than a prepacked one). Frozen weights are not
+  updated by training: generation compiles such a model unfrozen once its weights changed.
 - store_pointwise: inductor stores every pointwise result (LayerNorm, GELU) instead of
   recomputing it inside each loop that reads it, which would be once per weight row; the
   generated code's per-call size asserts are dropped too (Dynamo's guards check the inputs).
@@ -21,15 +26,18 @@ runs, are untouched:
 
 Whether a rewrite wins depends on the machine: a BLAS that reads float32 rows fast makes the
 one-row product lose there, while it wins in bfloat16. So `choice_for` times each rewrite
-against the library call it replaces, on the model's own weights, once per model kind in a
-process, and `gpt2_decl.text.generation` compiles CPU decoding with what it chose;
-`store_pointwise` and `freeze_weights` are rules. The README gives the figures.
+against the library call it replaces, on the model's own weights and at the generation's
+number of rows, once per kind of model in a process, and `gpt2_decl.text.generation` compiles
+CPU decoding with what it chose; `store_pointwise` and `freeze_weights` are rules. The README
+gives the figures.
 """
 
+import functools
 import math
 import statistics
 import time
 import types
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
@@ -77,11 +85,22 @@ class CpuDecoding:
 
     one_row_products: bool = True
     one_query_attention: bool = True
+    packed_products: bool = False
     store_pointwise: bool = True
     freeze_weights: bool = False  # see CompiledGPT2: frozen weights are set while tracing
 
     def names(self) -> list[str]:
         return [field.name for field in fields(self) if getattr(self, field.name)]
+
+    @property
+    def freezes(self) -> bool:
+        """Whether the step is compiled with the weights frozen into it."""
+        return self.freeze_weights or self.packed_products
+
+    def unfrozen(self) -> "CpuDecoding":
+        """These rewrites without frozen weights, as one object per settings (Dynamo reuses the
+        graphs of the same backend object only)."""
+        return _unfrozen(self)
 
     def rewrite(self, graph_module: fx.GraphModule) -> dict[str, int]:
         """Rewrite `graph_module` in place; how many nodes of each kind were rewritten."""
@@ -107,10 +126,24 @@ class CpuDecoding:
         from torch._inductor.compile_fx import compile_fx
 
         self.rewrite(graph_module)
-        options = {"realize_acc_reads_threshold": 0, "size_asserts": False}
-        return compile_fx(
-            graph_module, example_inputs, config_patches=options if self.store_pointwise else {}
-        )
+        options = {"realize_acc_reads_threshold": 0, "size_asserts": False} \
+            if self.store_pointwise else {}
+        with warnings.catch_warnings():  # raised from inside inductor's autotuning
+            warnings.filterwarnings("ignore", "TypedStorage is deprecated")
+            return compile_fx(graph_module, example_inputs,
+                              config_patches=options | (PACKED if self.packed_products else {}))
+
+
+# Inductor's settings for packed products (with frozen weights): each product's kernel is
+# chosen by timing inductor's C++ GEMM templates against ATen's prepacked call (quietly: its
+# timings would otherwise be written to stderr, amid generated text).
+PACKED = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+          "autotune_num_choices_displayed": 0}
+
+
+@functools.cache
+def _unfrozen(decoding: CpuDecoding) -> CpuDecoding:
+    return replace(decoding, packed_products=False, freeze_weights=False)
 
 
 # What each measured rewrite is timed on, per alternative: this many runs, taken in turns.
@@ -138,37 +171,62 @@ class Choice:
 _choices: dict[tuple, Choice] = {}
 
 
-def choice_for(model: nn.Module) -> Choice:
-    """The rewrites that make `model`'s compiled decoding step faster on this machine: each
-    measured rewrite is timed with and without on the model's weights (cached per kind of model:
-    its configuration, dtype, kinds of weights and torch's thread count)."""
-    key = (model.config, model.dtype, torch.get_num_threads(),
+def choice_for(model: nn.Module, rows: int = 1) -> Choice:
+    """The rewrites that make `model`'s compiled decoding step of `rows` rows faster on this
+    machine: each measured rewrite is timed with and without on the model's weights (cached per
+    kind of model: its configuration, dtype, kinds of weights, rows and torch's thread count)."""
+    key = (model.config, model.dtype, rows, torch.get_num_threads(),
            tuple((type(parameter), quantizes_activations(parameter))
                  for parameter in model.parameters()))
     if key not in _choices:
-        _choices[key] = _choose(model)
+        _choices[key] = _choose(model, rows)
     return _choices[key]
 
 
-def _choose(model: nn.Module) -> Choice:
+def _choose(model: nn.Module, rows: int) -> Choice:
     # Products that round their input to int8 are not rewritten: they want frozen weights.
     freeze = any(quantizes_activations(parameter) for parameter in model.parameters())
     with torch.no_grad():
-        times = {} if freeze else {"one_row_products": _time_products(model)}
+        times = {} if freeze else _time_products(model, rows)
         times["one_query_attention"] = _time_attention(model)
     chosen = {name: with_it < without for name, (with_it, without) in times.items()}
+    # One-row and packed products are two ways to do the same products: the faster, if both win.
+    if chosen.get("one_row_products") and chosen.get("packed_products"):
+        faster = min(PRODUCTS, key=lambda name: times[name][0])
+        chosen |= {name: name == faster for name in PRODUCTS}
     decoding = CpuDecoding(one_row_products=False, freeze_weights=freeze)
     return Choice(replace(decoding, **chosen), times)
 
 
-def _time_products(model: nn.Module) -> tuple[float, float]:
-    """Milliseconds to multiply a row by every weight matrix of the model once, as a decoding
-    step does, with and without one-row products (median of runs taken in turns)."""
-    groups = [[m for m in block.modules() if isinstance(m, nn.Linear)] for block in model.blocks]
-    groups.append([model.lm_head])
-    calls = [([torch.randn(1, 1, m.in_features, dtype=model.dtype) for m in group],
-              [m.weight for m in group], [m.bias for m in group]) for group in groups]
-    return _time_with_and_without("one_row_products", _products, calls)
+PRODUCTS = ("one_row_products", "packed_products")
+
+
+def _time_products(model: nn.Module, rows: int) -> dict[str, tuple[float, float]]:
+    """Milliseconds to multiply `rows` rows by every weight matrix of the model once, as a
+    decoding step does, with each way of doing products that applies (one-row products for one
+    row, packed products for float weights) and without (medians of runs taken in turns)."""
+    linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
+    inputs = [torch.randn(rows, 1, linear.in_features, dtype=model.dtype) for linear in linears]
+    none = CpuDecoding(one_row_products=False, one_query_attention=False)
+    ways = {"without": none}
+    if rows == 1:
+        ways["one_row_products"] = replace(none, one_row_products=True)
+    if all(type(parameter.data) is Tensor for parameter in model.parameters()):
+        ways["packed_products"] = replace(none, packed_products=True)
+    times = _time_in_turns({name: _compiled_products(linears, decoding)
+                            for name, decoding in ways.items()}, [(inputs,)])
+    return {name: (times[name], times["without"]) for name in ways if name != "without"}
+
+
+class _Products(nn.Module):
+    """The products of a decoding step, with the model's own linear layers (shared)."""
+
+    def __init__(self, linears: list[nn.Linear]):
+        super().__init__()
+        self.linears = nn.ModuleList(linears)
+
+    def forward(self, inputs: list[Tensor]) -> list[Tensor]:
+        return [linear(x) for linear, x in zip(self.linears, inputs, strict=True)]
 
 
 def _time_attention(model: nn.Module) -> tuple[float, float]:
@@ -186,11 +244,6 @@ def _time_attention(model: nn.Module) -> tuple[float, float]:
     return _time_with_and_without("one_query_attention", _attention, calls)
 
 
-def _products(inputs: list[Tensor], weights: list[Tensor], biases: list[Tensor | None]
-              ) -> list[Tensor]:
-    return [F.linear(x, w, b) for x, w, b in zip(inputs, weights, biases, strict=True)]
-
-
 def _attention(q: Tensor, keys: Tensor, values: Tensor, visible: Tensor) -> Tensor:
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)
 
@@ -198,23 +251,46 @@ def _attention(q: Tensor, keys: Tensor, values: Tensor, visible: Tensor) -> Tens
 def _time_with_and_without(rewrite: str, function: Callable, calls: list[tuple]
                            ) -> tuple[float, float]:
     none = CpuDecoding(one_row_products=False, one_query_attention=False)
-    compiled = [_compiled(function, replace(none, **{rewrite: on}).backend) for on in (True, False)]
-    times: list[list[float]] = [[], []]
+    times = _time_in_turns({on: _compiled(function, replace(none, **{rewrite: on}))
+                            for on in (True, False)}, calls)
+    return times[True], times[False]
+
+
+def _time_in_turns(alternatives: dict, calls: list[tuple]) -> dict:
+    """Median milliseconds of each alternative over `calls`, the runs taken in turns."""
+    times: dict = {name: [] for name in alternatives}
     for run in range(CHOICE_RUNS + 1):  # the first run compiles, and is not counted
-        for alternative, times_ms in zip(compiled, times, strict=True):
+        for name, alternative in alternatives.items():
             start = time.perf_counter()
             for args in calls:
                 alternative(*args)
             if run:
-                times_ms.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times[0]), statistics.median(times[1])
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(times_ms) for name, times_ms in times.items()}
 
 
-def _compiled(function: Callable, backend: Callable) -> Callable:
-    """`function` compiled with `backend`, through a fresh copy of its code: Dynamo keeps its
-    graphs per code object, and would count these against its limit of recompilations."""
+def _compiled(function: Callable, decoding: CpuDecoding) -> Callable:
+    """`function` compiled with `decoding`'s backend, through a fresh copy of its code: Dynamo
+    keeps its graphs per code object, and would count these against its limit of
+    recompilations."""
     fresh = types.FunctionType(function.__code__.replace(), function.__globals__)
-    return torch.compile(fresh, backend=backend, fullgraph=True, dynamic=False)
+    return torch.compile(fresh, backend=decoding.backend, fullgraph=True, dynamic=False)
+
+
+def _compiled_products(linears: list[nn.Linear], decoding: CpuDecoding) -> Callable:
+    """`_Products` of `linears` compiled as `_compiled` compiles a function, the weights frozen
+    into the graph if `decoding` freezes them (decided while tracing: hence the patch)."""
+    products = _Products(linears)
+    forward = _Products.forward
+    products.forward = types.MethodType(
+        types.FunctionType(forward.__code__.replace(), forward.__globals__), products)
+    compiled = torch.compile(products, backend=decoding.backend, fullgraph=True, dynamic=False)
+
+    def call(*args: object) -> object:
+        with torch._inductor.config.patch(freezing=decoding.freezes):
+            return compiled(*args)
+
+    return call
 
 
 def _example(node: object) -> Tensor | None:

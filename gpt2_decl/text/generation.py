@@ -15,6 +15,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from gpt2_decl.core.compiling import changed_since_frozen
 from gpt2_decl.core.compiling import compile as compile_model
 from gpt2_decl.core.inputs import check_tokens
 from gpt2_decl.core.kv_cache import KVCache
@@ -221,7 +222,7 @@ def _decode(
     model.eval()
     try:
         batch, seq = tokens.shape
-        step = decode_step(model, compile, use_cache)
+        step = decode_step(model, compile, use_cache, rows=batch)
         cache = _take_cache(model, batch, seq + max_new_tokens, start) if use_cache else None
         if use_cache:
             logits = model(tokens, cache, last_only=True, check_values=False)[:, -1]
@@ -251,19 +252,23 @@ def _decode(
             _spare_caches[model] = cache
 
 
-def decode_step(model: nn.Module, compile: bool | str | Callable, use_cache: bool) -> Callable:
+def decode_step(model: nn.Module, compile: bool | str | Callable, use_cache: bool, rows: int = 1
+                ) -> Callable:
     """What computes each step's logits: the model itself, or the model compiled whole.
 
-    compile=True compiles the one-token cached step for the device: on a CPU with the rewrites
-    of `CpuDecoding` that `choice_for` measured to win, on CUDA with CUDA graphs (one launch
-    per token); without the cache, or with another backend, it is a plain compile. Compiled, it
-    is checked as `gpt2_decl.compile` checks in typechecked mode.
+    compile=True compiles the one-token cached step of `rows` rows for the device: on a CPU
+    with the rewrites of `CpuDecoding` that `choice_for` measured to win, on CUDA with CUDA
+    graphs (one launch per token); without the cache, or with another backend, it is a plain
+    compile. Compiled, it is checked as `gpt2_decl.compile` checks in typechecked mode.
     """
     if compile is False:
         return model
     if compile is True and use_cache and model.device.type == "cpu":
-        decoding = choice_for(model).decoding
-        return compile_model(model, backend=decoding.backend, freeze=decoding.freeze_weights)
+        decoding = choice_for(model, rows).decoding
+        if decoding.freezes and changed_since_frozen(model):
+            # Weights that change (training) would need the frozen step compiled anew each time.
+            decoding = decoding.unfrozen()
+        return compile_model(model, backend=decoding.backend, freeze=decoding.freezes)
     if compile is True and use_cache and model.device.type == "cuda":
         return compile_model(model, mode="reduce-overhead")
     # Without the cache the context grows a token per step: dynamic after one change.

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import gpt2_decl
 from gpt2_decl import GPT2, GPT2Config, KVCache
 from gpt2_decl.speedups import cpu_decoding
 from gpt2_decl.speedups.cpu_decoding import CpuDecoding, one_query_attention, one_row_linear
@@ -126,19 +127,58 @@ def test_rewritten_inductor_step_matches_eager(dtype):
     assert (logits["compiled"] - logits["eager"]).abs().max() <= tolerance
 
 
-@pytest.mark.parametrize("products, attention", [((1.0, 2.0), (4.0, 3.0)),
-                                                 ((2.0, 1.0), (3.0, 4.0))])
-def test_choice_takes_each_rewrite_only_where_it_timed_faster(monkeypatch, products, attention):
-    monkeypatch.setattr(cpu_decoding, "_time_products", lambda model: products)
+@pytest.mark.parametrize("one_row, packed, attention, products_used", [
+    ((1.0, 2.0), (3.0, 2.0), (4.0, 3.0), "one_row_products"),
+    ((2.0, 1.0), (3.0, 1.0), (3.0, 4.0), None),
+    ((2.0, 1.0), (0.5, 1.0), (3.0, 4.0), "packed_products"),
+    ((0.8, 1.0), (0.6, 1.0), (3.0, 4.0), "packed_products"),  # both win: the faster
+    ((0.6, 1.0), (0.8, 1.0), (3.0, 4.0), "one_row_products"),
+])
+def test_choice_takes_each_rewrite_only_where_it_timed_faster(monkeypatch, one_row, packed,
+                                                              attention, products_used):
+    products = {"one_row_products": one_row, "packed_products": packed}
+    monkeypatch.setattr(cpu_decoding, "_time_products", lambda model, rows: dict(products))
     monkeypatch.setattr(cpu_decoding, "_time_attention", lambda model: attention)
     monkeypatch.setattr(cpu_decoding, "_choices", {})
     choice = cpu_decoding.choice_for(GPT2(CONFIG).eval())
-    assert choice.decoding.one_row_products == (products[0] < products[1])
+    assert choice.decoding.one_row_products == (products_used == "one_row_products")
+    assert choice.decoding.packed_products == (products_used == "packed_products")
+    assert choice.decoding.freezes == (products_used == "packed_products")
     assert choice.decoding.one_query_attention == (attention[0] < attention[1])
     assert choice.decoding.store_pointwise
-    assert choice.times_ms == {"one_row_products": products, "one_query_attention": attention}
-    on_or_off = "on" if products[0] < products[1] else "off"
-    assert f"one_row_products {on_or_off} ({products[0]:.2f} ms with" in choice.describe()
+    assert choice.times_ms == products | {"one_query_attention": attention}
+    on_or_off = "on" if products_used == "one_row_products" else "off"
+    assert f"one_row_products {on_or_off} ({one_row[0]:.2f} ms with" in choice.describe()
+
+
+def test_products_are_timed_each_way_that_applies_to_the_weights_and_rows(monkeypatch):
+    monkeypatch.setattr(cpu_decoding, "CHOICE_RUNS", 1)
+    float_model = GPT2(CONFIG).eval()
+    with torch.no_grad():
+        assert set(cpu_decoding._time_products(float_model, 1)) == {
+            "one_row_products", "packed_products"}
+        assert set(cpu_decoding._time_products(float_model, 3)) == {"packed_products"}
+        int8 = gpt2_decl.quantize(GPT2(CONFIG).eval(), "int8")  # no packed int8 weights
+        assert set(cpu_decoding._time_products(int8, 1)) == {"one_row_products"}
+        assert cpu_decoding._time_products(int8, 3) == {}
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_packed_products_step_matches_eager_and_leaves_the_weights_alone(rows):
+    model = GPT2(CONFIG).eval()
+    before = {name: parameter.clone() for name, parameter in model.named_parameters()}
+    decoding = CpuDecoding(one_row_products=False, packed_products=True)
+    step = gpt2_decl.compile(model, backend=decoding.backend, freeze=decoding.freezes)
+    prompt = torch.randint(CONFIG.vocab_size, (rows, 6), generator=torch.Generator().manual_seed(2))
+    logits = {}
+    with torch.no_grad():
+        for name, run in [("eager", model), ("compiled", step)]:
+            cache = KVCache(CONFIG, rows, CONFIG.n_ctx, dtype=model.dtype, device=model.device)
+            model(prompt[:, :-1], cache)
+            logits[name] = run(prompt[:, -1:], cache, check_values=False)
+    assert (logits["compiled"] - logits["eager"]).abs().max() <= 1e-5
+    for name, parameter in model.named_parameters():
+        assert torch.equal(parameter, before[name]), name
 
 
 def test_choice_is_measured_once_per_kind_of_model(monkeypatch):
@@ -146,7 +186,7 @@ def test_choice_is_measured_once_per_kind_of_model(monkeypatch):
     timed = []
     real = cpu_decoding._time_products
     monkeypatch.setattr(cpu_decoding, "_time_products",
-                        lambda model: timed.append(model) or real(model))
+                        lambda model, rows: timed.append(model) or real(model, rows))
     first, same_kind = GPT2(CONFIG).eval(), GPT2(CONFIG).eval()
     choice = cpu_decoding.choice_for(first)
     assert cpu_decoding.choice_for(same_kind) is choice
