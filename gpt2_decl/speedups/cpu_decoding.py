@@ -138,7 +138,7 @@ class CpuDecoding:
 # chosen by timing inductor's C++ GEMM templates against ATen's prepacked call (quietly: its
 # timings would otherwise be written to stderr, amid generated text).
 PACKED = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
-          "autotune_num_choices_displayed": 0}
+          "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
 
 
 @functools.cache
