@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from gpt2_decl import GPT2, GPT2Config
+from gpt2_decl.speedups import cpu_decoding
 
 TINY = GPT2Config(vocab_size=97, n_ctx=32, d_model=48, n_layer=2, n_head=4, seed=1)
 
@@ -27,3 +28,19 @@ def fresh_dynamo():
     neither serve it nor count against Dynamo's per-function recompile limit."""
     torch._dynamo.reset()
     yield
+
+
+@pytest.fixture(autouse=True)
+def no_packed_products_unless_asked(monkeypatch):
+    """Compiled CPU decoding leaves packed products untimed (their autotuning compiles C++ for
+    every product of every kind of model: minutes over the suite) except in the tests that ask
+    for them with the `packed_products` fixture."""
+    monkeypatch.setattr(cpu_decoding, "PRODUCT_WAYS", ("one_row_products",))
+
+
+@pytest.fixture
+def packed_products(monkeypatch):
+    """Packed products among the ways compiled CPU decoding times, as outside the tests (its
+    choices made afresh, and forgotten after the test)."""
+    monkeypatch.setattr(cpu_decoding, "PRODUCT_WAYS", cpu_decoding.PRODUCTS)
+    monkeypatch.setattr(cpu_decoding, "_choices", {})

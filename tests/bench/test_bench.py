@@ -91,7 +91,8 @@ def test_forward_bench_rejects_bad_options_clearly(arguments, message, capsys):
     assert message in str(exit_info.value.code) + capsys.readouterr().err
 
 
-def test_decode_bench_reports_every_way_of_decoding_against_its_bound(tmp_path, capsys):
+def test_decode_bench_reports_every_way_of_decoding_against_its_bound(tmp_path, capsys,
+                                                                     packed_products):
     report_path = tmp_path / "decode.json"
     main([*TINY_DECODE, "--runs", "2", "--warmup", "0", "--json", str(report_path)])
     report = json.loads(report_path.read_text())

@@ -151,20 +151,29 @@ def test_choice_takes_each_rewrite_only_where_it_timed_faster(monkeypatch, one_r
     assert f"one_row_products {on_or_off} ({one_row[0]:.2f} ms with" in choice.describe()
 
 
-def test_products_are_timed_each_way_that_applies_to_the_weights_and_rows(monkeypatch):
-    monkeypatch.setattr(cpu_decoding, "CHOICE_RUNS", 1)
+def test_products_are_timed_each_way_that_applies_to_the_weights_and_rows(monkeypatch,
+                                                                         packed_products):
+    compiled = []  # which ways were compiled to be timed (not compiled here: names suffice)
+    monkeypatch.setattr(cpu_decoding, "_compiled_products",
+                        lambda linears, decoding: compiled.append(decoding) or (lambda x: x))
     float_model = GPT2(CONFIG).eval()
+    int8 = gpt2_decl.quantize(GPT2(CONFIG).eval(), "int8")  # no packed int8 weights
     with torch.no_grad():
         assert set(cpu_decoding._time_products(float_model, 1)) == {
             "one_row_products", "packed_products"}
         assert set(cpu_decoding._time_products(float_model, 3)) == {"packed_products"}
-        int8 = gpt2_decl.quantize(GPT2(CONFIG).eval(), "int8")  # no packed int8 weights
         assert set(cpu_decoding._time_products(int8, 1)) == {"one_row_products"}
         assert cpu_decoding._time_products(int8, 3) == {}
+    assert [decoding.names() for decoding in compiled] == [
+        ["store_pointwise"], ["one_row_products", "store_pointwise"],
+        ["packed_products", "store_pointwise"],
+        ["store_pointwise"], ["packed_products", "store_pointwise"],
+        ["store_pointwise"], ["one_row_products", "store_pointwise"],
+        ["store_pointwise"]]
 
 
-@pytest.mark.parametrize("rows", [1, 3])
-def test_packed_products_step_matches_eager_and_leaves_the_weights_alone(rows):
+def test_packed_products_step_matches_eager_and_leaves_the_weights_alone():
+    rows = 1  # a batch of rows: the generation test below
     model = GPT2(CONFIG).eval()
     before = {name: parameter.clone() for name, parameter in model.named_parameters()}
     decoding = CpuDecoding(one_row_products=False, packed_products=True)
@@ -194,3 +203,21 @@ def test_choice_is_measured_once_per_kind_of_model(monkeypatch):
     assert len(timed) == 2
     for with_it, without in choice.times_ms.values():  # real times, of work really done
         assert 0 < with_it < 10_000 and 0 < without < 10_000
+
+
+def test_generation_with_packed_products_decodes_as_eager_and_sees_weights_changed(monkeypatch):
+    # Packed products made to win the timing, so that generation compiles them.
+    monkeypatch.setattr(cpu_decoding, "_choices", {})
+    monkeypatch.setattr(cpu_decoding, "_time_products", lambda model, rows: {
+        "one_row_products": (2.0, 1.0), "packed_products": (0.5, 1.0)})
+    model = GPT2(CONFIG).eval()
+    prompt = torch.randint(CONFIG.vocab_size, (2, 5), generator=torch.Generator().manual_seed(3))
+    assert cpu_decoding.choice_for(model, rows=2).decoding.packed_products
+    assert torch.equal(model.generate(prompt, 8, greedy=True, compile=True),
+                       model.generate(prompt, 8, greedy=True))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(-1.5)
+    # The frozen step holds the old weights: generation compiles one without them.
+    assert torch.equal(model.generate(prompt, 8, greedy=True, compile=True),
+                       model.generate(prompt, 8, greedy=True))
