@@ -217,6 +217,8 @@ def _time_products(model: nn.Module, rows: int) -> dict[str, tuple[float, float]
     if "packed_products" in PRODUCT_WAYS and all(type(parameter.data) is Tensor
                                                   for parameter in model.parameters()):
         ways["packed_products"] = replace(none, packed_products=True)
+    if len(ways) == 1:
+        return {}  # nothing to time the plain products against
     times = _time_in_turns({name: _compiled_products(linears, decoding)
                             for name, decoding in ways.items()}, [(inputs,)])
     return {name: (times[name], times["without"]) for name in ways if name != "without"}

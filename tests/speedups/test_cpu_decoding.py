@@ -168,8 +168,7 @@ def test_products_are_timed_each_way_that_applies_to_the_weights_and_rows(monkey
         ["store_pointwise"], ["one_row_products", "store_pointwise"],
         ["packed_products", "store_pointwise"],
         ["store_pointwise"], ["packed_products", "store_pointwise"],
-        ["store_pointwise"], ["one_row_products", "store_pointwise"],
-        ["store_pointwise"]]
+        ["store_pointwise"], ["one_row_products", "store_pointwise"]]  # int8, 3 rows: none
 
 
 def test_packed_products_step_matches_eager_and_leaves_the_weights_alone():
