@@ -130,12 +130,12 @@ _frozen_versions: "weakref.WeakKeyDictionary[nn.Module, tuple[int, ...]]" = (
 def _check_unchanged_since_frozen(model: nn.Module) -> None:
     """Raise if `model`'s weights changed in place since graphs froze them: compiled again,
     it would be given those graphs, with the old weights in them."""
-    if changed_since_frozen(model):
+    versions = _versions(model)
+    if _frozen_versions.setdefault(model, versions) != versions:
         raise RuntimeError(
             "this model's weights changed in place after a compiled step froze them "
             "(freeze=True); the frozen graphs would still use the old ones: compile a copy "
             "instead (copy.deepcopy(model))")
-    _frozen_versions.setdefault(model, _versions(model))
 
 
 def changed_since_frozen(model: nn.Module) -> bool:

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from gpt2_decl.speedups.quantize import int8_rows, quantizes_activations
+from gpt2_decl.speedups.quantize import int8_rows, is_quantized, quantizes_activations
 
 
 def one_row_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -214,8 +214,7 @@ def _time_products(model: nn.Module, rows: int) -> dict[str, tuple[float, float]
     ways = {"without": none}
     if rows == 1 and "one_row_products" in PRODUCT_WAYS:
         ways["one_row_products"] = replace(none, one_row_products=True)
-    if "packed_products" in PRODUCT_WAYS and all(type(parameter.data) is Tensor
-                                                  for parameter in model.parameters()):
+    if "packed_products" in PRODUCT_WAYS and not is_quantized(model):
         ways["packed_products"] = replace(none, packed_products=True)
     if len(ways) == 1:
         return {}  # nothing to time the plain products against
@@ -279,17 +278,15 @@ def _compiled(function: Callable, decoding: CpuDecoding) -> Callable:
     """`function` compiled with `decoding`'s backend, through a fresh copy of its code: Dynamo
     keeps its graphs per code object, and would count these against its limit of
     recompilations."""
-    fresh = types.FunctionType(function.__code__.replace(), function.__globals__)
-    return torch.compile(fresh, backend=decoding.backend, fullgraph=True, dynamic=False)
+    return torch.compile(_fresh(function), backend=decoding.backend, fullgraph=True,
+                         dynamic=False)
 
 
 def _compiled_products(linears: list[nn.Linear], decoding: CpuDecoding) -> Callable:
     """`_Products` of `linears` compiled as `_compiled` compiles a function, the weights frozen
     into the graph if `decoding` freezes them (decided while tracing: hence the patch)."""
     products = _Products(linears)
-    forward = _Products.forward
-    products.forward = types.MethodType(
-        types.FunctionType(forward.__code__.replace(), forward.__globals__), products)
+    products.forward = types.MethodType(_fresh(_Products.forward), products)
     compiled = torch.compile(products, backend=decoding.backend, fullgraph=True, dynamic=False)
 
     def call(*args: object) -> object:
@@ -297,6 +294,11 @@ def _compiled_products(linears: list[nn.Linear], decoding: CpuDecoding) -> Calla
             return compiled(*args)
 
     return call
+
+
+def _fresh(function: Callable) -> Callable:
+    """`function` with a copy of its code: a code object of its own for Dynamo's graphs."""
+    return types.FunctionType(function.__code__.replace(), function.__globals__)
 
 
 def _example(node: object) -> Tensor | None:
