@@ -31,16 +31,17 @@ def fresh_dynamo():
 
 
 @pytest.fixture(autouse=True)
-def no_packed_products_unless_asked(monkeypatch):
-    """Compiled CPU decoding leaves packed products untimed (their autotuning compiles C++ for
-    every product of every kind of model: minutes over the suite) except in the tests that ask
-    for them with the `packed_products` fixture."""
+def one_row_products_only_unless_asked(monkeypatch):
+    """Compiled CPU decoding times one-row products only (packed products' autotuning compiles
+    C++ for every product of every kind of model: minutes over the suite; the row kernel is
+    built once per machine) except in the tests that ask for every way with the
+    `every_product_way` fixture."""
     monkeypatch.setattr(cpu_decoding, "PRODUCT_WAYS", ("one_row_products",))
 
 
 @pytest.fixture
-def packed_products(monkeypatch):
-    """Packed products among the ways compiled CPU decoding times, as outside the tests (its
+def every_product_way(monkeypatch):
+    """Every way of doing products timed by compiled CPU decoding, as outside the tests (its
     choices made afresh, and forgotten after the test)."""
     monkeypatch.setattr(cpu_decoding, "PRODUCT_WAYS", cpu_decoding.PRODUCTS)
     monkeypatch.setattr(cpu_decoding, "_choices", {})

@@ -16,6 +16,9 @@ runs, are untouched:
   GEMM templates against ATen's on the machine (batches of rows gain most: the BLAS product
   of a few rows reads its weight far slower than a prepacked one). Frozen weights are not
   updated by training: generation compiles such a model unfrozen once its weights changed.
+- kernel_products: the products of one or a few rows go to a C++ kernel (`row_kernels`) that
+  streams each weight in blocks of rows, prefetching the next block, and multiplies a block by
+  every row while it is in cache: float32, bfloat16 and int8 weights, summed in float32.
 - store_pointwise: inductor stores every pointwise result (LayerNorm, GELU) instead of
   recomputing it inside each loop that reads it, which would be once per weight row; the
   generated code's per-call size asserts are dropped too (Dynamo's guards check the inputs).
@@ -45,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from gpt2_decl.speedups import row_kernels
 from gpt2_decl.speedups.quantize import int8_rows, is_quantized, quantizes_activations
 
 
@@ -86,6 +90,7 @@ class CpuDecoding:
     one_row_products: bool = True
     one_query_attention: bool = True
     packed_products: bool = False
+    kernel_products: bool = False
     store_pointwise: bool = True
     freeze_weights: bool = False  # see CompiledGPT2: frozen weights are set while tracing
 
@@ -104,11 +109,15 @@ class CpuDecoding:
 
     def rewrite(self, graph_module: fx.GraphModule) -> dict[str, int]:
         """Rewrite `graph_module` in place; how many nodes of each kind were rewritten."""
-        counts = {"one_row_products": 0, "one_query_attention": 0}
+        counts = {"one_row_products": 0, "one_query_attention": 0, "kernel_products": 0}
         for node in graph_module.graph.nodes:
             if node.op != "call_function":
                 continue
-            if self.one_row_products and node.target is F.linear and _is_one_cpu_row(node) \
+            if self.kernel_products and node.target is F.linear and _is_cpu_rows(node) \
+                    and _kernel_reads_weight(node):
+                node.target = row_kernels.kernel_linear
+                counts["kernel_products"] += 1
+            elif self.one_row_products and node.target is F.linear and _is_one_cpu_row(node) \
                     and not _rounds_input_to_int8(node):
                 node.target = one_row_linear
                 counts["one_row_products"] += 1
@@ -190,15 +199,16 @@ def _choose(model: nn.Module, rows: int) -> Choice:
         times = {} if freeze else _time_products(model, rows)
         times["one_query_attention"] = _time_attention(model)
     chosen = {name: with_it < without for name, (with_it, without) in times.items()}
-    # One-row and packed products are two ways to do the same products: the faster, if both win.
-    if chosen.get("one_row_products") and chosen.get("packed_products"):
-        faster = min(PRODUCTS, key=lambda name: times[name][0])
-        chosen |= {name: name == faster for name in PRODUCTS}
+    # The ways of doing the products that win are ways to do the same products: the fastest.
+    winners = [name for name in PRODUCTS if chosen.get(name)]
+    if winners:
+        fastest = min(winners, key=lambda name: times[name][0])
+        chosen |= {name: name == fastest for name in winners}
     decoding = CpuDecoding(one_row_products=False, freeze_weights=freeze)
     return Choice(replace(decoding, **chosen), times)
 
 
-PRODUCTS = ("one_row_products", "packed_products")
+PRODUCTS = ("one_row_products", "packed_products", "kernel_products")
 # The ways of doing the products that `choice_for` times against the plain ones (where they
 # apply): leaving packed_products out saves its autotuning, a minute for GPT-2 small.
 PRODUCT_WAYS = PRODUCTS
@@ -216,6 +226,9 @@ def _time_products(model: nn.Module, rows: int) -> dict[str, tuple[float, float]
         ways["one_row_products"] = replace(none, one_row_products=True)
     if "packed_products" in PRODUCT_WAYS and not is_quantized(model):
         ways["packed_products"] = replace(none, packed_products=True)
+    if "kernel_products" in PRODUCT_WAYS and row_kernels.load() is None \
+            and all(row_kernels.reads(linear.weight) for linear in linears):
+        ways["kernel_products"] = replace(none, kernel_products=True)
     if len(ways) == 1:
         return {}  # nothing to time the plain products against
     times = _time_in_turns({name: _compiled_products(linears, decoding)
@@ -309,6 +322,16 @@ def _example(node: object) -> Tensor | None:
 def _is_one_cpu_row(node: fx.Node) -> bool:
     x = _example(node.args[0])
     return x is not None and x.device.type == "cpu" and math.prod(x.shape[:-1]) == 1
+
+
+def _is_cpu_rows(node: fx.Node) -> bool:
+    x = _example(node.args[0])
+    return x is not None and x.device.type == "cpu" and x.dim() >= 2
+
+
+def _kernel_reads_weight(linear: fx.Node) -> bool:
+    weight = _example(linear.args[1] if len(linear.args) > 1 else linear.kwargs.get("weight"))
+    return weight is not None and not quantizes_activations(weight) and row_kernels.reads(weight)
 
 
 def _rounds_input_to_int8(linear: fx.Node) -> bool:

@@ -11,7 +11,7 @@ import torch
 from gpt2_decl.bench import decode
 from gpt2_decl.bench.measure import ReadBandwidth, Timing, time_interleaved
 from gpt2_decl.cli import main
-from gpt2_decl.speedups import huge_pages
+from gpt2_decl.speedups import huge_pages, row_kernels
 
 TINY_CLI = ["bench", "--n-layer", "2", "--d-model", "64", "--n-head", "4", "--threads", "1"]
 TINY_DECODE = ["bench", "--generate", "--n-layer", "1", "--n-head", "2", "--d-model", "32",
@@ -92,7 +92,7 @@ def test_forward_bench_rejects_bad_options_clearly(arguments, message, capsys):
 
 
 def test_decode_bench_reports_every_way_of_decoding_against_its_bound(tmp_path, capsys,
-                                                                     packed_products):
+                                                                     every_product_way):
     report_path = tmp_path / "decode.json"
     main([*TINY_DECODE, "--runs", "2", "--warmup", "0", "--json", str(report_path)])
     report = json.loads(report_path.read_text())
@@ -101,11 +101,13 @@ def test_decode_bench_reports_every_way_of_decoding_against_its_bound(tmp_path, 
     rewrites = report["cpu_decoding"]["float32"]  # chosen by timing each with and without
     assert "store_pointwise" in rewrites["used"]
     times = rewrites["times_ms"]
-    assert set(times) == {"one_row_products", "packed_products", "one_query_attention"}
+    kernel = ["kernel_products"] if row_kernels.load() is None else []
+    ways = ["one_row_products", "packed_products", *kernel]
+    assert set(times) == {*ways, "one_query_attention"}
     attention_wins = times["one_query_attention"][0] < times["one_query_attention"][1]
     assert ("one_query_attention" in rewrites["used"]) == attention_wins
     # One way of doing the products at most: the fastest, if it beats the plain products.
-    fastest = min(["one_row_products", "packed_products"], key=lambda name: times[name][0])
+    fastest = min(ways, key=lambda name: times[name][0])
     products_used = [name for name in rewrites["used"] if name.endswith("_products")]
     assert products_used == ([fastest] if times[fastest][0] < times[fastest][1] else [])
     # Weights read per token by hand: token embedding 50257 x 32, one block, ln_f; float32.

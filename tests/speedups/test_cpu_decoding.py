@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import gpt2_decl
 from gpt2_decl import GPT2, GPT2Config, KVCache
-from gpt2_decl.speedups import cpu_decoding
+from gpt2_decl.speedups import cpu_decoding, row_kernels
 from gpt2_decl.speedups.cpu_decoding import CpuDecoding, one_query_attention, one_row_linear
 
 CONFIG = GPT2Config(vocab_size=97, n_ctx=32, d_model=48, n_layer=2, n_head=3, init_std=0.2)
@@ -100,7 +100,8 @@ def test_rewrites_apply_to_single_rows_and_single_queries_only(batch, seq, rows,
     model = GPT2(CONFIG).eval()
     cache = prefilled_cache(model, batch)
     counts, ops = rewritten_graph(model, torch.zeros(batch, seq, dtype=torch.long), cache)
-    assert counts == {"one_row_products": rows, "one_query_attention": queries}
+    assert counts == {"one_row_products": rows, "one_query_attention": queries,
+                      "kernel_products": 0}
     assert any("scaled_dot_product_attention" in op for op in ops) == (queries == 0)
 
 
@@ -109,7 +110,7 @@ def test_switched_off_rewrites_leave_the_graph_alone():
     cache = prefilled_cache(model, 1)
     counts, _ = rewritten_graph(model, torch.zeros(1, 1, dtype=torch.long), cache,
                                 CpuDecoding(one_row_products=False, one_query_attention=False))
-    assert counts == {"one_row_products": 0, "one_query_attention": 0}
+    assert counts == {"one_row_products": 0, "one_query_attention": 0, "kernel_products": 0}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -127,22 +128,25 @@ def test_rewritten_inductor_step_matches_eager(dtype):
     assert (logits["compiled"] - logits["eager"]).abs().max() <= tolerance
 
 
-@pytest.mark.parametrize("one_row, packed, attention, products_used", [
-    ((1.0, 2.0), (3.0, 2.0), (4.0, 3.0), "one_row_products"),
-    ((2.0, 1.0), (3.0, 1.0), (3.0, 4.0), None),
-    ((2.0, 1.0), (0.5, 1.0), (3.0, 4.0), "packed_products"),
-    ((0.8, 1.0), (0.6, 1.0), (3.0, 4.0), "packed_products"),  # both win: the faster
-    ((0.6, 1.0), (0.8, 1.0), (3.0, 4.0), "one_row_products"),
+@pytest.mark.parametrize("one_row, packed, kernel, attention, products_used", [
+    ((1.0, 2.0), (3.0, 2.0), (2.5, 2.0), (4.0, 3.0), "one_row_products"),
+    ((2.0, 1.0), (3.0, 1.0), (1.5, 1.0), (3.0, 4.0), None),
+    ((2.0, 1.0), (0.5, 1.0), (1.5, 1.0), (3.0, 4.0), "packed_products"),
+    ((0.8, 1.0), (0.6, 1.0), (1.5, 1.0), (3.0, 4.0), "packed_products"),  # two win: the faster
+    ((0.6, 1.0), (0.8, 1.0), (1.5, 1.0), (3.0, 4.0), "one_row_products"),
+    ((0.6, 1.0), (0.8, 1.0), (0.4, 1.0), (3.0, 4.0), "kernel_products"),  # all three win
+    ((2.0, 1.0), (1.5, 1.0), (0.9, 1.0), (3.0, 4.0), "kernel_products"),
 ])
 def test_choice_takes_each_rewrite_only_where_it_timed_faster(monkeypatch, one_row, packed,
-                                                              attention, products_used):
-    products = {"one_row_products": one_row, "packed_products": packed}
+                                                              kernel, attention, products_used):
+    products = {"one_row_products": one_row, "packed_products": packed,
+                "kernel_products": kernel}
     monkeypatch.setattr(cpu_decoding, "_time_products", lambda model, rows: dict(products))
     monkeypatch.setattr(cpu_decoding, "_time_attention", lambda model: attention)
     monkeypatch.setattr(cpu_decoding, "_choices", {})
     choice = cpu_decoding.choice_for(GPT2(CONFIG).eval())
-    assert choice.decoding.one_row_products == (products_used == "one_row_products")
-    assert choice.decoding.packed_products == (products_used == "packed_products")
+    for way in products:
+        assert getattr(choice.decoding, way) == (products_used == way), way
     assert choice.decoding.freezes == (products_used == "packed_products")
     assert choice.decoding.one_query_attention == (attention[0] < attention[1])
     assert choice.decoding.store_pointwise
@@ -152,23 +156,26 @@ def test_choice_takes_each_rewrite_only_where_it_timed_faster(monkeypatch, one_r
 
 
 def test_products_are_timed_each_way_that_applies_to_the_weights_and_rows(monkeypatch,
-                                                                         packed_products):
+                                                                         every_product_way):
     compiled = []  # which ways were compiled to be timed (not compiled here: names suffice)
     monkeypatch.setattr(cpu_decoding, "_compiled_products",
                         lambda linears, decoding: compiled.append(decoding) or (lambda x: x))
     float_model = GPT2(CONFIG).eval()
     int8 = gpt2_decl.quantize(GPT2(CONFIG).eval(), "int8")  # no packed int8 weights
+    kernel = {"kernel_products"} if row_kernels.load() is None else set()
     with torch.no_grad():
         assert set(cpu_decoding._time_products(float_model, 1)) == {
-            "one_row_products", "packed_products"}
-        assert set(cpu_decoding._time_products(float_model, 3)) == {"packed_products"}
-        assert set(cpu_decoding._time_products(int8, 1)) == {"one_row_products"}
-        assert cpu_decoding._time_products(int8, 3) == {}
+            "one_row_products", "packed_products"} | kernel
+        assert set(cpu_decoding._time_products(float_model, 3)) == {"packed_products"} | kernel
+        assert set(cpu_decoding._time_products(int8, 1)) == {"one_row_products"} | kernel
+        assert set(cpu_decoding._time_products(int8, 3)) == kernel
+    with_kernel = [["kernel_products", "store_pointwise"]] if kernel else []
     assert [decoding.names() for decoding in compiled] == [
         ["store_pointwise"], ["one_row_products", "store_pointwise"],
-        ["packed_products", "store_pointwise"],
-        ["store_pointwise"], ["packed_products", "store_pointwise"],
-        ["store_pointwise"], ["one_row_products", "store_pointwise"]]  # int8, 3 rows: none
+        ["packed_products", "store_pointwise"], *with_kernel,
+        ["store_pointwise"], ["packed_products", "store_pointwise"], *with_kernel,
+        ["store_pointwise"], ["one_row_products", "store_pointwise"], *with_kernel,
+        *(["store_pointwise"], *with_kernel) * bool(kernel)]  # int8, 3 rows: the kernel only
 
 
 def test_packed_products_step_matches_eager_and_leaves_the_weights_alone():

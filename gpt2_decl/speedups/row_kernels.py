@@ -1,0 +1,99 @@
+"""A C++ kernel for the products of a decoding step on a CPU: a few rows times a weight matrix.
+
+Decoding one token reads every weight once, so its products are bound by how fast the weights
+stream from memory. The kernel (kernels/row_products.cpp) reads a block of weight rows while it
+prefetches the next, and multiplies each block by every input row while the block is in cache;
+bfloat16 and int8 weights are widened to float32 in registers, and the sums are float32. It is
+built for this machine (`-march=native`) the first time it is asked for, with torch's extension
+builder (a C++ compiler and ninja), and kept in the cache folder for later processes.
+
+`cpu_decoding` uses it where it measures faster than the other ways of doing the products (the
+`kernel_products` rewrite); `kernel_linear` is the product it puts in the graph.
+"""
+
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from gpt2_decl.speedups.quantize import int8_rows
+
+SOURCE = Path(__file__).parent / "kernels" / "row_products.cpp"
+FLAGS = ["-O3", "-march=native", "-fopenmp"]
+# Weights the kernel reads as they are (int8 weights come as torchao's rows and scales).
+FLOAT_WEIGHTS = (torch.float32, torch.bfloat16)
+
+
+def cache_folder() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt2_decl"
+
+
+@functools.cache
+def load() -> str | None:
+    """Build (once per machine and source) and load the kernel; None if it loaded, else why not."""
+    machine = [platform.machine(), torch.backends.cpu.get_cpu_capability(), torch.__version__]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS + machine).encode()).hexdigest()
+    library = cache_folder() / f"row_products-{key[:16]}.so"
+    try:
+        if not library.exists():
+            _build(library)
+        torch.ops.load_library(str(library))
+    except Exception as error:  # no compiler, no ninja, or a compiler that refuses the flags
+        return f"the C++ kernel could not be built or loaded ({type(error).__name__}: " \
+               f"{str(error).strip().splitlines()[-1] if str(error).strip() else ''})"
+    _register_fakes()
+    return None
+
+
+def _build(library: Path) -> None:
+    """Compile into a folder of this process's own, then move the library into place in one
+    step: a build killed midway, or two at once, never leaves a partial file where it is read."""
+    from torch.utils.cpp_extension import load as build_extension
+
+    library.parent.mkdir(parents=True, exist_ok=True)
+    folder = tempfile.mkdtemp(prefix="row_products-", dir=library.parent)
+    try:
+        build_extension("gpt2_decl_row_products", [str(SOURCE)], extra_cflags=FLAGS,
+                        extra_ldflags=["-fopenmp"], build_directory=folder,
+                        is_python_module=False, verbose=False)
+        os.replace(Path(folder) / "gpt2_decl_row_products.so", library)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@functools.cache
+def _register_fakes() -> None:
+    """What the kernel returns, for torch.compile's tracing: float32 [rows, out_features]."""
+
+    @torch.library.register_fake("gpt2_decl::row_products")
+    def _(x: Tensor, weight: Tensor) -> Tensor:
+        return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+
+    @torch.library.register_fake("gpt2_decl::int8_row_products")
+    def _(x: Tensor, qdata: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
+        return x.new_empty(x.shape[0], qdata.shape[0], dtype=torch.float32)
+
+
+def reads(weight: Tensor) -> bool:
+    """Whether the kernel reads this weight: float32, bfloat16, or torchao's int8 rows."""
+    return weight.dim() == 2 and (weight.dtype in FLOAT_WEIGHTS or int8_rows(weight) is not None)
+
+
+def kernel_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`F.linear` of a few rows through the kernel (float32 sums, returned in x's dtype)."""
+    rows = x.reshape(-1, x.shape[-1])
+    int8 = int8_rows(weight)
+    if int8 is None:
+        product = torch.ops.gpt2_decl.row_products(rows, weight.contiguous())
+    else:
+        qdata, scale, zero_point = int8
+        product = torch.ops.gpt2_decl.int8_row_products(
+            rows, qdata.contiguous(), scale.flatten(), zero_point.flatten())
+    product = product.to(x.dtype).reshape(*x.shape[:-1], -1)
+    return product if bias is None else product + bias

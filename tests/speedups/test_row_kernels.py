@@ -1,0 +1,146 @@
+"""The C++ row-products kernel: against float64 products, through compiled decoding steps and
+generation, and its build: refused input and a failed build each say what went wrong."""
+
+import re
+
+import pytest
+import torch
+
+import gpt2_decl
+from gpt2_decl import GPT2, GPT2Config, KVCache
+from gpt2_decl.speedups import cpu_decoding, row_kernels
+from gpt2_decl.speedups.cpu_decoding import CpuDecoding
+
+CONFIG = GPT2Config(vocab_size=97, n_ctx=32, d_model=48, n_layer=2, n_head=3, init_std=0.2)
+
+pytestmark = pytest.mark.skipif(row_kernels.load() is not None,
+                                reason=f"no row kernel here: {row_kernels.load()}")
+
+
+def sums_tolerance(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Float32 rounding of sums of |x| |w| terms: a few units in the last place of the sum of
+    magnitudes, per output."""
+    return 1e-6 * (x.double().abs() @ weight.double().abs().T) + 1e-6
+
+
+# Rows of the weight in and past whole blocks of 8; columns in and past whole lanes (16 float32
+# or 64 int8 weights, 32 bfloat16 as pairs), odd ones included.
+SHAPES = [(1, 64, 16), (3, 64, 16), (1, 77, 13), (2, 131, 21), (1, 768, 40)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("rows", "in_features", "out_features"), SHAPES)
+def test_float_products_match_float64(dtype, rows, in_features, out_features):
+    generator = torch.Generator().manual_seed(in_features)
+    x = torch.randn(rows, in_features, generator=generator)
+    weight = torch.randn(out_features, in_features, generator=generator).to(dtype)
+    product = torch.ops.gpt2_decl.row_products(x, weight)
+    assert product.dtype == torch.float32 and product.shape == (rows, out_features)
+    expected = x.double() @ weight.double().T  # the bfloat16 weights as they are stored
+    assert ((product.double() - expected).abs() <= sums_tolerance(x, weight)).all()
+
+
+@pytest.mark.parametrize(("rows", "in_features", "out_features"), SHAPES)
+def test_int8_products_match_float64(rows, in_features, out_features):
+    generator = torch.Generator().manual_seed(in_features)
+    x = torch.randn(rows, in_features, generator=generator)
+    qdata = torch.randint(-128, 128, (out_features, in_features), generator=generator,
+                          dtype=torch.int8)
+    scale = torch.rand(out_features, generator=generator).to(torch.bfloat16)
+    zero_point = torch.randint(-3, 4, (out_features,), generator=generator)
+    product = torch.ops.gpt2_decl.int8_row_products(x, qdata, scale, zero_point)
+    weight = (qdata.double() - zero_point.double()[:, None]) * scale.double()[:, None]
+    expected = x.double() @ weight.T
+    tolerance = sums_tolerance(x, (qdata.double() - zero_point.double()[:, None]).abs()
+                               * scale.double()[:, None]) * 4
+    assert ((product.double() - expected).abs() <= tolerance).all()
+
+
+def test_kernel_linear_keeps_the_input_dtype_and_shape_and_adds_the_bias():
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 1, 40, generator=generator).to(torch.bfloat16)
+    weight = torch.randn(24, 40, generator=generator).to(torch.bfloat16)
+    bias = torch.randn(24, generator=generator).to(torch.bfloat16)
+    result = row_kernels.kernel_linear(x, weight, bias)
+    assert result.dtype == torch.bfloat16 and result.shape == (2, 1, 24)
+    expected = (x.double() @ weight.double().T).to(torch.bfloat16) + bias
+    assert torch.equal(result, expected)  # float32 sums round to the same bfloat16 here
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda: torch.ops.gpt2_decl.row_products(torch.randn(1, 8), torch.randn(4, 8).half()),
+     "contiguous float32 or bfloat16 weight [out, 8], got [4, 8] Half"),
+    (lambda: torch.ops.gpt2_decl.row_products(torch.randn(1, 8), torch.randn(8, 4).T),
+     "contiguous float32 or bfloat16 weight"),
+    (lambda: torch.ops.gpt2_decl.row_products(torch.randn(1, 8), torch.randn(4, 9)),
+     "weight [out, 8], got [4, 9]"),
+    (lambda: torch.ops.gpt2_decl.row_products(torch.ones(1, 8, dtype=torch.long),
+                                              torch.randn(4, 8)),
+     "rows of floats [rows, in_features], got [1, 8] Long"),
+    (lambda: torch.ops.gpt2_decl.int8_row_products(
+        torch.randn(1, 8), torch.zeros(4, 8, dtype=torch.int8), torch.ones(3), torch.zeros(4)),
+     "one scale and zero point per row (4), got 3 and 4"),
+])
+def test_bad_input_is_refused_with_what_was_expected(call, message):
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        call()
+
+
+def decode_step_logits(model: GPT2, step, rows: int) -> torch.Tensor:
+    prompt = torch.randint(CONFIG.vocab_size, (rows, 6), generator=torch.Generator().manual_seed(2))
+    cache = KVCache(CONFIG, rows, CONFIG.n_ctx, dtype=model.dtype, device=model.device)
+    with torch.no_grad():
+        model(prompt[:, :-1], cache)
+        return step(prompt[:, -1:], cache, check_values=False).double()
+
+
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_step_with_kernel_products_matches_eager(kind, rows):
+    model = GPT2(CONFIG).eval()
+    if kind == "int8":
+        model = gpt2_decl.quantize(model, "int8")
+    else:
+        model = model.to(getattr(torch, kind))
+    decoding = CpuDecoding(one_row_products=False, kernel_products=True)
+    counts = {}
+
+    def backend(graph_module, example_inputs):
+        counts.update(decoding.rewrite(graph_module))
+        return decoding.backend(graph_module, example_inputs)
+
+    compiled = decode_step_logits(model, gpt2_decl.compile(model, backend=backend), rows)
+    eager = decode_step_logits(model, model, rows)
+    assert counts["kernel_products"] == 4 * CONFIG.n_layer + 1  # every product, the head too
+    # float32 sums in another order; bfloat16 and int8 round their outputs to bfloat16/float32
+    tolerance = 1e-5 if kind == "float32" else 0.02 * eager.abs().max()
+    assert (compiled - eager).abs().max() <= tolerance
+
+
+def test_generation_with_kernel_products_decodes_as_eager_after_weights_change(monkeypatch):
+    monkeypatch.setattr(cpu_decoding, "_choices", {})
+    monkeypatch.setattr(cpu_decoding, "_time_products", lambda model, rows: {
+        "one_row_products": (2.0, 1.0), "kernel_products": (0.5, 1.0)})
+    model = GPT2(CONFIG).eval()
+    prompt = torch.randint(CONFIG.vocab_size, (2, 5), generator=torch.Generator().manual_seed(3))
+    choice = cpu_decoding.choice_for(model, rows=2)
+    assert choice.decoding.kernel_products and not choice.decoding.freezes
+    assert torch.equal(model.generate(prompt, 8, greedy=True, compile=True),
+                       model.generate(prompt, 8, greedy=True))
+    with torch.no_grad():  # the kernel reads the weights as they are at each step
+        for parameter in model.parameters():
+            parameter.mul_(-1.5)
+    assert torch.equal(model.generate(prompt, 8, greedy=True, compile=True),
+                       model.generate(prompt, 8, greedy=True))
+
+
+def test_a_failed_build_says_why_and_leaves_nothing_in_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(row_kernels, "FLAGS", [*row_kernels.FLAGS, "-fno-such-flag"])
+    row_kernels.load.cache_clear()
+    try:
+        reason = row_kernels.load()
+    finally:
+        row_kernels.load.cache_clear()
+    assert reason.startswith("the C++ kernel could not be built or loaded")
+    assert list(tmp_path.rglob("*")) == [tmp_path / "gpt2_decl"]  # the folder, left empty
