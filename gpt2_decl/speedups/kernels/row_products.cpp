@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -96,9 +97,10 @@ void bfloat16_block(const float* x_split, const float* x, int64_t M, const uint1
 
 // The same for int8 rows dequantizing as (q - zero_point) * scale, one scale per row:
 // scale * (x . q - zero_point * sum(x)).
+template <typename ZeroPoint>
 void int8_block(const float* x, const float* x_sums, int64_t M, const int8_t* q,
-                const float* scale, const float* zero_point, int64_t K, int64_t N, int64_t n0,
-                int64_t rows, float* y) {
+                const float* scale, const ZeroPoint* zero_point, int64_t K, int64_t N,
+                int64_t n0, int64_t rows, float* y) {
   constexpr int64_t kLine = 4 * kLanes;  // 64 weights: a cache line
   const int64_t k_lanes = rows == kRows ? K / kLine * kLine : 0;
   const bool prefetch = n0 + 2 * kRows <= N;
@@ -119,16 +121,24 @@ void int8_block(const float* x, const float* x_sums, int64_t M, const int8_t* q,
       const int64_t n = n0 + r;
       float total = sum_lanes(acc[std::min(r, kRows - 1)]) * (k_lanes > 0);
       for (int64_t k = k_lanes; k < K; ++k) total += float(q[n * K + k]) * xm[k];
-      y[m * N + n] = scale[n] * (total - zero_point[n] * x_sums[m]);
+      y[m * N + n] = scale[n] * (total - float(zero_point[n]) * x_sums[m]);
     }
   }
 }
 
+// The input rows as float32: bfloat16 ones widened here, as a dispatched conversion costs more
+// than the work for a row or two.
 at::Tensor float_rows(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2 && x.is_floating_point(),
               "row products take rows of floats [rows, in_features], got ", x.sizes(), " ",
               x.scalar_type());
-  return x.to(at::kFloat).contiguous();
+  if (x.scalar_type() != at::kBFloat16 || !x.is_contiguous())
+    return x.to(at::kFloat).contiguous();
+  at::Tensor rows = at::empty(x.sizes(), x.options().dtype(at::kFloat));
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(x.const_data_ptr());
+  float* values = rows.mutable_data_ptr<float>();
+  for (int64_t i = 0; i < x.numel(); ++i) values[i] = bfloat16_value(bits[i]);
+  return rows;
 }
 
 at::Tensor row_products(const at::Tensor& x, const at::Tensor& weight) {
@@ -169,18 +179,23 @@ at::Tensor int8_row_products(const at::Tensor& x, const at::Tensor& qdata,
   TORCH_CHECK(scale.numel() == N && zero_point.numel() == N,
               "int8 row products take one scale and zero point per row (", N, "), got ",
               scale.numel(), " and ", zero_point.numel());
+  // Scales and int8 zero points are read where they are (converting would cost a dispatch).
   const at::Tensor scales = scale.to(at::kFloat).contiguous();
-  const at::Tensor zeros = zero_point.to(at::kFloat).contiguous();
-  const at::Tensor sums = rows.sum(1);
-  at::Tensor y = at::empty({M, N}, rows.options());
+  const bool int8_zeros = zero_point.scalar_type() == at::kChar && zero_point.is_contiguous();
+  const at::Tensor zeros = int8_zeros ? zero_point : zero_point.to(at::kFloat).contiguous();
+  std::vector<float> sums(M, 0.0f);
   const float* xp = rows.const_data_ptr<float>();
-  const float* xs = sums.const_data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) sums[m] += xp[m * K + k];
+  at::Tensor y = at::empty({M, N}, rows.options());
   const int8_t* qp = qdata.const_data_ptr<int8_t>();
   const float* sp = scales.const_data_ptr<float>();
-  const float* zp = zeros.const_data_ptr<float>();
   float* yp = y.mutable_data_ptr<float>();
   for_blocks(N, [&](int64_t n0, int64_t n) {
-    int8_block(xp, xs, M, qp, sp, zp, K, N, n0, n, yp);
+    if (int8_zeros)
+      int8_block(xp, sums.data(), M, qp, sp, zeros.const_data_ptr<int8_t>(), K, N, n0, n, yp);
+    else
+      int8_block(xp, sums.data(), M, qp, sp, zeros.const_data_ptr<float>(), K, N, n0, n, yp);
   });
   return y;
 }
