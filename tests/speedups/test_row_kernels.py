@@ -23,9 +23,11 @@ def sums_tolerance(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return 1e-6 * (x.double().abs() @ weight.double().abs().T) + 1e-6
 
 
-# Rows of the weight in and past whole blocks of 8; columns in and past whole lanes (16 float32
-# or 64 int8 weights, 32 bfloat16 as pairs), odd ones included.
-SHAPES = [(1, 64, 16), (3, 64, 16), (1, 77, 13), (2, 131, 21), (1, 768, 40)]
+# Input rows one at a time and four at a time (and the rest); weight rows in and past whole
+# blocks of 8; columns in and past whole steps (16 float32, 32 bfloat16 as pairs, 64 int8),
+# odd ones included.
+SHAPES = [(1, 64, 16), (3, 64, 16), (4, 64, 16), (1, 77, 13), (2, 131, 21), (6, 131, 21),
+          (1, 768, 40), (9, 768, 40)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -95,7 +97,7 @@ def decode_step_logits(model: GPT2, step, rows: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8"])
-@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("rows", [1, 5])
 def test_step_with_kernel_products_matches_eager(kind, rows):
     model = GPT2(CONFIG).eval()
     if kind == "int8":

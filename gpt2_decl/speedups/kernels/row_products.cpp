@@ -1,8 +1,10 @@
 // Products of a few rows with a weight matrix, for CPU decoding, which reads every weight once
 // per token. The weight is streamed in blocks of rows, the next block prefetched while this one
 // is used (the hardware prefetcher alone leaves much of the memory bandwidth unused on short
-// rows), and each block is multiplied by every input row while it is in cache. The inner loops
-// run over fixed-size lanes of independent sums, which the compiler turns into vector code.
+// rows), and each block is multiplied by every input row while it is in cache: a batch's rows
+// four at a time, so that each weight vector loaded feeds four sums. Weights are widened to
+// float32 in registers and summed in float32, in vectors of the compiler's vector extension
+// (the machine's own vector registers: -march=native).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -15,115 +17,175 @@
 
 namespace {
 
-constexpr int64_t kRows = 8;    // weight rows read together
-constexpr int64_t kLanes = 16;  // independent sums per row (64 bytes of float32 weights)
+constexpr int64_t kRows = 8;    // weight rows read together (a block)
+constexpr int64_t kLanes = 16;  // float32 lanes of a vector: 64 bytes, a cache line
+constexpr int64_t kChunk = 4;   // input rows that share each weight vector, for a batch
 
-inline float from_bits(uint32_t bits) {
+typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
+typedef uint32_t Words __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+
+template <typename Vector, typename Element>
+inline Vector load(const Element* values) {
+  Vector vector;
+  std::memcpy(&vector, values, sizeof vector);
+  return vector;
+}
+
+inline Lanes as_lanes(Words words) {
+  Lanes lanes;
+  std::memcpy(&lanes, &words, sizeof lanes);
+  return lanes;
+}
+
+inline float bfloat16_value(uint16_t bits) {
+  const uint32_t wide = uint32_t(bits) << 16;
   float value;
-  std::memcpy(&value, &bits, sizeof value);
+  std::memcpy(&value, &wide, sizeof value);
   return value;
 }
 
-inline float bfloat16_value(uint16_t bits) { return from_bits(uint32_t(bits) << 16); }
+// The kinds of weight rows. Each step of a row covers kStep of its K elements, widened into
+// kParts float32 vectors; x is laid out (`prepare`) so that part p of step s of a row is
+// kLanes consecutive floats at x_row + s * kLanes * kParts + p * kLanes.
 
-inline float sum_lanes(const float* lanes) {
-  float total = 0.0f;
-  for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
-  return total;
+// float32: a step is one vector.
+struct Float32Rows {
+  static constexpr int64_t kParts = 1;
+  const float* w;
+  int64_t K;
+  const char* at(int64_t n, int64_t s) const {
+    return reinterpret_cast<const char*>(w + n * K + s * kLanes);
+  }
+  void widen(int64_t n, int64_t s, Lanes* parts) const { parts[0] = load<Lanes>(w + n * K + s * kLanes); }
+  float value(int64_t n, int64_t k) const { return w[n * K + k]; }
+  static void prepare(const float* x, int64_t steps, float* prepared) {
+    std::memcpy(prepared, x, steps * kLanes * sizeof(float));
+  }
+};
+
+// bfloat16, read as pairs: a pair's low half shifted up is its even element and its high half,
+// masked, its odd one; so x is prepared as each step's even elements, then its odd ones.
+struct BFloat16Rows {
+  static constexpr int64_t kParts = 2;
+  const uint16_t* w;
+  int64_t K;
+  const char* at(int64_t n, int64_t s) const {
+    return reinterpret_cast<const char*>(w + n * K + s * 2 * kLanes);
+  }
+  void widen(int64_t n, int64_t s, Lanes* parts) const {
+    const Words pairs = load<Words>(w + n * K + s * 2 * kLanes);
+    parts[0] = as_lanes(pairs << 16);
+    parts[1] = as_lanes(pairs & 0xFFFF0000u);
+  }
+  float value(int64_t n, int64_t k) const { return bfloat16_value(w[n * K + k]); }
+  static void prepare(const float* x, int64_t steps, float* prepared) {
+    for (int64_t s = 0; s < steps; ++s)
+      for (int64_t l = 0; l < kLanes; ++l) {
+        prepared[s * 2 * kLanes + l] = x[s * 2 * kLanes + 2 * l];
+        prepared[s * 2 * kLanes + kLanes + l] = x[s * 2 * kLanes + 2 * l + 1];
+      }
+  }
+};
+
+// int8 (scaled after the sum): a step is a cache line of 64, as four vectors.
+struct Int8Rows {
+  static constexpr int64_t kParts = 4;
+  const int8_t* w;
+  int64_t K;
+  const char* at(int64_t n, int64_t s) const {
+    return reinterpret_cast<const char*>(w + n * K + s * 4 * kLanes);
+  }
+  void widen(int64_t n, int64_t s, Lanes* parts) const {
+    float widened[4 * kLanes];  // a plain loop: compilers vectorize it better than a vector cast
+    for (int64_t i = 0; i < 4 * kLanes; ++i) widened[i] = float(w[n * K + s * 4 * kLanes + i]);
+    for (int64_t p = 0; p < 4; ++p) parts[p] = load<Lanes>(widened + p * kLanes);
+  }
+  float value(int64_t n, int64_t k) const { return float(w[n * K + k]); }
+  static void prepare(const float* x, int64_t steps, float* prepared) {
+    std::memcpy(prepared, x, steps * 4 * kLanes * sizeof(float));
+  }
+};
+
+// sums[m][r] = x[m] . w[n0 + r] over the whole steps, for Chunk input rows m (prepared, row
+// stride K) and Rows weight rows r, prefetching the rows kRows further on if asked.
+template <int64_t Chunk, int64_t Rows, typename Weights>
+void dot_steps(const Weights& weights, const float* x, int64_t steps, int64_t n0, bool prefetch,
+               float* sums) {
+  constexpr int64_t kParts = Weights::kParts;
+  Lanes acc[Chunk][Rows] = {};
+  for (int64_t s = 0; s < steps; ++s) {
+    Lanes xs[Chunk][kParts];
+    for (int64_t m = 0; m < Chunk; ++m)
+      for (int64_t p = 0; p < kParts; ++p)
+        xs[m][p] = load<Lanes>(x + m * weights.K + (s * kParts + p) * kLanes);
+    for (int64_t r = 0; r < Rows; ++r) {
+      if (prefetch) __builtin_prefetch(weights.at(n0 + r + kRows, s));
+      Lanes parts[kParts];
+      weights.widen(n0 + r, s, parts);
+      for (int64_t m = 0; m < Chunk; ++m)
+        for (int64_t p = 0; p < kParts; ++p) acc[m][r] += parts[p] * xs[m][p];
+    }
+  }
+  for (int64_t m = 0; m < Chunk; ++m)
+    for (int64_t r = 0; r < Rows; ++r) {
+      float total = 0.0f;
+      for (int64_t l = 0; l < kLanes; ++l) total += acc[m][r][l];
+      sums[m * Rows + r] = total;
+    }
 }
 
-// Calls block(n0, rows) for the blocks of kRows weight rows, split among torch's threads.
-template <typename Block>
-void for_blocks(int64_t N, const Block& block) {
-  const int64_t blocks = (N + kRows - 1) / kRows;
-  at::parallel_for(0, blocks, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) block(b * kRows, std::min(kRows, N - b * kRows));
+// y[m, n0 + r] = x[m] . w[n0 + r] for all M input rows and the `rows` weight rows of a block:
+// a full block in vectors (the input rows four at a time, then one at a time), the rest of
+// each row, and a partial block, one element at a time.
+template <typename Weights>
+void block_products(const Weights& weights, const float* x, const float* prepared, int64_t M,
+                    int64_t N, int64_t n0, int64_t rows, float* y) {
+  const int64_t K = weights.K;
+  const int64_t steps = rows == kRows ? K / (kLanes * Weights::kParts) : 0;
+  const int64_t tail = steps * kLanes * Weights::kParts;
+  const bool prefetch = n0 + 2 * kRows <= N;
+  // Weight rows per pass over a chunk of input rows: as many as leave the chunk's sums, its
+  // input vectors and a row's widened weights in vector registers.
+  constexpr int64_t kPassRows = kRows / 2 / Weights::kParts;
+  float sums[kChunk * kRows];
+  int64_t m = 0;
+  for (; steps > 0 && m + kChunk <= M; m += kChunk)
+    for (int64_t part = 0; part < kRows; part += kPassRows) {
+      dot_steps<kChunk, kPassRows>(weights, prepared + m * K, steps, n0 + part,
+                                   prefetch && m == 0, sums);
+      for (int64_t c = 0; c < kChunk; ++c)
+        for (int64_t r = 0; r < kPassRows; ++r)
+          y[(m + c) * N + n0 + part + r] = sums[c * kPassRows + r];
+    }
+  for (; m < M; ++m) {
+    if (steps > 0) dot_steps<1, kRows>(weights, prepared + m * K, steps, n0, prefetch && m == 0, sums);
+    for (int64_t r = 0; r < rows; ++r) y[m * N + n0 + r] = steps > 0 ? sums[r] : 0.0f;
+  }
+  for (int64_t c = 0; c < M; ++c)
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t k = tail; k < K; ++k) y[c * N + n0 + r] += weights.value(n0 + r, k) * x[c * K + k];
+}
+
+// Every block, split among torch's threads, then finish(y, n0, rows) on it while it is in
+// cache; x prepared for the kind of weights first.
+template <typename Weights, typename Finish>
+at::Tensor products(const Weights& weights, const at::Tensor& rows, int64_t N,
+                    const Finish& finish) {
+  const int64_t M = rows.size(0), K = rows.size(1);
+  const int64_t steps = K / (kLanes * Weights::kParts);
+  const float* x = rows.const_data_ptr<float>();
+  std::vector<float> prepared(M * K);
+  for (int64_t m = 0; m < M; ++m) Weights::prepare(x + m * K, steps, prepared.data() + m * K);
+  at::Tensor y = at::empty({M, N}, rows.options());
+  float* yp = y.mutable_data_ptr<float>();
+  at::parallel_for(0, (N + kRows - 1) / kRows, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t block_rows = std::min(kRows, N - b * kRows);
+      block_products(weights, x, prepared.data(), M, N, b * kRows, block_rows, yp);
+      finish(yp, b * kRows, block_rows);
+    }
   });
-}
-
-// y[m, n] = sum_k x[m, k] * w[n, k] for the float32 rows n0..n0+rows.
-void float32_block(const float* x, int64_t M, const float* w, int64_t K, int64_t N,
-                   int64_t n0, int64_t rows, float* y) {
-  const int64_t k_lanes = rows == kRows ? K / kLanes * kLanes : 0;
-  const bool prefetch = n0 + 2 * kRows <= N;
-  for (int64_t m = 0; m < M; ++m) {
-    const float* xm = x + m * K;
-    float acc[kRows][kLanes] = {};
-    for (int64_t k = 0; k < k_lanes; k += kLanes) {
-      for (int64_t r = 0; r < kRows; ++r) {
-        const float* wr = w + (n0 + r) * K + k;
-        if (prefetch && m == 0) __builtin_prefetch(wr + kRows * K);
-        for (int64_t l = 0; l < kLanes; ++l) acc[r][l] += wr[l] * xm[k + l];
-      }
-    }
-    for (int64_t r = 0; r < rows; ++r) {
-      float total = sum_lanes(acc[std::min(r, kRows - 1)]) * (k_lanes > 0);
-      for (int64_t k = k_lanes; k < K; ++k) total += w[(n0 + r) * K + k] * xm[k];
-      y[m * N + n0 + r] = total;
-    }
-  }
-}
-
-// The same for bfloat16 rows, read as pairs: a pair's low half shifted up is its even element
-// and its masked high half its odd one, so x comes split: even elements, then odd ones.
-void bfloat16_block(const float* x_split, const float* x, int64_t M, const uint16_t* w,
-                    int64_t K, int64_t N, int64_t n0, int64_t rows, float* y) {
-  const int64_t pairs = K / 2;
-  const int64_t pair_lanes = rows == kRows && K % 2 == 0 ? pairs / kLanes * kLanes : 0;
-  const bool prefetch = n0 + 2 * kRows <= N;
-  for (int64_t m = 0; m < M; ++m) {
-    const float* even = x_split + m * K;
-    const float* odd = even + pairs;
-    float acc[kRows][kLanes] = {};
-    for (int64_t j = 0; j < pair_lanes; j += kLanes) {
-      for (int64_t r = 0; r < kRows; ++r) {
-        const uint32_t* wr = reinterpret_cast<const uint32_t*>(w + (n0 + r) * K) + j;
-        if (prefetch && m == 0) __builtin_prefetch(wr + kRows * pairs);
-        for (int64_t l = 0; l < kLanes; ++l) {
-          acc[r][l] += from_bits(wr[l] << 16) * even[j + l];
-          acc[r][l] += from_bits(wr[l] & 0xFFFF0000u) * odd[j + l];
-        }
-      }
-    }
-    const float* xm = x + m * K;
-    for (int64_t r = 0; r < rows; ++r) {
-      float total = sum_lanes(acc[std::min(r, kRows - 1)]) * (pair_lanes > 0);
-      for (int64_t k = 2 * pair_lanes; k < K; ++k)
-        total += bfloat16_value(w[(n0 + r) * K + k]) * xm[k];
-      y[m * N + n0 + r] = total;
-    }
-  }
-}
-
-// The same for int8 rows dequantizing as (q - zero_point) * scale, one scale per row:
-// scale * (x . q - zero_point * sum(x)).
-template <typename ZeroPoint>
-void int8_block(const float* x, const float* x_sums, int64_t M, const int8_t* q,
-                const float* scale, const ZeroPoint* zero_point, int64_t K, int64_t N,
-                int64_t n0, int64_t rows, float* y) {
-  constexpr int64_t kLine = 4 * kLanes;  // 64 weights: a cache line
-  const int64_t k_lanes = rows == kRows ? K / kLine * kLine : 0;
-  const bool prefetch = n0 + 2 * kRows <= N;
-  for (int64_t m = 0; m < M; ++m) {
-    const float* xm = x + m * K;
-    float acc[kRows][kLanes] = {};
-    for (int64_t k = 0; k < k_lanes; k += kLine) {
-      for (int64_t r = 0; r < kRows; ++r) {
-        const int8_t* qr = q + (n0 + r) * K + k;
-        if (prefetch && m == 0) __builtin_prefetch(qr + kRows * K);
-        float wf[kLine];
-        for (int64_t i = 0; i < kLine; ++i) wf[i] = float(qr[i]);
-        for (int64_t i = 0; i < kLine; i += kLanes)
-          for (int64_t l = 0; l < kLanes; ++l) acc[r][l] += wf[i + l] * xm[k + i + l];
-      }
-    }
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t n = n0 + r;
-      float total = sum_lanes(acc[std::min(r, kRows - 1)]) * (k_lanes > 0);
-      for (int64_t k = k_lanes; k < K; ++k) total += float(q[n * K + k]) * xm[k];
-      y[m * N + n] = scale[n] * (total - float(zero_point[n]) * x_sums[m]);
-    }
-  }
+  return y;
 }
 
 // The input rows as float32: bfloat16 ones widened here, as a dispatched conversion costs more
@@ -143,31 +205,19 @@ at::Tensor float_rows(const at::Tensor& x) {
 
 at::Tensor row_products(const at::Tensor& x, const at::Tensor& weight) {
   const at::Tensor rows = float_rows(x);
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == rows.size(1) && weight.is_contiguous() &&
+  const int64_t K = rows.size(1);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == K && weight.is_contiguous() &&
                   (weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16),
-              "row products take a contiguous float32 or bfloat16 weight [out, ", rows.size(1),
-              "], got ", weight.sizes(), " ", weight.scalar_type());
-  const int64_t M = rows.size(0), K = rows.size(1), N = weight.size(0);
-  at::Tensor y = at::empty({M, N}, rows.options());
-  const float* xp = rows.const_data_ptr<float>();
-  float* yp = y.mutable_data_ptr<float>();
-  if (weight.scalar_type() == at::kFloat) {
-    const float* wp = weight.const_data_ptr<float>();
-    for_blocks(N, [&](int64_t n0, int64_t n) { float32_block(xp, M, wp, K, N, n0, n, yp); });
-    return y;
-  }
-  at::Tensor split = at::empty({M, K}, rows.options());
-  float* sp = split.mutable_data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t i = 0; i < K / 2; ++i) {
-      sp[m * K + i] = xp[m * K + 2 * i];
-      sp[m * K + K / 2 + i] = xp[m * K + 2 * i + 1];
-    }
-  const uint16_t* wp = reinterpret_cast<const uint16_t*>(weight.const_data_ptr());
-  for_blocks(N, [&](int64_t n0, int64_t n) { bfloat16_block(sp, xp, M, wp, K, N, n0, n, yp); });
-  return y;
+              "row products take a contiguous float32 or bfloat16 weight [out, ", K, "], got ",
+              weight.sizes(), " ", weight.scalar_type());
+  const auto done = [](float*, int64_t, int64_t) {};
+  if (weight.scalar_type() == at::kFloat)
+    return products(Float32Rows{weight.const_data_ptr<float>(), K}, rows, weight.size(0), done);
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(weight.const_data_ptr());
+  return products(BFloat16Rows{bits, K}, rows, weight.size(0), done);
 }
 
+// Rows dequantizing as (q - zero_point) * scale: scale * (x . q - zero_point * sum(x)).
 at::Tensor int8_row_products(const at::Tensor& x, const at::Tensor& qdata,
                              const at::Tensor& scale, const at::Tensor& zero_point) {
   const at::Tensor rows = float_rows(x);
@@ -183,21 +233,21 @@ at::Tensor int8_row_products(const at::Tensor& x, const at::Tensor& qdata,
   const at::Tensor scales = scale.to(at::kFloat).contiguous();
   const bool int8_zeros = zero_point.scalar_type() == at::kChar && zero_point.is_contiguous();
   const at::Tensor zeros = int8_zeros ? zero_point : zero_point.to(at::kFloat).contiguous();
-  std::vector<float> sums(M, 0.0f);
-  const float* xp = rows.const_data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) sums[m] += xp[m * K + k];
-  at::Tensor y = at::empty({M, N}, rows.options());
-  const int8_t* qp = qdata.const_data_ptr<int8_t>();
   const float* sp = scales.const_data_ptr<float>();
-  float* yp = y.mutable_data_ptr<float>();
-  for_blocks(N, [&](int64_t n0, int64_t n) {
-    if (int8_zeros)
-      int8_block(xp, sums.data(), M, qp, sp, zeros.const_data_ptr<int8_t>(), K, N, n0, n, yp);
-    else
-      int8_block(xp, sums.data(), M, qp, sp, zeros.const_data_ptr<float>(), K, N, n0, n, yp);
-  });
-  return y;
+  const int8_t* zero_int8 = int8_zeros ? zeros.const_data_ptr<int8_t>() : nullptr;
+  const float* zero_float = int8_zeros ? nullptr : zeros.const_data_ptr<float>();
+  const float* xp = rows.const_data_ptr<float>();
+  std::vector<float> x_sums(M, 0.0f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) x_sums[m] += xp[m * K + k];
+  const auto scale_rows = [&](float* y, int64_t n0, int64_t block_rows) {
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = n0; n < n0 + block_rows; ++n) {
+        const float zero = zero_int8 ? float(zero_int8[n]) : zero_float[n];
+        y[m * N + n] = sp[n] * (y[m * N + n] - zero * x_sums[m]);
+      }
+  };
+  return products(Int8Rows{qdata.const_data_ptr<int8_t>(), K}, rows, N, scale_rows);
 }
 
 }  // namespace
