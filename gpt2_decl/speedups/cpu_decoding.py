@@ -110,10 +110,12 @@ class CpuDecoding:
     def rewrite(self, graph_module: fx.GraphModule) -> dict[str, int]:
         """Rewrite `graph_module` in place; how many nodes of each kind were rewritten."""
         counts = {"one_row_products": 0, "one_query_attention": 0, "kernel_products": 0}
+        # The kernel is built on first use; where it cannot be, its products stay as they are.
+        kernel = self.kernel_products and row_kernels.load() is None
         for node in graph_module.graph.nodes:
             if node.op != "call_function":
                 continue
-            if self.kernel_products and node.target is F.linear and _is_cpu_rows(node) \
+            if kernel and node.target is F.linear and _is_cpu_rows(node) \
                     and _kernel_reads_weight(node):
                 node.target = row_kernels.kernel_linear
                 counts["kernel_products"] += 1

@@ -96,8 +96,9 @@ def decode_step_logits(model: GPT2, step, rows: int) -> torch.Tensor:
         return step(prompt[:, -1:], cache, check_values=False).double()
 
 
-@pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8"])
-@pytest.mark.parametrize("rows", [1, 5])
+# One row, and five (four at a time and one): the op tests above cover the other combinations.
+@pytest.mark.parametrize(("kind", "rows"), [("float32", 1), ("bfloat16", 5), ("int8", 1),
+                                            ("int8", 5)])
 def test_step_with_kernel_products_matches_eager(kind, rows):
     model = GPT2(CONFIG).eval()
     if kind == "int8":
@@ -146,3 +147,17 @@ def test_a_failed_build_says_why_and_leaves_nothing_in_the_cache(monkeypatch, tm
         row_kernels.load.cache_clear()
     assert reason.startswith("the C++ kernel could not be built or loaded")
     assert list(tmp_path.rglob("*")) == [tmp_path / "gpt2_decl"]  # the folder, left empty
+
+
+def test_kernel_products_are_left_plain_where_the_kernel_cannot_be_built(monkeypatch):
+    monkeypatch.setattr(row_kernels, "load", lambda: "no C++ compiler here")
+    model = GPT2(CONFIG).eval()
+    counts = {}
+
+    def backend(graph_module, example_inputs):
+        counts.update(CpuDecoding(one_row_products=False, kernel_products=True)
+                      .rewrite(graph_module))
+        return graph_module.forward
+
+    decode_step_logits(model, torch.compile(model, backend=backend, fullgraph=True), 1)
+    assert counts["kernel_products"] == 0

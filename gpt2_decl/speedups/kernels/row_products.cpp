@@ -56,7 +56,9 @@ struct Float32Rows {
   const char* at(int64_t n, int64_t s) const {
     return reinterpret_cast<const char*>(w + n * K + s * kLanes);
   }
-  void widen(int64_t n, int64_t s, Lanes* parts) const { parts[0] = load<Lanes>(w + n * K + s * kLanes); }
+  void widen(int64_t n, int64_t s, Lanes* parts) const {
+    parts[0] = load<Lanes>(w + n * K + s * kLanes);
+  }
   float value(int64_t n, int64_t k) const { return w[n * K + k]; }
   static void prepare(const float* x, int64_t steps, float* prepared) {
     std::memcpy(prepared, x, steps * kLanes * sizeof(float));
@@ -158,12 +160,14 @@ void block_products(const Weights& weights, const float* x, const float* prepare
           y[(m + c) * N + n0 + part + r] = sums[c * kPassRows + r];
     }
   for (; m < M; ++m) {
-    if (steps > 0) dot_steps<1, kRows>(weights, prepared + m * K, steps, n0, prefetch && m == 0, sums);
+    if (steps > 0)
+      dot_steps<1, kRows>(weights, prepared + m * K, steps, n0, prefetch && m == 0, sums);
     for (int64_t r = 0; r < rows; ++r) y[m * N + n0 + r] = steps > 0 ? sums[r] : 0.0f;
   }
   for (int64_t c = 0; c < M; ++c)
     for (int64_t r = 0; r < rows; ++r)
-      for (int64_t k = tail; k < K; ++k) y[c * N + n0 + r] += weights.value(n0 + r, k) * x[c * K + k];
+      for (int64_t k = tail; k < K; ++k)
+        y[c * N + n0 + r] += weights.value(n0 + r, k) * x[c * K + k];
 }
 
 // Every block, split among torch's threads, then finish(y, n0, rows) on it while it is in
