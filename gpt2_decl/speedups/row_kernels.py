@@ -39,7 +39,7 @@ def cache_folder() -> Path:
 @functools.cache
 def load() -> str | None:
     """Build (once per machine and source) and load the kernel; None if it loaded, else why not."""
-    machine = [platform.machine(), torch.backends.cpu.get_cpu_capability(), torch.__version__]
+    machine = [platform.machine(), _cpu_features(), torch.__version__]
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS + machine).encode()).hexdigest()
     library = cache_folder() / f"row_products-{key[:16]}.so"
     try:
@@ -51,6 +51,16 @@ def load() -> str | None:
                f"{str(error).strip().splitlines()[-1] if str(error).strip() else ''})"
     _register_fakes()
     return None
+
+
+def _cpu_features() -> str:
+    """What -march=native compiles for: the CPU's feature flags (Linux), else torch's summary;
+    a cache shared by machines with other CPUs then holds a library for each."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next(line for line in cpuinfo if line.startswith(("flags", "Features")))
+    except (OSError, StopIteration):
+        return torch.backends.cpu.get_cpu_capability()
 
 
 def _build(library: Path) -> None:
