@@ -26,6 +26,8 @@ runs, are untouched:
   int8 products with int8 activations ("int8-dynamic"): inductor then lays each int8 weight
   out for its integer matrix product once, when compiling, instead of at every step. Those
   products are left as they are by one_row_products (theirs round the input to int8 first).
+  Weight-only int8 weights are frozen too where the kernel does their products: the step then
+  unwraps torchao's int8 tensors once, not at every call.
 
 Whether a rewrite wins depends on the machine: a BLAS that reads float32 rows fast makes the
 one-row product lose there, while it wins in bfloat16. So `choice_for` times each rewrite
@@ -206,6 +208,10 @@ def _choose(model: nn.Module, rows: int) -> Choice:
     if winners:
         fastest = min(winners, key=lambda name: times[name][0])
         chosen |= {name: name == fastest for name in winners}
+    # A step that takes torchao's int8 weights as inputs unwraps them from their tensor class at
+    # every call; frozen into the step, they are unwrapped once (and the kernel reads them as
+    # they are, where one-row products would have them dequantized in a copy).
+    freeze = freeze or (bool(chosen.get("kernel_products")) and is_quantized(model))
     decoding = CpuDecoding(one_row_products=False, freeze_weights=freeze)
     return Choice(replace(decoding, **chosen), times)
 

@@ -161,3 +161,22 @@ def test_kernel_products_are_left_plain_where_the_kernel_cannot_be_built(monkeyp
 
     decode_step_logits(model, torch.compile(model, backend=backend, fullgraph=True), 1)
     assert counts["kernel_products"] == 0
+
+
+def test_int8_weights_decoded_by_the_kernel_are_frozen_and_never_decoded_stale(monkeypatch):
+    monkeypatch.setattr(cpu_decoding, "_choices", {})
+    monkeypatch.setattr(cpu_decoding, "_time_products", lambda model, rows: {
+        "one_row_products": (2.0, 9.0), "kernel_products": (1.0, 9.0)})
+    model = gpt2_decl.quantize(GPT2(CONFIG).eval(), "int8")
+    choice = cpu_decoding.choice_for(model)
+    assert choice.decoding.kernel_products and choice.decoding.freeze_weights
+    prompt = torch.randint(CONFIG.vocab_size, (1, 6), generator=torch.Generator().manual_seed(6))
+    before = model.generate(prompt, 6, greedy=True, compile=True)
+    assert torch.equal(before, model.generate(prompt, 6, greedy=True))
+    with torch.no_grad():
+        model.blocks[0].mlp.up.weight.qdata.neg_()
+        model.blocks[1].mlp.down.weight.qdata.neg_()
+    # The frozen step holds the old weights: generation compiles one without them.
+    after = model.generate(prompt, 6, greedy=True, compile=True)
+    assert torch.equal(after, model.generate(prompt, 6, greedy=True))
+    assert not torch.equal(after, before)
