@@ -4,9 +4,9 @@ Decoding one token reads every weight once, so its products are bound by how fas
 stream from memory. The kernel (kernels/row_products.cpp) reads a block of weight rows while it
 prefetches the next, and multiplies each block by every input row while the block is in cache
 (a batch's rows four at a time, each weight vector loaded feeding four sums); bfloat16 and int8
-weights are widened to float32 in registers, and the sums are float32. It is
-built for this machine (`-march=native`) the first time it is asked for, with torch's extension
-builder (a C++ compiler and ninja), and kept in the cache folder for later processes.
+weights are widened to float32 in registers, and the sums are float32. It is built for this
+machine (`-march=native`) the first time it is asked for, with torch's extension builder (a C++
+compiler and ninja), and kept in the cache folder for later processes.
 
 `cpu_decoding` uses it where it measures faster than the other ways of doing the products (the
 `kernel_products` rewrite); `kernel_linear` is the product it puts in the graph.
