@@ -327,34 +327,43 @@ def _example(node: object) -> Tensor | None:
     return value if isinstance(value, Tensor) else None
 
 
-def _is_one_cpu_row(node: fx.Node) -> bool:
+def _cpu_input(node: fx.Node) -> Tensor | None:
+    """The example value of the node's first argument, if it is a tensor on the CPU."""
     x = _example(node.args[0])
-    return x is not None and x.device.type == "cpu" and math.prod(x.shape[:-1]) == 1
+    return x if x is not None and x.device.type == "cpu" else None
+
+
+def _is_one_cpu_row(node: fx.Node) -> bool:
+    x = _cpu_input(node)
+    return x is not None and math.prod(x.shape[:-1]) == 1
 
 
 def _is_cpu_rows(node: fx.Node) -> bool:
-    x = _example(node.args[0])
-    return x is not None and x.device.type == "cpu" and x.dim() >= 2
+    x = _cpu_input(node)
+    return x is not None and x.dim() >= 2
+
+
+def _linear_weight(linear: fx.Node) -> Tensor | None:
+    return _example(linear.args[1] if len(linear.args) > 1 else linear.kwargs.get("weight"))
 
 
 def _kernel_reads_weight(linear: fx.Node) -> bool:
-    weight = _example(linear.args[1] if len(linear.args) > 1 else linear.kwargs.get("weight"))
+    weight = _linear_weight(linear)
     return weight is not None and not quantizes_activations(weight) and row_kernels.reads(weight)
 
 
 def _rounds_input_to_int8(linear: fx.Node) -> bool:
-    weight = _example(linear.args[1] if len(linear.args) > 1 else linear.kwargs.get("weight"))
+    weight = _linear_weight(linear)
     return weight is not None and quantizes_activations(weight)
 
 
 def _is_one_query_over_a_mask(node: fx.Node) -> bool:
-    q = _example(node.args[0])
+    q = _cpu_input(node)
     mask = _example(node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None))
     dropout = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
     causal = node.kwargs.get("is_causal", node.args[5] if len(node.args) > 5 else False)
     return (
         q is not None
-        and q.device.type == "cpu"
         and q.shape[-2] == 1
         and mask is not None
         and mask.dtype == torch.bool
