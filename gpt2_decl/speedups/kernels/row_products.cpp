@@ -44,38 +44,34 @@ inline float bfloat16_value(uint16_t bits) {
   return value;
 }
 
-// The kinds of weight rows. Each step of a row covers kStep of its K elements, widened into
-// kParts float32 vectors; x is laid out (`prepare`) so that part p of step s of a row is
+// The kinds of weight rows. Each step of a row covers kParts * kLanes of its K elements, widened
+// into kParts float32 vectors; x is laid out (`prepare`) so that part p of step s of a row is
 // kLanes consecutive floats at x_row + s * kLanes * kParts + p * kLanes.
 
-// float32: a step is one vector.
-struct Float32Rows {
-  static constexpr int64_t kParts = 1;
-  const float* w;
+// What every kind shares: where step s of row n starts (a step of kParts vectors' worth of
+// weights), and x as it is, which suits weights whose elements come in order.
+template <typename Element, int64_t Parts>
+struct WeightRows {
+  static constexpr int64_t kParts = Parts;
+  const Element* w;
   int64_t K;
-  const char* at(int64_t n, int64_t s) const {
-    return reinterpret_cast<const char*>(w + n * K + s * kLanes);
-  }
-  void widen(int64_t n, int64_t s, Lanes* parts) const {
-    parts[0] = load<Lanes>(w + n * K + s * kLanes);
-  }
-  float value(int64_t n, int64_t k) const { return w[n * K + k]; }
+  const Element* step(int64_t n, int64_t s) const { return w + n * K + s * kParts * kLanes; }
   static void prepare(const float* x, int64_t steps, float* prepared) {
-    std::memcpy(prepared, x, steps * kLanes * sizeof(float));
+    std::memcpy(prepared, x, steps * kParts * kLanes * sizeof(float));
   }
+};
+
+// float32: a step is one vector.
+struct Float32Rows : WeightRows<float, 1> {
+  void widen(int64_t n, int64_t s, Lanes* parts) const { parts[0] = load<Lanes>(step(n, s)); }
+  float value(int64_t n, int64_t k) const { return w[n * K + k]; }
 };
 
 // bfloat16, read as pairs: a pair's low half shifted up is its even element and its high half,
 // masked, its odd one; so x is prepared as each step's even elements, then its odd ones.
-struct BFloat16Rows {
-  static constexpr int64_t kParts = 2;
-  const uint16_t* w;
-  int64_t K;
-  const char* at(int64_t n, int64_t s) const {
-    return reinterpret_cast<const char*>(w + n * K + s * 2 * kLanes);
-  }
+struct BFloat16Rows : WeightRows<uint16_t, 2> {
   void widen(int64_t n, int64_t s, Lanes* parts) const {
-    const Words pairs = load<Words>(w + n * K + s * 2 * kLanes);
+    const Words pairs = load<Words>(step(n, s));
     parts[0] = as_lanes(pairs << 16);
     parts[1] = as_lanes(pairs & 0xFFFF0000u);
   }
@@ -90,22 +86,14 @@ struct BFloat16Rows {
 };
 
 // int8 (scaled after the sum): a step is a cache line of 64, as four vectors.
-struct Int8Rows {
-  static constexpr int64_t kParts = 4;
-  const int8_t* w;
-  int64_t K;
-  const char* at(int64_t n, int64_t s) const {
-    return reinterpret_cast<const char*>(w + n * K + s * 4 * kLanes);
-  }
+struct Int8Rows : WeightRows<int8_t, 4> {
   void widen(int64_t n, int64_t s, Lanes* parts) const {
+    const int8_t* weights = step(n, s);
     float widened[4 * kLanes];  // a plain loop: compilers vectorize it better than a vector cast
-    for (int64_t i = 0; i < 4 * kLanes; ++i) widened[i] = float(w[n * K + s * 4 * kLanes + i]);
+    for (int64_t i = 0; i < 4 * kLanes; ++i) widened[i] = float(weights[i]);
     for (int64_t p = 0; p < 4; ++p) parts[p] = load<Lanes>(widened + p * kLanes);
   }
   float value(int64_t n, int64_t k) const { return float(w[n * K + k]); }
-  static void prepare(const float* x, int64_t steps, float* prepared) {
-    std::memcpy(prepared, x, steps * 4 * kLanes * sizeof(float));
-  }
 };
 
 // sums[m][r] = x[m] . w[n0 + r] over the whole steps, for Chunk input rows m (prepared, row
@@ -121,7 +109,7 @@ void dot_steps(const Weights& weights, const float* x, int64_t steps, int64_t n0
       for (int64_t p = 0; p < kParts; ++p)
         xs[m][p] = load<Lanes>(x + m * weights.K + (s * kParts + p) * kLanes);
     for (int64_t r = 0; r < Rows; ++r) {
-      if (prefetch) __builtin_prefetch(weights.at(n0 + r + kRows, s));
+      if (prefetch) __builtin_prefetch(weights.step(n0 + r + kRows, s));
       Lanes parts[kParts];
       weights.widen(n0 + r, s, parts);
       for (int64_t m = 0; m < Chunk; ++m)
@@ -216,9 +204,9 @@ at::Tensor row_products(const at::Tensor& x, const at::Tensor& weight) {
               weight.sizes(), " ", weight.scalar_type());
   const auto done = [](float*, int64_t, int64_t) {};
   if (weight.scalar_type() == at::kFloat)
-    return products(Float32Rows{weight.const_data_ptr<float>(), K}, rows, weight.size(0), done);
+    return products(Float32Rows{{weight.const_data_ptr<float>(), K}}, rows, weight.size(0), done);
   const uint16_t* bits = reinterpret_cast<const uint16_t*>(weight.const_data_ptr());
-  return products(BFloat16Rows{bits, K}, rows, weight.size(0), done);
+  return products(BFloat16Rows{{bits, K}}, rows, weight.size(0), done);
 }
 
 // Rows dequantizing as (q - zero_point) * scale: scale * (x . q - zero_point * sum(x)).
@@ -251,7 +239,7 @@ at::Tensor int8_row_products(const at::Tensor& x, const at::Tensor& qdata,
         y[m * N + n] = sp[n] * (y[m * N + n] - zero * x_sums[m]);
       }
   };
-  return products(Int8Rows{qdata.const_data_ptr<int8_t>(), K}, rows, N, scale_rows);
+  return products(Int8Rows{{qdata.const_data_ptr<int8_t>(), K}}, rows, N, scale_rows);
 }
 
 }  // namespace
