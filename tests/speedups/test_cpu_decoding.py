@@ -211,19 +211,27 @@ def test_choice_is_measured_once_per_kind_of_model(monkeypatch):
         assert 0 < with_it < 10_000 and 0 < without < 10_000
 
 
-def test_generation_with_packed_products_decodes_as_eager_and_sees_weights_changed(monkeypatch):
-    # Packed products made to win the timing, so that generation compiles them.
+@pytest.mark.parametrize(("way", "freezes"), [
+    ("packed_products", True),
+    pytest.param("kernel_products", False, marks=pytest.mark.skipif(
+        row_kernels.load() is not None, reason=f"no row kernel here: {row_kernels.load()}")),
+])
+def test_generation_with_each_way_of_products_decodes_as_eager_and_sees_weights_changed(
+        monkeypatch, way, freezes):
+    # The way made to win the timing, so that generation compiles it.
     monkeypatch.setattr(cpu_decoding, "_choices", {})
     monkeypatch.setattr(cpu_decoding, "_time_products", lambda model, rows: {
-        "one_row_products": (2.0, 1.0), "packed_products": (0.5, 1.0)})
+        "one_row_products": (2.0, 1.0), way: (0.5, 1.0)})
     model = GPT2(CONFIG).eval()
     prompt = torch.randint(CONFIG.vocab_size, (2, 5), generator=torch.Generator().manual_seed(3))
-    assert cpu_decoding.choice_for(model, rows=2).decoding.packed_products
+    decoding = cpu_decoding.choice_for(model, rows=2).decoding
+    assert getattr(decoding, way) and decoding.freezes == freezes
     assert torch.equal(model.generate(prompt, 8, greedy=True, compile=True),
                        model.generate(prompt, 8, greedy=True))
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.mul_(-1.5)
-    # The frozen step holds the old weights: generation compiles one without them.
+    # A frozen step holds the old weights: generation compiles one without them (the kernel
+    # reads the weights as they are at each step).
     assert torch.equal(model.generate(prompt, 8, greedy=True, compile=True),
                        model.generate(prompt, 8, greedy=True))

@@ -1,5 +1,6 @@
 """The C++ row-products kernel: against float64 products, through compiled decoding steps and
-generation, and its build: refused input and a failed build each say what went wrong."""
+generation (its generation beside the other ways of doing products: test_cpu_decoding), and
+its build: refused input and a failed build each say what went wrong."""
 
 import re
 
@@ -118,23 +119,6 @@ def test_step_with_kernel_products_matches_eager(kind, rows):
     # float32 sums in another order; bfloat16 and int8 round their outputs to bfloat16/float32
     tolerance = 1e-5 if kind == "float32" else 0.02 * eager.abs().max()
     assert (compiled - eager).abs().max() <= tolerance
-
-
-def test_generation_with_kernel_products_decodes_as_eager_after_weights_change(monkeypatch):
-    monkeypatch.setattr(cpu_decoding, "_choices", {})
-    monkeypatch.setattr(cpu_decoding, "_time_products", lambda model, rows: {
-        "one_row_products": (2.0, 1.0), "kernel_products": (0.5, 1.0)})
-    model = GPT2(CONFIG).eval()
-    prompt = torch.randint(CONFIG.vocab_size, (2, 5), generator=torch.Generator().manual_seed(3))
-    choice = cpu_decoding.choice_for(model, rows=2)
-    assert choice.decoding.kernel_products and not choice.decoding.freezes
-    assert torch.equal(model.generate(prompt, 8, greedy=True, compile=True),
-                       model.generate(prompt, 8, greedy=True))
-    with torch.no_grad():  # the kernel reads the weights as they are at each step
-        for parameter in model.parameters():
-            parameter.mul_(-1.5)
-    assert torch.equal(model.generate(prompt, 8, greedy=True, compile=True),
-                       model.generate(prompt, 8, greedy=True))
 
 
 def test_a_failed_build_says_why_and_leaves_nothing_in_the_cache(monkeypatch, tmp_path):
