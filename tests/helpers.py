@@ -1,6 +1,8 @@
-"""Independent references the tests compare against, and test doubles."""
+"""Independent references the tests compare against, test doubles, and decoding scenarios that
+several tests check."""
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -76,3 +78,29 @@ class HostReads:
     def __exit__(self, *exc_info: object) -> None:
         for name, original in self.originals.items():
             setattr(torch.Tensor, name, original)
+
+
+
+@dataclass
+class Int8Change:
+    """Greedy tokens of a quantized model, compiled and eager, before and after two of its int8
+    weights changed in place (negated)."""
+
+    before: torch.Tensor
+    eager_before: torch.Tensor
+    after: torch.Tensor
+    eager_after: torch.Tensor
+
+
+def decode_around_an_int8_change(quantized: GPT2) -> Int8Change:
+    prompt = torch.randint(quantized.config.vocab_size, (1, 6),
+                           generator=torch.Generator().manual_seed(6))
+
+    def decode(compile: bool) -> torch.Tensor:
+        return quantized.generate(prompt, 6, greedy=True, compile=compile)
+
+    before, eager_before = decode(True), decode(False)
+    with torch.no_grad():
+        quantized.blocks[0].mlp.up.weight.qdata.neg_()
+        quantized.blocks[1].mlp.down.weight.qdata.neg_()
+    return Int8Change(before, eager_before, decode(True), decode(False))

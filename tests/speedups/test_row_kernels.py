@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from helpers import decode_around_an_int8_change
 
 import gpt2_decl
 from gpt2_decl import GPT2, GPT2Config, KVCache
@@ -154,13 +155,8 @@ def test_int8_weights_decoded_by_the_kernel_are_frozen_and_never_decoded_stale(m
     model = gpt2_decl.quantize(GPT2(CONFIG).eval(), "int8")
     choice = cpu_decoding.choice_for(model)
     assert choice.decoding.kernel_products and choice.decoding.freeze_weights
-    prompt = torch.randint(CONFIG.vocab_size, (1, 6), generator=torch.Generator().manual_seed(6))
-    before = model.generate(prompt, 6, greedy=True, compile=True)
-    assert torch.equal(before, model.generate(prompt, 6, greedy=True))
-    with torch.no_grad():
-        model.blocks[0].mlp.up.weight.qdata.neg_()
-        model.blocks[1].mlp.down.weight.qdata.neg_()
+    change = decode_around_an_int8_change(model)
+    assert torch.equal(change.before, change.eager_before)
     # The frozen step holds the old weights: generation compiles one without them.
-    after = model.generate(prompt, 6, greedy=True, compile=True)
-    assert torch.equal(after, model.generate(prompt, 6, greedy=True))
-    assert not torch.equal(after, before)
+    assert torch.equal(change.after, change.eager_after)
+    assert not torch.equal(change.after, change.before)
