@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -124,16 +125,15 @@ void dot_steps(const Weights& weights, const float* x, int64_t steps, int64_t n0
     }
 }
 
-// y[m, n0 + r] = x[m] . w[n0 + r] for all M input rows and the `rows` weight rows of a block:
-// a full block in vectors (the input rows four at a time, then one at a time), the rest of
-// each row, and a partial block, one element at a time.
+// y[m, r] = x[m] . w[n0 + r] for all M input rows and the `rows` weight rows of a block (y's
+// rows `stride` apart): a full block in vectors (the input rows four at a time, then one at a
+// time), the rest of each row, and a partial block, one element at a time.
 template <typename Weights>
-void block_products(const Weights& weights, const float* x, const float* prepared, int64_t M,
-                    int64_t N, int64_t n0, int64_t rows, float* y) {
+void block_products(const Weights& weights, int64_t n0, int64_t rows, const float* x,
+                    const float* prepared, int64_t M, bool prefetch, float* y, int64_t stride) {
   const int64_t K = weights.K;
   const int64_t steps = rows == kRows ? K / (kLanes * Weights::kParts) : 0;
   const int64_t tail = steps * kLanes * Weights::kParts;
-  const bool prefetch = n0 + 2 * kRows <= N;
   // Weight rows per pass over a chunk of input rows: as many as leave the chunk's sums, its
   // input vectors and a row's widened weights in vector registers.
   constexpr int64_t kPassRows = kRows / 2 / Weights::kParts;
@@ -145,36 +145,54 @@ void block_products(const Weights& weights, const float* x, const float* prepare
                                    prefetch && m == 0, sums);
       for (int64_t c = 0; c < kChunk; ++c)
         for (int64_t r = 0; r < kPassRows; ++r)
-          y[(m + c) * N + n0 + part + r] = sums[c * kPassRows + r];
+          y[(m + c) * stride + part + r] = sums[c * kPassRows + r];
     }
   for (; m < M; ++m) {
     if (steps > 0)
       dot_steps<1, kRows>(weights, prepared + m * K, steps, n0, prefetch && m == 0, sums);
-    for (int64_t r = 0; r < rows; ++r) y[m * N + n0 + r] = steps > 0 ? sums[r] : 0.0f;
+    for (int64_t r = 0; r < rows; ++r) y[m * stride + r] = steps > 0 ? sums[r] : 0.0f;
   }
   for (int64_t c = 0; c < M; ++c)
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t k = tail; k < K; ++k)
-        y[c * N + n0 + r] += weights.value(n0 + r, k) * x[c * K + k];
+        y[c * stride + r] += weights.value(n0 + r, k) * x[c * K + k];
+}
+
+// The block's weight rows widened to float32, in order.
+template <typename Weights>
+void widen_block(const Weights& weights, int64_t n0, int64_t rows, float* widened) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t k = 0; k < weights.K; ++k) widened[r * weights.K + k] = weights.value(n0 + r, k);
 }
 
 // Every block, split among torch's threads, then finish(y, n0, rows) on it while it is in
-// cache; x prepared for the kind of weights first.
+// cache; x prepared for the kind of weights first. Where more than one chunk of input rows
+// reads a block of narrow weights, the block is widened to float32 once, not once per chunk.
 template <typename Weights, typename Finish>
 at::Tensor products(const Weights& weights, const at::Tensor& rows, int64_t N,
                     const Finish& finish) {
   const int64_t M = rows.size(0), K = rows.size(1);
   const int64_t steps = K / (kLanes * Weights::kParts);
+  const bool widen_once = !std::is_same_v<Weights, Float32Rows> && M > kChunk;
   const float* x = rows.const_data_ptr<float>();
-  std::vector<float> prepared(M * K);
-  for (int64_t m = 0; m < M; ++m) Weights::prepare(x + m * K, steps, prepared.data() + m * K);
+  std::vector<float> prepared(widen_once ? 0 : M * K);
+  for (int64_t m = 0; m < M && !widen_once; ++m)
+    Weights::prepare(x + m * K, steps, prepared.data() + m * K);
   at::Tensor y = at::empty({M, N}, rows.options());
   float* yp = y.mutable_data_ptr<float>();
   at::parallel_for(0, (N + kRows - 1) / kRows, 4, [&](int64_t begin, int64_t end) {
+    std::vector<float> widened(widen_once ? kRows * K : 0);
     for (int64_t b = begin; b < end; ++b) {
-      const int64_t block_rows = std::min(kRows, N - b * kRows);
-      block_products(weights, x, prepared.data(), M, N, b * kRows, block_rows, yp);
-      finish(yp, b * kRows, block_rows);
+      const int64_t n0 = b * kRows, block_rows = std::min(kRows, N - n0);
+      if (widen_once) {
+        widen_block(weights, n0, block_rows, widened.data());
+        block_products(Float32Rows{{widened.data(), K}}, 0, block_rows, x, x, M, false,
+                       yp + n0, N);
+      } else {
+        block_products(weights, n0, block_rows, x, prepared.data(), M, n0 + 2 * kRows <= N,
+                       yp + n0, N);
+      }
+      finish(yp, n0, block_rows);
     }
   });
   return y;
