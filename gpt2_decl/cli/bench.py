@@ -5,6 +5,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 import os
 import statistics
 import sys
@@ -168,7 +169,10 @@ def run_decode(args: argparse.Namespace, model: GPT2) -> dict:
         timed += [(f"{args.dtype}, batch {rows}", model, rows) for rows in args.batch if rows > 1]
         for name, kind, rows in timed:
             choice = choice_for(kind, rows)
-            rewrites[name] = {"used": choice.decoding.names(), "times_ms": choice.times_ms}
+            rewrites[name] = {"used": choice.decoding.names(), "times_ms": choice.times_ms,
+                              "kernel_prefill_rows": "any" if math.isinf(choice.prefill_rows)
+                              else int(choice.prefill_rows),
+                              "kernel_prefill_times_ms": choice.prefill_times_ms}
             print(f"  {name}: {choice.describe()}")
     prompt = random_tokens(config.vocab_size, 1, args.prompt_len, model.device, args.seed)
     bandwidth = ReadBandwidth(model.device, in_huge_pages=on_huge_pages)

@@ -35,6 +35,13 @@ against the library call it replaces, on the model's own weights and at the gene
 number of rows, once per kind of model in a process, and `gpt2_decl.text.generation` compiles
 CPU decoding with what it chose; `store_pointwise` and `freeze_weights` are rules. The README
 gives the figures.
+
+The prompt is run eagerly (a compiled graph per prompt length would cost more than it saves);
+`choice_for` also times the kernel against the library's products at a short and a long
+prompt's number of rows, and generation runs the prompt's products through the kernel
+(`row_kernels.KernelProducts`) up to the longest at which it won: bfloat16 products of many
+rows are slow where the CPU has no bfloat16 arithmetic, and torchao's int8 products dequantize
+the whole weight first.
 """
 
 import functools
@@ -44,7 +51,7 @@ import time
 import types
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -172,13 +179,24 @@ class Choice:
 
     decoding: CpuDecoding
     times_ms: dict[str, tuple[float, float]]
+    # The prompt's products go through the kernel up to this many rows (0: never; inf: any);
+    # prefill_times_ms[rows] = (through the kernel, without), for one block's products.
+    prefill_rows: float = 0
+    prefill_times_ms: dict[int, tuple[float, float]] = field(default_factory=dict)
 
     def describe(self) -> str:
         parts = [f"{name} {'on' if getattr(self.decoding, name) else 'off'} "
                  f"({with_it:.2f} ms with, {without:.2f} ms without)"
                  for name, (with_it, without) in self.times_ms.items()]
         rules = [name for name in self.decoding.names() if name not in self.times_ms]
-        return "; ".join(parts + [f"{name} on (a rule)" for name in rules])
+        parts += [f"{name} on (a rule)" for name in rules]
+        if self.prefill_times_ms:
+            limit = {0: "off", math.inf: "on"}.get(self.prefill_rows,
+                                                     f"up to {self.prefill_rows:.0f} rows")
+            timed = ", ".join(f"{with_it:.2f} ms with, {without:.2f} ms without at {rows} rows"
+                              for rows, (with_it, without) in self.prefill_times_ms.items())
+            parts.append(f"kernel prefill {limit} ({timed})")
+        return "; ".join(parts)
 
 
 _choices: dict[tuple, Choice] = {}
@@ -213,7 +231,48 @@ def _choose(model: nn.Module, rows: int) -> Choice:
     # they are, where one-row products would have them dequantized in a copy).
     freeze = freeze or (bool(chosen.get("kernel_products")) and is_quantized(model))
     decoding = CpuDecoding(one_row_products=False, freeze_weights=freeze)
-    return Choice(replace(decoding, **chosen), times)
+    with torch.no_grad():
+        prefill_times = _time_prefill(model)
+    return Choice(replace(decoding, **chosen), times, _prefill_rows(prefill_times), prefill_times)
+
+
+# The prompt sizes (rows) at which the kernel is timed for a prompt's products: short and long.
+PREFILL_ROWS = (32, 256)
+
+
+def _time_prefill(model: nn.Module) -> dict[int, tuple[float, float]]:
+    """Milliseconds for the first block's products of each PREFILL_ROWS rows, run eagerly
+    through the kernel and without (medians of runs taken in turns); {} where the kernel does
+    not apply (weights it does not read, or int8 activations) or is not to be timed."""
+    linears = [module for module in model.blocks[0].modules() if isinstance(module, nn.Linear)]
+    if "kernel_products" not in PRODUCT_WAYS or row_kernels.load() is not None or not all(
+            row_kernels.reads(linear.weight) and not quantizes_activations(linear.weight)
+            for linear in linears):
+        return {}
+    times = {}
+    for rows in PREFILL_ROWS:
+        inputs = [torch.randn(rows, linear.in_features, dtype=model.dtype) for linear in linears]
+
+        def products(product: Callable, inputs: list[Tensor] = inputs) -> list[Tensor]:
+            return [product(x, linear.weight, linear.bias)
+                    for linear, x in zip(linears, inputs, strict=True)]
+
+        timed = _time_in_turns({"kernel": functools.partial(products, row_kernels.kernel_linear),
+                                "without": functools.partial(products, F.linear)}, [()])
+        times[rows] = (timed["kernel"], timed["without"])
+    return times
+
+
+def _prefill_rows(times: dict[int, tuple[float, float]]) -> float:
+    """Prompts of up to how many rows the kernel does the products of: up to the largest row
+    count timed at which it won, as it did at every smaller one; any, if it won at them all
+    (past that, products are bound by arithmetic, where the ratio holds)."""
+    limit = 0
+    for rows, (with_it, without) in sorted(times.items()):
+        if with_it >= without:
+            return limit
+        limit = rows
+    return math.inf if times else 0
 
 
 PRODUCTS = ("one_row_products", "packed_products", "kernel_products")

@@ -2,11 +2,13 @@
 
 With the cache (the default) the prompt runs once, eagerly (prefill), and every later token is
 one step over a single token that reads the other tokens' keys and values from a `KVCache`. That
-step has the same shapes for every token, so compiled it is compiled once. The loop never reads
-a tensor's value on the host except to stop early at `eos_id` (every token on a CPU, every
-`EOS_CHECK_EVERY` tokens on an accelerator), so a GPU runs the steps back to back.
+step has the same shapes for every token, so compiled it is compiled once. Compiled on a CPU,
+the prompt's products go through the row kernel where `choice_for` timed it faster. The loop
+never reads a tensor's value on the host except to stop early at `eos_id` (every token on a
+CPU, every `EOS_CHECK_EVERY` tokens on an accelerator), so a GPU runs the steps back to back.
 """
 
+import contextlib
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -21,6 +23,7 @@ from gpt2_decl.core.inputs import check_tokens
 from gpt2_decl.core.kv_cache import KVCache
 from gpt2_decl.core.typecheck import shape_checked
 from gpt2_decl.speedups.cpu_decoding import choice_for
+from gpt2_decl.speedups.row_kernels import KernelProducts
 
 # Below this temperature, sampling is greedy: softmax(logits / t) is a point mass there to
 # float32's precision, and smaller t would overflow the division.
@@ -225,7 +228,8 @@ def _decode(
         step = decode_step(model, compile, use_cache, rows=batch)
         cache = _take_cache(model, batch, seq + max_new_tokens, start) if use_cache else None
         if use_cache:
-            logits = model(tokens, cache, last_only=True, check_values=False)[:, -1]
+            with prefill_products(model, compile, batch, seq):
+                logits = model(tokens, cache, last_only=True, check_values=False)[:, -1]
         else:
             context = tokens
             logits = step(context, last_only=True, check_values=False)[:, -1]
@@ -273,6 +277,18 @@ def decode_step(model: nn.Module, compile: bool | str | Callable, use_cache: boo
         return compile_model(model, mode="reduce-overhead")
     # Without the cache the context grows a token per step: dynamic after one change.
     return compile_model(model, backend="inductor" if compile is True else compile)
+
+
+def prefill_products(model: nn.Module, compile: bool | str | Callable, batch: int, seq: int
+                     ) -> contextlib.AbstractContextManager:
+    """Where the products of a prompt of `batch` x `seq` tokens run: through the row kernel for
+    compiled decoding on a CPU where `choice_for` (as for the steps of `batch` rows) timed it
+    faster at that many rows, else as the model runs them."""
+    if compile is True and model.device.type == "cpu":
+        limit = choice_for(model, batch).prefill_rows
+        if batch * seq <= limit:
+            return KernelProducts(limit)
+    return contextlib.nullcontext()
 
 
 # The cache of each model's last generation, kept for the next one of the same sizes (a cache

@@ -11,7 +11,7 @@ import torch
 from gpt2_decl.bench import decode
 from gpt2_decl.bench.measure import ReadBandwidth, Timing, time_interleaved
 from gpt2_decl.cli import main
-from gpt2_decl.speedups import huge_pages, row_kernels
+from gpt2_decl.speedups import cpu_decoding, huge_pages, row_kernels
 
 TINY_CLI = ["bench", "--n-layer", "2", "--d-model", "64", "--n-head", "4", "--threads", "1"]
 TINY_DECODE = ["bench", "--generate", "--n-layer", "1", "--n-head", "2", "--d-model", "32",
@@ -110,6 +110,13 @@ def test_decode_bench_reports_every_way_of_decoding_against_its_bound(tmp_path, 
     fastest = min(ways, key=lambda name: times[name][0])
     products_used = [name for name in rewrites["used"] if name.endswith("_products")]
     assert products_used == ([fastest] if times[fastest][0] < times[fastest][1] else [])
+    # The prompt through the kernel up to the most rows timed at which it won every time.
+    prefill = {int(rows): tuple(ms) for rows, ms in rewrites["kernel_prefill_times_ms"].items()}
+    assert set(prefill) == (set(cpu_decoding.PREFILL_ROWS) if kernel else set())
+    won = [rows for rows in sorted(prefill) if prefill[rows][0] < prefill[rows][1]]
+    expected = "any" if prefill and len(won) == len(prefill) else max(
+        [rows for rows in won if all(r in won for r in prefill if r <= rows)], default=0)
+    assert rewrites["kernel_prefill_rows"] == expected
     # Weights read per token by hand: token embedding 50257 x 32, one block, ln_f; float32.
     block = 2 * 32 + 32 * 96 + 96 + 32 * 32 + 32 + 2 * 32 + 32 * 128 + 128 + 128 * 32 + 32
     weight_bytes = 4 * (50257 * 32 + block + 2 * 32)

@@ -1,6 +1,8 @@
 """The compiled CPU decoding step's rewrites: each against a float64 reference, applied where
 they should be and nowhere else, and the rewritten step against eager."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -176,6 +178,38 @@ def test_products_are_timed_each_way_that_applies_to_the_weights_and_rows(monkey
         ["store_pointwise"], ["packed_products", "store_pointwise"], *with_kernel,
         ["store_pointwise"], ["one_row_products", "store_pointwise"], *with_kernel,
         *(["store_pointwise"], *with_kernel) * bool(kernel)]  # int8, 3 rows: the kernel only
+
+
+@pytest.mark.parametrize(("times", "prefill_rows", "described"), [
+    ({32: (1.0, 2.0), 256: (3.0, 4.0)}, math.inf, "kernel prefill on (1.00 ms with, 2.00 ms"),
+    ({32: (1.0, 2.0), 256: (5.0, 4.0)}, 32, "kernel prefill up to 32 rows"),
+    ({32: (2.0, 2.0), 256: (3.0, 4.0)}, 0, "kernel prefill off"),  # lost (tied) at 32 rows
+    ({}, 0, None),  # not timed: no kernel, or weights it does not read
+])
+def test_prompts_go_through_the_kernel_up_to_the_rows_where_it_won(monkeypatch, times,
+                                                                   prefill_rows, described):
+    monkeypatch.setattr(cpu_decoding, "_choices", {})
+    monkeypatch.setattr(cpu_decoding, "_time_prefill", lambda model: dict(times))
+    choice = cpu_decoding.choice_for(GPT2(CONFIG).eval())
+    assert choice.prefill_rows == prefill_rows and choice.prefill_times_ms == times
+    if described is None:
+        assert "kernel prefill" not in choice.describe()
+    else:
+        assert described in choice.describe()
+
+
+def test_prompt_products_are_timed_where_the_kernel_reads_the_weights(every_product_way):
+    kernel = row_kernels.load() is None
+    with torch.no_grad():
+        timed = {kind: cpu_decoding._time_prefill(model) for kind, model in [
+            ("float32", GPT2(CONFIG).eval()),
+            ("int8", gpt2_decl.quantize(GPT2(CONFIG).eval(), "int8")),
+            ("int8-dynamic", gpt2_decl.quantize(GPT2(CONFIG).eval(), "int8-dynamic"))]}
+    assert set(timed["float32"]) == set(timed["int8"]) == (set(cpu_decoding.PREFILL_ROWS)
+                                                           if kernel else set())
+    assert timed["int8-dynamic"] == {}  # its products round their input to int8 first
+    for with_it, without in [*timed["float32"].values(), *timed["int8"].values()]:
+        assert 0 < with_it < 10_000 and 0 < without < 10_000
 
 
 def test_packed_products_step_matches_eager_and_leaves_the_weights_alone():

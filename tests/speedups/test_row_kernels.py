@@ -160,3 +160,62 @@ def test_int8_weights_decoded_by_the_kernel_are_frozen_and_never_decoded_stale(m
     # The frozen step holds the old weights: generation compiles one without them.
     assert torch.equal(change.after, change.eager_after)
     assert not torch.equal(change.after, change.before)
+
+
+def kind_of_model(kind: str) -> GPT2:
+    model = GPT2(CONFIG).eval()
+    if kind.startswith("int8"):
+        return gpt2_decl.quantize(model, kind)
+    return model.to(getattr(torch, kind))
+
+
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8"])
+def test_kernel_products_mode_takes_the_products_it_reads_and_matches_them(monkeypatch, kind):
+    model = kind_of_model(kind)
+    taken = []
+    real = row_kernels.kernel_linear
+    monkeypatch.setattr(row_kernels, "kernel_linear",
+                        lambda x, *args: taken.append(x.shape) or real(x, *args))
+    tokens = torch.randint(CONFIG.vocab_size, (2, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        eager = model(tokens).double()
+        with row_kernels.KernelProducts(max_rows=14):
+            through_kernel = model(tokens).double()
+    # Every product of the blocks and the head, each of the 2 x 7 rows at once.
+    assert taken == [(2, 7, CONFIG.d_model), (2, 7, CONFIG.d_model), (2, 7, CONFIG.d_model),
+                     (2, 7, 4 * CONFIG.d_model)] * CONFIG.n_layer + [(2, 7, CONFIG.d_model)]
+    tolerance = 1e-5 if kind == "float32" else 0.02 * eager.abs().max()
+    assert (through_kernel - eager).abs().max() <= tolerance
+
+
+@pytest.mark.parametrize("case", ["more rows", "gradients", "int8 activations", "meta"])
+def test_kernel_products_mode_leaves_what_the_kernel_cannot_do_to_the_model(monkeypatch, case):
+    model = kind_of_model("int8-dynamic" if case == "int8 activations" else "float32")
+    tokens = torch.randint(CONFIG.vocab_size, (2, 7), generator=torch.Generator().manual_seed(4))
+    if case == "meta":
+        model, tokens = model.to("meta"), tokens.to("meta")
+    monkeypatch.setattr(row_kernels, "kernel_linear", lambda *args: pytest.fail("taken"))
+    with torch.set_grad_enabled(case == "gradients"), \
+            row_kernels.KernelProducts(max_rows=13 if case == "more rows" else 14):
+        logits = model(tokens, check_values=case != "meta")
+    assert logits.shape == (2, 7, CONFIG.vocab_size)
+    assert logits.requires_grad == (case == "gradients")
+
+
+def test_generation_runs_the_prompt_through_the_kernel_where_it_timed_faster(monkeypatch):
+    monkeypatch.setattr(cpu_decoding, "_choices", {})
+    monkeypatch.setattr(cpu_decoding, "_time_prefill", lambda model: {
+        32: (1.0, 2.0), 256: (3.0, 2.0)})  # faster at 32 rows, not at 256
+    model = GPT2(CONFIG).eval().to(torch.bfloat16)
+    assert cpu_decoding.choice_for(model, rows=2).prefill_rows == 32
+    rows = []
+    real = row_kernels.kernel_linear
+    monkeypatch.setattr(row_kernels, "kernel_linear",
+                        lambda x, *args: rows.append(x.shape[:-1].numel()) or real(x, *args))
+    generator = torch.Generator().manual_seed(3)
+    for prompt_len in (16, 17):  # 2 x 16 rows, then 2 x 17: more than 32
+        prompt = torch.randint(CONFIG.vocab_size, (2, prompt_len), generator=generator)
+        rows.clear()
+        assert torch.equal(model.generate(prompt, 5, greedy=True, compile=True),
+                           model.generate(prompt, 5, greedy=True))
+        assert rows == ([2 * prompt_len] * 4 * CONFIG.n_layer + [2] if prompt_len == 16 else [])
