@@ -18,7 +18,8 @@
 
 namespace {
 
-constexpr int64_t kRows = 8;    // weight rows read together (a block)
+constexpr int64_t kRows = 16;   // weight rows read together (a block), and prefetched ahead
+constexpr int64_t kCachedRows = 8;  // weight rows multiplied together by more than kChunk rows
 constexpr int64_t kLanes = 16;  // float32 lanes of a vector: 64 bytes, a cache line
 constexpr int64_t kChunk = 4;   // input rows that share each weight vector, for a batch
 
@@ -125,22 +126,22 @@ void dot_steps(const Weights& weights, const float* x, int64_t steps, int64_t n0
     }
 }
 
-// y[m, r] = x[m] . w[n0 + r] for all M input rows and the `rows` weight rows of a block (y's
-// rows `stride` apart): a full block in vectors (the input rows four at a time, then one at a
-// time), the rest of each row, and a partial block, one element at a time.
-template <typename Weights>
-void block_products(const Weights& weights, int64_t n0, int64_t rows, const float* x,
+// y[m, r] = x[m] . w[n0 + r] for all M input rows and a group of `rows` (at most Rows) weight
+// rows (y's rows `stride` apart): Rows of them in vectors (the input rows four at a time, then
+// one at a time), the rest of each row, and fewer rows, one element at a time.
+template <int64_t Rows, typename Weights>
+void group_products(const Weights& weights, int64_t n0, int64_t rows, const float* x,
                     const float* prepared, int64_t M, bool prefetch, float* y, int64_t stride) {
   const int64_t K = weights.K;
-  const int64_t steps = rows == kRows ? K / (kLanes * Weights::kParts) : 0;
+  const int64_t steps = rows == Rows ? K / (kLanes * Weights::kParts) : 0;
   const int64_t tail = steps * kLanes * Weights::kParts;
   // Weight rows per pass over a chunk of input rows: as many as leave the chunk's sums, its
-  // input vectors and a row's widened weights in vector registers.
-  constexpr int64_t kPassRows = kRows / 2 / Weights::kParts;
-  float sums[kChunk * kRows];
+  // input vectors and a row's widened weights in the 32 vector registers.
+  constexpr int64_t kPassRows = Weights::kParts == 4 ? 2 : 4;
+  float sums[kChunk * Rows];
   int64_t m = 0;
   for (; steps > 0 && m + kChunk <= M; m += kChunk)
-    for (int64_t part = 0; part < kRows; part += kPassRows) {
+    for (int64_t part = 0; part < Rows; part += kPassRows) {
       dot_steps<kChunk, kPassRows>(weights, prepared + m * K, steps, n0 + part,
                                    prefetch && m == 0, sums);
       for (int64_t c = 0; c < kChunk; ++c)
@@ -149,7 +150,7 @@ void block_products(const Weights& weights, int64_t n0, int64_t rows, const floa
     }
   for (; m < M; ++m) {
     if (steps > 0)
-      dot_steps<1, kRows>(weights, prepared + m * K, steps, n0, prefetch && m == 0, sums);
+      dot_steps<1, Rows>(weights, prepared + m * K, steps, n0, prefetch && m == 0, sums);
     for (int64_t r = 0; r < rows; ++r) y[m * stride + r] = steps > 0 ? sums[r] : 0.0f;
   }
   for (int64_t c = 0; c < M; ++c)
@@ -165,33 +166,48 @@ void widen_block(const Weights& weights, int64_t n0, int64_t rows, float* widene
     for (int64_t k = 0; k < weights.K; ++k) widened[r * weights.K + k] = weights.value(n0 + r, k);
 }
 
+// A block's products: all its rows at once for a few input rows (x prepared for the kind of
+// weights); for more, kCachedRows at a time, which stay in cache while every chunk of input
+// rows reads them, narrow weights widened to float32 first (once, not once per chunk).
+template <typename Weights>
+void block_products(const Weights& weights, int64_t n0, int64_t rows, const float* x,
+                    const float* prepared, int64_t M, bool prefetch, float* widened, float* y,
+                    int64_t stride) {
+  if (M <= kChunk) {
+    group_products<kRows>(weights, n0, rows, x, prepared, M, prefetch, y, stride);
+    return;
+  }
+  for (int64_t r = 0; r < rows; r += kCachedRows) {
+    const int64_t group = std::min(kCachedRows, rows - r);
+    if constexpr (std::is_same_v<Weights, Float32Rows>) {
+      group_products<kCachedRows>(weights, n0 + r, group, x, x, M, prefetch, y + r, stride);
+    } else {
+      widen_block(weights, n0 + r, group, widened);
+      group_products<kCachedRows>(Float32Rows{{widened, weights.K}}, 0, group, x, x, M, false,
+                                  y + r, stride);
+    }
+  }
+}
+
 // Every block, split among torch's threads, then finish(y, n0, rows) on it while it is in
-// cache; x prepared for the kind of weights first. Where more than one chunk of input rows
-// reads a block of narrow weights, the block is widened to float32 once, not once per chunk.
+// cache; for a few input rows, x prepared for the kind of weights first.
 template <typename Weights, typename Finish>
 at::Tensor products(const Weights& weights, const at::Tensor& rows, int64_t N,
                     const Finish& finish) {
   const int64_t M = rows.size(0), K = rows.size(1);
   const int64_t steps = K / (kLanes * Weights::kParts);
-  const bool widen_once = !std::is_same_v<Weights, Float32Rows> && M > kChunk;
   const float* x = rows.const_data_ptr<float>();
-  std::vector<float> prepared(widen_once ? 0 : M * K);
-  for (int64_t m = 0; m < M && !widen_once; ++m)
+  std::vector<float> prepared(M <= kChunk ? M * K : 0);
+  for (int64_t m = 0; m < M && M <= kChunk; ++m)
     Weights::prepare(x + m * K, steps, prepared.data() + m * K);
   at::Tensor y = at::empty({M, N}, rows.options());
   float* yp = y.mutable_data_ptr<float>();
   at::parallel_for(0, (N + kRows - 1) / kRows, 4, [&](int64_t begin, int64_t end) {
-    std::vector<float> widened(widen_once ? kRows * K : 0);
+    std::vector<float> widened(M > kChunk ? kCachedRows * K : 0);
     for (int64_t b = begin; b < end; ++b) {
       const int64_t n0 = b * kRows, block_rows = std::min(kRows, N - n0);
-      if (widen_once) {
-        widen_block(weights, n0, block_rows, widened.data());
-        block_products(Float32Rows{{widened.data(), K}}, 0, block_rows, x, x, M, false,
-                       yp + n0, N);
-      } else {
-        block_products(weights, n0, block_rows, x, prepared.data(), M, n0 + 2 * kRows <= N,
-                       yp + n0, N);
-      }
+      block_products(weights, n0, block_rows, x, prepared.data(), M, n0 + 2 * kRows <= N,
+                     widened.data(), yp + n0, N);
       finish(yp, n0, block_rows);
     }
   });
