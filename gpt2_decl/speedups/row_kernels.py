@@ -119,11 +119,13 @@ def kernel_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
 class KernelProducts(TorchFunctionMode):
     """Within it, eager `F.linear` products of at most `max_rows` rows on the CPU go through the
     kernel, where it reads the weight and no gradient is being recorded (the kernel has none).
-    The kernel must have loaded (`load()`)."""
+    The kernel is loaded (built on first use); where it cannot be, the products stay as they
+    are."""
 
     def __init__(self, max_rows: float = math.inf):
         super().__init__()
         self.max_rows = max_rows
+        self.loaded = load() is None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -134,7 +136,7 @@ class KernelProducts(TorchFunctionMode):
     def _takes(self, x: object, weight: object, bias: object = None) -> bool:
         tensors = [tensor for tensor in (x, weight, bias) if isinstance(tensor, Tensor)]
         return (
-            isinstance(x, Tensor) and isinstance(weight, Tensor)
+            self.loaded and isinstance(x, Tensor) and isinstance(weight, Tensor)
             and all(tensor.device.type == "cpu" for tensor in tensors)
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
             and x.dim() >= 2 and x.is_floating_point() and math.prod(x.shape[:-1]) <= self.max_rows

@@ -188,12 +188,15 @@ def test_kernel_products_mode_takes_the_products_it_reads_and_matches_them(monke
     assert (through_kernel - eager).abs().max() <= tolerance
 
 
-@pytest.mark.parametrize("case", ["more rows", "gradients", "int8 activations", "meta"])
+@pytest.mark.parametrize("case", ["more rows", "gradients", "int8 activations", "meta",
+                                  "no kernel"])
 def test_kernel_products_mode_leaves_what_the_kernel_cannot_do_to_the_model(monkeypatch, case):
     model = kind_of_model("int8-dynamic" if case == "int8 activations" else "float32")
     tokens = torch.randint(CONFIG.vocab_size, (2, 7), generator=torch.Generator().manual_seed(4))
     if case == "meta":
         model, tokens = model.to("meta"), tokens.to("meta")
+    if case == "no kernel":
+        monkeypatch.setattr(row_kernels, "load", lambda: "no C++ compiler here")
     monkeypatch.setattr(row_kernels, "kernel_linear", lambda *args: pytest.fail("taken"))
     with torch.set_grad_enabled(case == "gradients"), \
             row_kernels.KernelProducts(max_rows=13 if case == "more rows" else 14):
