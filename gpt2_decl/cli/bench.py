@@ -5,7 +5,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import math
 import os
 import statistics
 import sys
@@ -170,8 +169,7 @@ def run_decode(args: argparse.Namespace, model: GPT2) -> dict:
         for name, kind, rows in timed:
             choice = choice_for(kind, rows)
             rewrites[name] = {"used": choice.decoding.names(), "times_ms": choice.times_ms,
-                              "kernel_prefill_rows": "any" if math.isinf(choice.prefill_rows)
-                              else int(choice.prefill_rows),
+                              "kernel_prefill_rows": choice.prefill_rows,
                               "kernel_prefill_times_ms": choice.prefill_times_ms}
             print(f"  {name}: {choice.describe()}")
     prompt = random_tokens(config.vocab_size, 1, args.prompt_len, model.device, args.seed)

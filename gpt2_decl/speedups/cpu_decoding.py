@@ -37,11 +37,11 @@ CPU decoding with what it chose; `store_pointwise` and `freeze_weights` are rule
 gives the figures.
 
 The prompt is run eagerly (a compiled graph per prompt length would cost more than it saves);
-`choice_for` also times the kernel against the library's products at a short and a long
-prompt's number of rows, and generation runs the prompt's products through the kernel
-(`row_kernels.KernelProducts`) up to the longest at which it won: bfloat16 products of many
-rows are slow where the CPU has no bfloat16 arithmetic, and torchao's int8 products dequantize
-the whole weight first.
+`choice_for` also times the kernel against the library's products at a short, a long and a
+whole context's number of rows, and generation runs the prompt's products through the kernel
+(`row_kernels.KernelProducts`) up to the most at which it won: bfloat16 products of many rows
+are slow where the CPU has no bfloat16 arithmetic, and torchao's int8 products dequantize the
+whole weight first.
 """
 
 import functools
@@ -179,9 +179,9 @@ class Choice:
 
     decoding: CpuDecoding
     times_ms: dict[str, tuple[float, float]]
-    # The prompt's products go through the kernel up to this many rows (0: never; inf: any);
+    # The prompt's products go through the kernel up to this many rows (0: never);
     # prefill_times_ms[rows] = (through the kernel, without), for one block's products.
-    prefill_rows: float = 0
+    prefill_rows: int = 0
     prefill_times_ms: dict[int, tuple[float, float]] = field(default_factory=dict)
 
     def describe(self) -> str:
@@ -191,8 +191,7 @@ class Choice:
         rules = [name for name in self.decoding.names() if name not in self.times_ms]
         parts += [f"{name} on (a rule)" for name in rules]
         if self.prefill_times_ms:
-            limit = {0: "off", math.inf: "on"}.get(self.prefill_rows,
-                                                     f"up to {self.prefill_rows:.0f} rows")
+            limit = f"up to {self.prefill_rows} rows" if self.prefill_rows else "off"
             timed = ", ".join(f"{with_it:.2f} ms with, {without:.2f} ms without at {rows} rows"
                               for rows, (with_it, without) in self.prefill_times_ms.items())
             parts.append(f"kernel prefill {limit} ({timed})")
@@ -236,14 +235,16 @@ def _choose(model: nn.Module, rows: int) -> Choice:
     return Choice(replace(decoding, **chosen), times, _prefill_rows(prefill_times), prefill_times)
 
 
-# The prompt sizes (rows) at which the kernel is timed for a prompt's products: short and long.
-PREFILL_ROWS = (32, 256)
+# The prompt sizes (rows) at which the kernel is timed for a prompt's products: short, long and
+# a whole context of GPT-2's.
+PREFILL_ROWS = (32, 256, 1024)
 
 
 def _time_prefill(model: nn.Module) -> dict[int, tuple[float, float]]:
-    """Milliseconds for the first block's products of each PREFILL_ROWS rows, run eagerly
-    through the kernel and without (medians of runs taken in turns); {} where the kernel does
-    not apply (weights it does not read, or int8 activations) or is not to be timed."""
+    """Milliseconds for the first block's products of PREFILL_ROWS rows, run eagerly through
+    the kernel and without (medians of runs taken in turns), up to the first size at which the
+    kernel lost; {} where the kernel does not apply (weights it does not read, or int8
+    activations) or is not to be timed."""
     linears = [module for module in model.blocks[0].modules() if isinstance(module, nn.Linear)]
     if "kernel_products" not in PRODUCT_WAYS or row_kernels.load() is not None or not all(
             row_kernels.reads(linear.weight) and not quantizes_activations(linear.weight)
@@ -260,19 +261,20 @@ def _time_prefill(model: nn.Module) -> dict[int, tuple[float, float]]:
         timed = _time_in_turns({"kernel": functools.partial(products, row_kernels.kernel_linear),
                                 "without": functools.partial(products, F.linear)}, [()])
         times[rows] = (timed["kernel"], timed["without"])
+        if timed["kernel"] >= timed["without"]:
+            break
     return times
 
 
-def _prefill_rows(times: dict[int, tuple[float, float]]) -> float:
-    """Prompts of up to how many rows the kernel does the products of: up to the largest row
-    count timed at which it won, as it did at every smaller one; any, if it won at them all
-    (past that, products are bound by arithmetic, where the ratio holds)."""
+def _prefill_rows(times: dict[int, tuple[float, float]]) -> int:
+    """Prompts of up to how many rows the kernel does the products of: the most rows timed at
+    which it won, as it did at every smaller number (0: it lost at the smallest)."""
     limit = 0
     for rows, (with_it, without) in sorted(times.items()):
         if with_it >= without:
-            return limit
+            break
         limit = rows
-    return math.inf if times else 0
+    return limit
 
 
 PRODUCTS = ("one_row_products", "packed_products", "kernel_products")

@@ -122,18 +122,20 @@ class KernelProducts(TorchFunctionMode):
     The kernel is loaded (built on first use); where it cannot be, the products stay as they
     are."""
 
-    def __init__(self, max_rows: float = math.inf):
+    def __init__(self, max_rows: int):
         super().__init__()
         self.max_rows = max_rows
         self.loaded = load() is None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.linear and self._takes(*args, **kwargs):
-            return kernel_linear(*args, **kwargs)
+        if func is F.linear:
+            x, weight, bias = _linear_arguments(*args, **kwargs)
+            if self._takes(x, weight, bias):
+                return kernel_linear(x, weight, bias)
         return func(*args, **kwargs)
 
-    def _takes(self, x: object, weight: object, bias: object = None) -> bool:
+    def _takes(self, x: object, weight: object, bias: object) -> bool:
         tensors = [tensor for tensor in (x, weight, bias) if isinstance(tensor, Tensor)]
         return (
             self.loaded and isinstance(x, Tensor) and isinstance(weight, Tensor)
@@ -143,3 +145,9 @@ class KernelProducts(TorchFunctionMode):
             and weight.dim() == 2 and weight.shape[1] == x.shape[-1]
             and not quantizes_activations(weight) and reads(weight)
         )
+
+
+def _linear_arguments(input: object = None, weight: object = None, bias: object = None
+                      ) -> tuple[object, object, object]:
+    """`F.linear`'s arguments, however they were passed."""
+    return input, weight, bias

@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import decode_around_an_int8_change
 
 import gpt2_decl
@@ -205,11 +206,27 @@ def test_kernel_products_mode_leaves_what_the_kernel_cannot_do_to_the_model(monk
     assert logits.requires_grad == (case == "gradients")
 
 
+def test_kernel_products_mode_takes_products_with_arguments_passed_by_name(monkeypatch):
+    generator = torch.Generator().manual_seed(6)
+    x, weight, bias = (torch.randn(shape, generator=generator) for shape in [(3, 40), (24, 40),
+                                                                             (24,)])
+    taken = []
+    real = row_kernels.kernel_linear
+    monkeypatch.setattr(row_kernels, "kernel_linear",
+                        lambda *args: taken.append(len(args)) or real(*args))
+    with torch.no_grad(), row_kernels.KernelProducts(max_rows=3):
+        by_name = F.linear(input=x, weight=weight, bias=bias)
+        mixed = F.linear(x, weight=weight)
+    assert taken == [3, 3]
+    assert (by_name - F.linear(x, weight, bias)).abs().max() <= 1e-5
+    assert (mixed - F.linear(x, weight)).abs().max() <= 1e-5
+
+
 def test_generation_runs_the_prompt_through_the_kernel_where_it_timed_faster(monkeypatch):
     monkeypatch.setattr(cpu_decoding, "_choices", {})
     monkeypatch.setattr(cpu_decoding, "_time_prefill", lambda model: {
         32: (1.0, 2.0), 256: (3.0, 2.0)})  # faster at 32 rows, not at 256
-    model = GPT2(CONFIG).eval().to(torch.bfloat16)
+    model = GPT2(CONFIG).eval()  # float32: the kernel's sums round as eager's, to 1e-6
     assert cpu_decoding.choice_for(model, rows=2).prefill_rows == 32
     rows = []
     real = row_kernels.kernel_linear

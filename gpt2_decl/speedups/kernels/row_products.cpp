@@ -4,7 +4,9 @@
 // rows), and each block is multiplied by every input row while it is in cache: a batch's rows
 // four at a time, so that each weight vector loaded feeds four sums. Weights are widened to
 // float32 in registers and summed in float32, in vectors of the compiler's vector extension
-// (the machine's own vector registers: -march=native).
+// (the machine's own vector registers: -march=native). For more than four input rows, a block
+// is used 8 rows at a time, bfloat16 and int8 ones widened once into a buffer of the thread's
+// own, from which every chunk of input rows reads them.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
