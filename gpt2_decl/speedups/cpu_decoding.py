@@ -246,9 +246,7 @@ def _time_prefill(model: nn.Module) -> dict[int, tuple[float, float]]:
     kernel lost; {} where the kernel does not apply (weights it does not read, or int8
     activations) or is not to be timed."""
     linears = [module for module in model.blocks[0].modules() if isinstance(module, nn.Linear)]
-    if "kernel_products" not in PRODUCT_WAYS or row_kernels.load() is not None or not all(
-            row_kernels.reads(linear.weight) and not quantizes_activations(linear.weight)
-            for linear in linears):
+    if not _kernel_does(linears):
         return {}
     times = {}
     for rows in PREFILL_ROWS:
@@ -295,14 +293,19 @@ def _time_products(model: nn.Module, rows: int) -> dict[str, tuple[float, float]
         ways["one_row_products"] = replace(none, one_row_products=True)
     if "packed_products" in PRODUCT_WAYS and not is_quantized(model):
         ways["packed_products"] = replace(none, packed_products=True)
-    if "kernel_products" in PRODUCT_WAYS and row_kernels.load() is None \
-            and all(row_kernels.reads(linear.weight) for linear in linears):
+    if _kernel_does(linears):
         ways["kernel_products"] = replace(none, kernel_products=True)
     if len(ways) == 1:
         return {}  # nothing to time the plain products against
     times = _time_in_turns({name: _compiled_products(linears, decoding)
                             for name, decoding in ways.items()}, [(inputs,)])
     return {name: (times[name], times["without"]) for name in ways if name != "without"}
+
+
+def _kernel_does(linears: list[nn.Linear]) -> bool:
+    """Whether the kernel is to be timed, loads, and does the products of all of `linears`."""
+    return "kernel_products" in PRODUCT_WAYS and row_kernels.load() is None \
+        and all(row_kernels.reads(linear.weight) for linear in linears)
 
 
 class _Products(nn.Module):
@@ -410,7 +413,7 @@ def _linear_weight(linear: fx.Node) -> Tensor | None:
 
 def _kernel_reads_weight(linear: fx.Node) -> bool:
     weight = _linear_weight(linear)
-    return weight is not None and not quantizes_activations(weight) and row_kernels.reads(weight)
+    return weight is not None and row_kernels.reads(weight)
 
 
 def _rounds_input_to_int8(linear: fx.Node) -> bool:

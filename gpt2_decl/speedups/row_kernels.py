@@ -98,8 +98,10 @@ def _register_fakes() -> None:
 
 
 def reads(weight: Tensor) -> bool:
-    """Whether the kernel reads this weight: float32, bfloat16, or torchao's int8 rows."""
-    return weight.dim() == 2 and (weight.dtype in FLOAT_WEIGHTS or int8_rows(weight) is not None)
+    """Whether the kernel does products with this weight: float32, bfloat16, or torchao's int8
+    rows (not those whose products round their input to int8 first)."""
+    return weight.dim() == 2 and not quantizes_activations(weight) and (
+        weight.dtype in FLOAT_WEIGHTS or int8_rows(weight) is not None)
 
 
 def kernel_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -142,8 +144,7 @@ class KernelProducts(TorchFunctionMode):
             and all(tensor.device.type == "cpu" for tensor in tensors)
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
             and x.dim() >= 2 and x.is_floating_point() and math.prod(x.shape[:-1]) <= self.max_rows
-            and weight.dim() == 2 and weight.shape[1] == x.shape[-1]
-            and not quantizes_activations(weight) and reads(weight)
+            and reads(weight) and weight.shape[1] == x.shape[-1]
         )
 
 
