@@ -80,7 +80,6 @@ class HostReads:
             setattr(torch.Tensor, name, original)
 
 
-
 @dataclass
 class Int8Change:
     """Greedy tokens of a quantized model, compiled and eager, before and after two of its int8

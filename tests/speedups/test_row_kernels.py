@@ -99,15 +99,29 @@ def decode_step_logits(model: GPT2, step, rows: int) -> torch.Tensor:
         return step(prompt[:, -1:], cache, check_values=False).double()
 
 
+def kind_of_model(kind: str) -> GPT2:
+    model = GPT2(CONFIG).eval()
+    if kind.startswith("int8"):
+        return gpt2_decl.quantize(model, kind)
+    return model.to(getattr(torch, kind))
+
+
+@pytest.fixture
+def kernel_inputs(monkeypatch) -> list[torch.Size]:
+    """The shape of the input of each product that goes through the kernel (its arguments
+    passed by position)."""
+    shapes = []
+    real = row_kernels.kernel_linear
+    monkeypatch.setattr(row_kernels, "kernel_linear",
+                        lambda x, *args: shapes.append(x.shape) or real(x, *args))
+    return shapes
+
+
 # One row, and five (four at a time and one): the op tests above cover the other combinations.
 @pytest.mark.parametrize(("kind", "rows"), [("float32", 1), ("bfloat16", 5), ("int8", 1),
                                             ("int8", 5)])
 def test_step_with_kernel_products_matches_eager(kind, rows):
-    model = GPT2(CONFIG).eval()
-    if kind == "int8":
-        model = gpt2_decl.quantize(model, "int8")
-    else:
-        model = model.to(getattr(torch, kind))
+    model = kind_of_model(kind)
     decoding = CpuDecoding(one_row_products=False, kernel_products=True)
     counts = {}
 
@@ -163,28 +177,19 @@ def test_int8_weights_decoded_by_the_kernel_are_frozen_and_never_decoded_stale(m
     assert not torch.equal(change.after, change.before)
 
 
-def kind_of_model(kind: str) -> GPT2:
-    model = GPT2(CONFIG).eval()
-    if kind.startswith("int8"):
-        return gpt2_decl.quantize(model, kind)
-    return model.to(getattr(torch, kind))
-
-
 @pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8"])
-def test_kernel_products_mode_takes_the_products_it_reads_and_matches_them(monkeypatch, kind):
+def test_kernel_products_mode_takes_the_products_it_reads_and_matches_them(kernel_inputs,
+                                                                            kind):
     model = kind_of_model(kind)
-    taken = []
-    real = row_kernels.kernel_linear
-    monkeypatch.setattr(row_kernels, "kernel_linear",
-                        lambda x, *args: taken.append(x.shape) or real(x, *args))
     tokens = torch.randint(CONFIG.vocab_size, (2, 7), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         eager = model(tokens).double()
         with row_kernels.KernelProducts(max_rows=14):
             through_kernel = model(tokens).double()
     # Every product of the blocks and the head, each of the 2 x 7 rows at once.
-    assert taken == [(2, 7, CONFIG.d_model), (2, 7, CONFIG.d_model), (2, 7, CONFIG.d_model),
-                     (2, 7, 4 * CONFIG.d_model)] * CONFIG.n_layer + [(2, 7, CONFIG.d_model)]
+    assert kernel_inputs == [(2, 7, CONFIG.d_model), (2, 7, CONFIG.d_model),
+                             (2, 7, CONFIG.d_model), (2, 7, 4 * CONFIG.d_model)
+                             ] * CONFIG.n_layer + [(2, 7, CONFIG.d_model)]
     tolerance = 1e-5 if kind == "float32" else 0.02 * eager.abs().max()
     assert (through_kernel - eager).abs().max() <= tolerance
 
@@ -206,36 +211,30 @@ def test_kernel_products_mode_leaves_what_the_kernel_cannot_do_to_the_model(monk
     assert logits.requires_grad == (case == "gradients")
 
 
-def test_kernel_products_mode_takes_products_with_arguments_passed_by_name(monkeypatch):
+def test_kernel_products_mode_takes_products_with_arguments_passed_by_name(kernel_inputs):
     generator = torch.Generator().manual_seed(6)
     x, weight, bias = (torch.randn(shape, generator=generator) for shape in [(3, 40), (24, 40),
                                                                              (24,)])
-    taken = []
-    real = row_kernels.kernel_linear
-    monkeypatch.setattr(row_kernels, "kernel_linear",
-                        lambda *args: taken.append(len(args)) or real(*args))
     with torch.no_grad(), row_kernels.KernelProducts(max_rows=3):
         by_name = F.linear(input=x, weight=weight, bias=bias)
         mixed = F.linear(x, weight=weight)
-    assert taken == [3, 3]
+    assert kernel_inputs == [(3, 40), (3, 40)]
     assert (by_name - F.linear(x, weight, bias)).abs().max() <= 1e-5
     assert (mixed - F.linear(x, weight)).abs().max() <= 1e-5
 
 
-def test_generation_runs_the_prompt_through_the_kernel_where_it_timed_faster(monkeypatch):
+def test_generation_runs_the_prompt_through_the_kernel_where_it_timed_faster(monkeypatch,
+                                                                            kernel_inputs):
     monkeypatch.setattr(cpu_decoding, "_choices", {})
     monkeypatch.setattr(cpu_decoding, "_time_prefill", lambda model: {
         32: (1.0, 2.0), 256: (3.0, 2.0)})  # faster at 32 rows, not at 256
     model = GPT2(CONFIG).eval()  # float32: the kernel's sums round as eager's, to 1e-6
     assert cpu_decoding.choice_for(model, rows=2).prefill_rows == 32
-    rows = []
-    real = row_kernels.kernel_linear
-    monkeypatch.setattr(row_kernels, "kernel_linear",
-                        lambda x, *args: rows.append(x.shape[:-1].numel()) or real(x, *args))
     generator = torch.Generator().manual_seed(3)
     for prompt_len in (16, 17):  # 2 x 16 rows, then 2 x 17: more than 32
         prompt = torch.randint(CONFIG.vocab_size, (2, prompt_len), generator=generator)
-        rows.clear()
+        kernel_inputs.clear()
         assert torch.equal(model.generate(prompt, 5, greedy=True, compile=True),
                            model.generate(prompt, 5, greedy=True))
+        rows = [shape[:-1].numel() for shape in kernel_inputs]
         assert rows == ([2 * prompt_len] * 4 * CONFIG.n_layer + [2] if prompt_len == 16 else [])
