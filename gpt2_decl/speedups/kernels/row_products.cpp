@@ -4,9 +4,11 @@
 // rows), and each block is multiplied by every input row while it is in cache: a batch's rows
 // four at a time, so that each weight vector loaded feeds four sums. Weights are widened to
 // float32 in registers and summed in float32, in vectors of the compiler's vector extension
-// (the machine's own vector registers: -march=native). For more than four input rows, a block
-// is used 8 rows at a time, bfloat16 and int8 ones widened once into a buffer of the thread's
-// own, from which every chunk of input rows reads them.
+// (the machine's own vector registers: -march=native), and the lanes of many sums are added up
+// together, by folding vectors in halves. For more than four input rows, a block is used 8 rows
+// at a time, bfloat16 and int8 ones widened once into a buffer of the thread's own, from which
+// every chunk of input rows reads them, while the rows to come are prefetched a few lines at a
+// time, so that reading them overlaps the arithmetic.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -27,6 +29,43 @@ constexpr int64_t kChunk = 4;   // input rows that share each weight vector, for
 
 typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
 typedef uint32_t Words __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+
+typedef int32_t Picks __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+// Two vectors of sums spread over Width lanes each (kLanes / Width sums a vector) folded into one
+// of sums over Width / 2 lanes: the first vector's sums, then the second's, the upper half of
+// each sum's lanes added to the lower.
+template <int64_t Width>
+inline Lanes fold(Lanes first, Lanes second) {
+  constexpr int64_t kSums = kLanes / Width;
+  Picks low, high;
+  for (int64_t j = 0; j < 2 * kSums; ++j)
+    for (int64_t i = 0; i < Width / 2; ++i) {
+      const int32_t from = int32_t(j < kSums ? j * Width : kLanes + (j - kSums) * Width) + i;
+      low[j * (Width / 2) + i] = from;
+      high[j * (Width / 2) + i] = from + Width / 2;
+    }
+  return __builtin_shuffle(first, second, low) + __builtin_shuffle(first, second, high);
+}
+
+// sums[i] = the sum of the lanes of vectors[i], for Count vectors (a power of two, at most
+// kLanes), folded pairwise: about two shuffles and an add a vector, not a lane at a time.
+template <int64_t Count, int64_t Width = kLanes>
+inline void sum_lanes(Lanes* vectors, float* sums) {
+  if constexpr (Width == 1) {
+    for (int64_t i = 0; i < Count; ++i) sums[i] = vectors[0][i];
+  } else if constexpr (Count * Width <= kLanes) {
+    // One vector holds them all: fold it with nothing.
+    Lanes folded[1] = {fold<Width>(vectors[0], Lanes{})};
+    sum_lanes<Count, Width / 2>(folded, sums);
+  } else {
+    constexpr int64_t kVectors = Count * Width / kLanes;
+    Lanes folded[kVectors / 2];
+    for (int64_t i = 0; i < kVectors / 2; ++i)
+      folded[i] = fold<Width>(vectors[2 * i], vectors[2 * i + 1]);
+    sum_lanes<Count, Width / 2>(folded, sums);
+  }
+}
 
 template <typename Vector, typename Element>
 inline Vector load(const Element* values) {
@@ -100,14 +139,39 @@ struct Int8Rows : WeightRows<int8_t, 4> {
   float value(int64_t n, int64_t k) const { return float(w[n * K + k]); }
 };
 
+// Bytes of weights still to come, prefetched evenly over the `steps` steps of the products under
+// way, so that reading them overlaps the arithmetic instead of coming in a burst; into L2, as the
+// input rows and the rows at work fill L1.
+struct Ahead {
+  const char* next = nullptr;
+  const char* end = nullptr;
+  int64_t per_step = 0;
+  Ahead() = default;
+  Ahead(const void* begin, int64_t bytes, int64_t steps)
+      : next(static_cast<const char*>(begin)), end(next + bytes) {
+    const int64_t lines = (bytes + 63) / 64;
+    per_step = steps > 0 ? std::max<int64_t>(1, (lines + steps - 1) / steps) : lines;
+  }
+  void issue() {
+    for (int64_t j = 0; j < per_step && next < end; ++j, next += 64) __builtin_prefetch(next, 0, 2);
+  }
+};
+
+// Weight rows per pass over a chunk of input rows: as many as leave the chunk's sums, its input
+// vectors and a row's widened weights in the 32 vector registers.
+template <typename Weights>
+constexpr int64_t kPassRows = Weights::kParts == 4 ? 2 : 4;
+
 // sums[m][r] = x[m] . w[n0 + r] over the whole steps, for Chunk input rows m (prepared, row
-// stride K) and Rows weight rows r, prefetching the rows kRows further on if asked.
+// stride K) and Rows weight rows r, prefetching the rows kRows further on if asked, and what
+// `ahead` holds.
 template <int64_t Chunk, int64_t Rows, typename Weights>
 void dot_steps(const Weights& weights, const float* x, int64_t steps, int64_t n0, bool prefetch,
-               float* sums) {
+               float* sums, Ahead* ahead = nullptr) {
   constexpr int64_t kParts = Weights::kParts;
   Lanes acc[Chunk][Rows] = {};
   for (int64_t s = 0; s < steps; ++s) {
+    if (ahead) ahead->issue();
     Lanes xs[Chunk][kParts];
     for (int64_t m = 0; m < Chunk; ++m)
       for (int64_t p = 0; p < kParts; ++p)
@@ -120,12 +184,7 @@ void dot_steps(const Weights& weights, const float* x, int64_t steps, int64_t n0
         for (int64_t p = 0; p < kParts; ++p) acc[m][r] += parts[p] * xs[m][p];
     }
   }
-  for (int64_t m = 0; m < Chunk; ++m)
-    for (int64_t r = 0; r < Rows; ++r) {
-      float total = 0.0f;
-      for (int64_t l = 0; l < kLanes; ++l) total += acc[m][r][l];
-      sums[m * Rows + r] = total;
-    }
+  sum_lanes<Chunk * Rows>(&acc[0][0], sums);
 }
 
 // y[m, r] = x[m] . w[n0 + r] for all M input rows and a group of `rows` (at most Rows) weight
@@ -133,26 +192,24 @@ void dot_steps(const Weights& weights, const float* x, int64_t steps, int64_t n0
 // one at a time), the rest of each row, and fewer rows, one element at a time.
 template <int64_t Rows, typename Weights>
 void group_products(const Weights& weights, int64_t n0, int64_t rows, const float* x,
-                    const float* prepared, int64_t M, bool prefetch, float* y, int64_t stride) {
+                    const float* prepared, int64_t M, bool prefetch, float* y, int64_t stride,
+                    Ahead* ahead = nullptr) {
   const int64_t K = weights.K;
   const int64_t steps = rows == Rows ? K / (kLanes * Weights::kParts) : 0;
   const int64_t tail = steps * kLanes * Weights::kParts;
-  // Weight rows per pass over a chunk of input rows: as many as leave the chunk's sums, its
-  // input vectors and a row's widened weights in the 32 vector registers.
-  constexpr int64_t kPassRows = Weights::kParts == 4 ? 2 : 4;
+  constexpr int64_t kPass = kPassRows<Weights>;
   float sums[kChunk * Rows];
   int64_t m = 0;
   for (; steps > 0 && m + kChunk <= M; m += kChunk)
-    for (int64_t part = 0; part < Rows; part += kPassRows) {
-      dot_steps<kChunk, kPassRows>(weights, prepared + m * K, steps, n0 + part,
-                                   prefetch && m == 0, sums);
+    for (int64_t part = 0; part < Rows; part += kPass) {
+      dot_steps<kChunk, kPass>(weights, prepared + m * K, steps, n0 + part, prefetch && m == 0,
+                               sums, ahead);
       for (int64_t c = 0; c < kChunk; ++c)
-        for (int64_t r = 0; r < kPassRows; ++r)
-          y[(m + c) * stride + part + r] = sums[c * kPassRows + r];
+        for (int64_t r = 0; r < kPass; ++r) y[(m + c) * stride + part + r] = sums[c * kPass + r];
     }
   for (; m < M; ++m) {
     if (steps > 0)
-      dot_steps<1, Rows>(weights, prepared + m * K, steps, n0, prefetch && m == 0, sums);
+      dot_steps<1, Rows>(weights, prepared + m * K, steps, n0, prefetch && m == 0, sums, ahead);
     for (int64_t r = 0; r < rows; ++r) y[m * stride + r] = steps > 0 ? sums[r] : 0.0f;
   }
   for (int64_t c = 0; c < M; ++c)
@@ -179,14 +236,22 @@ void block_products(const Weights& weights, int64_t n0, int64_t rows, const floa
     group_products<kRows>(weights, n0, rows, x, prepared, M, prefetch, y, stride);
     return;
   }
+  // The steps of a group's products, all as float32 rows: each chunk of input rows in passes,
+  // then each input row left over.
+  const int64_t group_steps = ((M / kChunk) * (kCachedRows / kPassRows<Float32Rows>) + M % kChunk)
+                              * (weights.K / kLanes);
   for (int64_t r = 0; r < rows; r += kCachedRows) {
     const int64_t group = std::min(kCachedRows, rows - r);
+    // The same rows kRows on (there are, where prefetch is asked).
+    Ahead ahead = prefetch ? Ahead(weights.w + (n0 + r + kRows) * weights.K,
+                                   group * weights.K * sizeof(*weights.w), group_steps)
+                           : Ahead();
     if constexpr (std::is_same_v<Weights, Float32Rows>) {
-      group_products<kCachedRows>(weights, n0 + r, group, x, x, M, prefetch, y + r, stride);
+      group_products<kCachedRows>(weights, n0 + r, group, x, x, M, false, y + r, stride, &ahead);
     } else {
       widen_block(weights, n0 + r, group, widened);
       group_products<kCachedRows>(Float32Rows{{widened, weights.K}}, 0, group, x, x, M, false,
-                                  y + r, stride);
+                                  y + r, stride, &ahead);
     }
   }
 }
