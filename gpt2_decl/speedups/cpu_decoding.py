@@ -19,6 +19,9 @@ runs, are untouched:
 - kernel_products: the products of one or a few rows go to a C++ kernel (`row_kernels`) that
   streams each weight in blocks of rows, prefetching the next block, and multiplies a block by
   every row while it is in cache: float32, bfloat16 and int8 weights, summed in float32.
+- kernel_attention: attention of one query per head goes to a C++ kernel (`row_kernels`) that
+  reads only the keys and values the mask shows: the cache as far as it is filled, where the
+  compiled step's fixed shapes would have it read whole at every token.
 - store_pointwise: inductor stores every pointwise result (LayerNorm, GELU) instead of
   recomputing it inside each loop that reads it, which would be once per weight row; the
   generated code's per-call size asserts are dropped too (Dynamo's guards check the inputs).
@@ -100,6 +103,7 @@ class CpuDecoding:
     one_query_attention: bool = True
     packed_products: bool = False
     kernel_products: bool = False
+    kernel_attention: bool = False
     store_pointwise: bool = True
     freeze_weights: bool = False  # see CompiledGPT2: frozen weights are set while tracing
 
@@ -118,9 +122,11 @@ class CpuDecoding:
 
     def rewrite(self, graph_module: fx.GraphModule) -> dict[str, int]:
         """Rewrite `graph_module` in place; how many nodes of each kind were rewritten."""
-        counts = {"one_row_products": 0, "one_query_attention": 0, "kernel_products": 0}
-        # The kernel is built on first use; where it cannot be, its products stay as they are.
-        kernel = self.kernel_products and row_kernels.load() is None
+        counts = {"one_row_products": 0, "one_query_attention": 0, "kernel_products": 0,
+                  "kernel_attention": 0}
+        # The kernels are built on first use; where they cannot be, the graph stays as it is.
+        loaded = (self.kernel_products or self.kernel_attention) and row_kernels.load() is None
+        kernel, kernel_attention = loaded and self.kernel_products, loaded and self.kernel_attention
         for node in graph_module.graph.nodes:
             if node.op != "call_function":
                 continue
@@ -132,13 +138,13 @@ class CpuDecoding:
                     and not _rounds_input_to_int8(node):
                 node.target = one_row_linear
                 counts["one_row_products"] += 1
-            elif (
-                self.one_query_attention
-                and node.target is F.scaled_dot_product_attention
-                and _is_one_query_over_a_mask(node)
-            ):
-                node.target = one_query_attention
-                counts["one_query_attention"] += 1
+            elif node.target is F.scaled_dot_product_attention and _is_one_query_over_a_mask(node):
+                if kernel_attention and row_kernels.attends(_example(node.args[1])):
+                    node.target = row_kernels.kernel_attention
+                    counts["kernel_attention"] += 1
+                elif self.one_query_attention:
+                    node.target = one_query_attention
+                    counts["one_query_attention"] += 1
         graph_module.recompile()
         return counts
 
@@ -218,13 +224,14 @@ def _choose(model: nn.Module, rows: int) -> Choice:
     freeze = any(quantizes_activations(parameter) for parameter in model.parameters())
     with torch.no_grad():
         times = {} if freeze else _time_products(model, rows)
-        times["one_query_attention"] = _time_attention(model)
+        times |= _time_attention(model)
     chosen = {name: with_it < without for name, (with_it, without) in times.items()}
-    # The ways of doing the products that win are ways to do the same products: the fastest.
-    winners = [name for name in PRODUCTS if chosen.get(name)]
-    if winners:
-        fastest = min(winners, key=lambda name: times[name][0])
-        chosen |= {name: name == fastest for name in winners}
+    # The ways that win of doing the same work (the products, attention): the fastest.
+    for ways in (PRODUCTS, ATTENTION):
+        winners = [name for name in ways if chosen.get(name)]
+        if winners:
+            fastest = min(winners, key=lambda name: times[name][0])
+            chosen |= {name: name == fastest for name in winners}
     # A step that takes torchao's int8 weights as inputs unwraps them from their tensor class at
     # every call; frozen into the step, they are unwrapped once (and the kernel reads them as
     # they are, where one-row products would have them dequantized in a copy).
@@ -276,6 +283,7 @@ def _prefill_rows(times: dict[int, tuple[float, float]]) -> int:
 
 
 PRODUCTS = ("one_row_products", "packed_products", "kernel_products")
+ATTENTION = ("one_query_attention", "kernel_attention")
 # The ways of doing the products that `choice_for` times against the plain ones (where they
 # apply): leaving packed_products out saves its autotuning, a minute for GPT-2 small.
 PRODUCT_WAYS = PRODUCTS
@@ -319,9 +327,10 @@ class _Products(nn.Module):
         return [linear(x) for linear, x in zip(self.linears, inputs, strict=True)]
 
 
-def _time_attention(model: nn.Module) -> tuple[float, float]:
-    """Milliseconds for one query's attention in every layer, over a cache of
-    CHOICE_CACHE_LEN keys (half of them visible), with and without one-query attention."""
+def _time_attention(model: nn.Module) -> dict[str, tuple[float, float]]:
+    """Milliseconds for one query's attention in every layer, over a cache of CHOICE_CACHE_LEN
+    keys (half of them visible), with each way of doing it that applies (the kernel where it
+    loads) and without (medians of runs taken in turns)."""
     config = model.config
     length = min(config.n_ctx, CHOICE_CACHE_LEN)
     visible = (torch.arange(length) < length // 2 + 1).expand(1, 1, 1, length)
@@ -331,19 +340,17 @@ def _time_attention(model: nn.Module) -> tuple[float, float]:
                            dtype=model.dtype)
 
     calls = [(heads(1), heads(length), heads(length), visible) for _ in range(config.n_layer)]
-    return _time_with_and_without("one_query_attention", _attention, calls)
+    none = CpuDecoding(one_row_products=False, one_query_attention=False)
+    ways = {"without": none, "one_query_attention": replace(none, one_query_attention=True)}
+    if row_kernels.load() is None and row_kernels.attends(calls[0][1]):
+        ways["kernel_attention"] = replace(none, kernel_attention=True)
+    times = _time_in_turns({name: _compiled(_attention, decoding)
+                            for name, decoding in ways.items()}, calls)
+    return {name: (times[name], times["without"]) for name in ways if name != "without"}
 
 
 def _attention(q: Tensor, keys: Tensor, values: Tensor, visible: Tensor) -> Tensor:
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)
-
-
-def _time_with_and_without(rewrite: str, function: Callable, calls: list[tuple]
-                           ) -> tuple[float, float]:
-    none = CpuDecoding(one_row_products=False, one_query_attention=False)
-    times = _time_in_turns({on: _compiled(function, replace(none, **{rewrite: on}))
-                            for on in (True, False)}, calls)
-    return times[True], times[False]
 
 
 def _time_in_turns(alternatives: dict, calls: list[tuple]) -> dict:

@@ -1,4 +1,5 @@
-"""A C++ kernel for the products of a decoding step on a CPU: a few rows times a weight matrix.
+"""C++ kernels for a decoding step on a CPU: the products of a few rows with a weight matrix,
+and attention of one query over the keys a mask shows.
 
 Decoding one token reads every weight once, so its products are bound by how fast the weights
 stream from memory. The kernel (kernels/row_products.cpp) reads a block of weight rows while it
@@ -8,10 +9,14 @@ weights are widened to float32 in registers, and the sums are float32. It is bui
 machine (`-march=native`) the first time it is asked for, with torch's extension builder (a C++
 compiler and ninja), and kept in the cache folder for later processes.
 
-`cpu_decoding` uses it where it measures faster than the other ways of doing the products (the
-`kernel_products` rewrite); `kernel_linear` is the product it puts in the graph. Generation can
-also run a prompt's products through it, eagerly, within `KernelProducts`, where that measured
-faster than the library's products.
+The attention kernel (kernels/visible_attention.cpp) reads only the visible keys and values:
+a compiled step has fixed shapes, so without it attention reads the whole cache at every token,
+however little of it is filled yet. Both are built into one library.
+
+`cpu_decoding` uses them where they measure faster than the other ways of doing the same work
+(the `kernel_products` and `kernel_attention` rewrites); `kernel_linear` and `kernel_attention`
+are what it puts in the graph. Generation can also run a prompt's products through the product
+kernel, eagerly, within `KernelProducts`, where that measured faster than the library's.
 """
 
 import functools
@@ -30,7 +35,9 @@ from torch.overrides import TorchFunctionMode
 
 from gpt2_decl.speedups.quantize import int8_rows, quantizes_activations
 
-SOURCE = Path(__file__).parent / "kernels" / "row_products.cpp"
+KERNELS = Path(__file__).parent / "kernels"
+SOURCES = [KERNELS / "row_products.cpp", KERNELS / "visible_attention.cpp"]
+HEADERS = [KERNELS / "vectors.h"]
 # -ffp-contract=fast: multiply-adds fused, as GNU modes do by default and -std=c++17 does not.
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]
 # Weights the kernel reads as they are (int8 weights come as torchao's rows and scales).
@@ -43,16 +50,18 @@ def cache_folder() -> Path:
 
 @functools.cache
 def load() -> str | None:
-    """Build (once per machine and source) and load the kernel; None if it loaded, else why not."""
+    """Build (once per machine and source) and load the kernels; None if they loaded, else why
+    not."""
     machine = [platform.machine(), _cpu_features(), torch.__version__]
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS + machine).encode()).hexdigest()
+    code = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
+    key = hashlib.sha256(code + " ".join(FLAGS + machine).encode()).hexdigest()
     library = cache_folder() / f"row_products-{key[:16]}.so"
     try:
         if not library.exists():
             _build(library)
         torch.ops.load_library(str(library))
     except Exception as error:  # no compiler, no ninja, or a compiler that refuses the flags
-        return f"the C++ kernel could not be built or loaded ({type(error).__name__}: " \
+        return f"the C++ kernels could not be built or loaded ({type(error).__name__}: " \
                f"{str(error).strip().splitlines()[-1] if str(error).strip() else ''})"
     _register_fakes()
     return None
@@ -76,7 +85,8 @@ def _build(library: Path) -> None:
     library.parent.mkdir(parents=True, exist_ok=True)
     folder = tempfile.mkdtemp(prefix="row_products-", dir=library.parent)
     try:
-        build_extension("gpt2_decl_row_products", [str(SOURCE)], extra_cflags=FLAGS,
+        build_extension("gpt2_decl_row_products", [str(path) for path in SOURCES],
+                        extra_cflags=FLAGS,
                         extra_ldflags=["-fopenmp"], build_directory=folder,
                         is_python_module=False, verbose=False)
         os.replace(Path(folder) / "gpt2_decl_row_products.so", library)
@@ -86,7 +96,8 @@ def _build(library: Path) -> None:
 
 @functools.cache
 def _register_fakes() -> None:
-    """What the kernel returns, for torch.compile's tracing: float32 [rows, out_features]."""
+    """What the kernels return, for torch.compile's tracing: the products float32 [rows,
+    out_features], attention the query's shape and dtype."""
 
     @torch.library.register_fake("gpt2_decl::row_products")
     def _(x: Tensor, weight: Tensor) -> Tensor:
@@ -95,6 +106,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("gpt2_decl::int8_row_products")
     def _(x: Tensor, qdata: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
         return x.new_empty(x.shape[0], qdata.shape[0], dtype=torch.float32)
+
+    @torch.library.register_fake("gpt2_decl::visible_attention")
+    def _(q: Tensor, keys: Tensor, values: Tensor, visible: Tensor, scale: float) -> Tensor:
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 def reads(weight: Tensor) -> bool:
@@ -116,6 +131,29 @@ def kernel_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
             rows, qdata.contiguous(), scale.flatten(), zero_point.flatten())
     product = product.to(x.dtype).reshape(*x.shape[:-1], -1)
     return product if bias is None else product + bias
+
+
+def kernel_attention(
+    q: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> Tensor:
+    """`F.scaled_dot_product_attention` of one query per head over a boolean mask of visible
+    keys, through the kernel (float32 sums, returned in q's dtype), for float32 or bfloat16
+    keys; dropout and a causal mask are not its to do."""
+    if attn_mask is None or dropout_p != 0.0 or is_causal:
+        raise ValueError("kernel attention takes a boolean mask, and no dropout or causal mask")
+    return torch.ops.gpt2_decl.visible_attention(
+        q, keys, values, attn_mask, scale or 1 / math.sqrt(q.shape[-1]))
+
+
+def attends(keys: Tensor) -> bool:
+    """Whether the attention kernel reads keys and values of this kind."""
+    return keys.dim() == 4 and keys.dtype in (torch.float32, torch.bfloat16)
 
 
 class KernelProducts(TorchFunctionMode):

@@ -101,19 +101,20 @@ def test_decode_bench_reports_every_way_of_decoding_against_its_bound(tmp_path, 
     rewrites = report["cpu_decoding"]["float32"]  # chosen by timing each with and without
     assert "store_pointwise" in rewrites["used"]
     times = rewrites["times_ms"]
-    kernel = ["kernel_products"] if row_kernels.load() is None else []
-    ways = ["one_row_products", "packed_products", *kernel]
-    assert set(times) == {*ways, "one_query_attention"}
-    attention_wins = times["one_query_attention"][0] < times["one_query_attention"][1]
-    assert ("one_query_attention" in rewrites["used"]) == attention_wins
-    # One way of doing the products at most: the fastest, if it beats the plain products.
-    fastest = min(ways, key=lambda name: times[name][0])
-    products_used = [name for name in rewrites["used"] if name.endswith("_products")]
-    assert products_used == ([fastest] if times[fastest][0] < times[fastest][1] else [])
+    loaded = row_kernels.load() is None
+    ways = ["one_row_products", "packed_products", *(["kernel_products"] if loaded else [])]
+    attention = ["one_query_attention", *(["kernel_attention"] if loaded else [])]
+    assert set(times) == {*ways, *attention}
+    # One way of doing the products, and one of attention, at most: the fastest, if it beats
+    # the plain one.
+    for timed, suffix in [(ways, "_products"), (attention, "_attention")]:
+        fastest = min(timed, key=lambda name: times[name][0])
+        used = [name for name in rewrites["used"] if name.endswith(suffix)]
+        assert used == ([fastest] if times[fastest][0] < times[fastest][1] else [])
     # The prompt through the kernel up to the most rows timed, each size timed until it lost.
     prefill = {int(rows): tuple(ms) for rows, ms in rewrites["kernel_prefill_times_ms"].items()}
     sizes = sorted(prefill)
-    assert sizes == list(cpu_decoding.PREFILL_ROWS[:len(sizes)]) and bool(sizes) == bool(kernel)
+    assert sizes == list(cpu_decoding.PREFILL_ROWS[:len(sizes)]) and bool(sizes) == loaded
     won = [rows for rows in sizes if prefill[rows][0] < prefill[rows][1]]
     assert won == sizes[:len(won)] and len(won) >= len(sizes) - 1
     assert rewrites["kernel_prefill_rows"] == max(won, default=0)

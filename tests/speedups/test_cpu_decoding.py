@@ -101,7 +101,7 @@ def test_rewrites_apply_to_single_rows_and_single_queries_only(batch, seq, rows,
     cache = prefilled_cache(model, batch)
     counts, ops = rewritten_graph(model, torch.zeros(batch, seq, dtype=torch.long), cache)
     assert counts == {"one_row_products": rows, "one_query_attention": queries,
-                      "kernel_products": 0}
+                      "kernel_products": 0, "kernel_attention": 0}
     assert any("scaled_dot_product_attention" in op for op in ops) == (queries == 0)
 
 
@@ -110,7 +110,8 @@ def test_switched_off_rewrites_leave_the_graph_alone():
     cache = prefilled_cache(model, 1)
     counts, _ = rewritten_graph(model, torch.zeros(1, 1, dtype=torch.long), cache,
                                 CpuDecoding(one_row_products=False, one_query_attention=False))
-    assert counts == {"one_row_products": 0, "one_query_attention": 0, "kernel_products": 0}
+    assert counts == {"one_row_products": 0, "one_query_attention": 0, "kernel_products": 0,
+                      "kernel_attention": 0}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -128,31 +129,52 @@ def test_rewritten_inductor_step_matches_eager(dtype):
     assert (logits["compiled"] - logits["eager"]).abs().max() <= tolerance
 
 
-@pytest.mark.parametrize("one_row, packed, kernel, attention, products_used", [
-    ((1.0, 2.0), (3.0, 2.0), (2.5, 2.0), (4.0, 3.0), "one_row_products"),
-    ((2.0, 1.0), (3.0, 1.0), (1.5, 1.0), (3.0, 4.0), None),
-    ((2.0, 1.0), (0.5, 1.0), (1.5, 1.0), (3.0, 4.0), "packed_products"),
-    ((0.8, 1.0), (0.6, 1.0), (1.5, 1.0), (3.0, 4.0), "packed_products"),  # two win: the faster
-    ((0.6, 1.0), (0.8, 1.0), (1.5, 1.0), (3.0, 4.0), "one_row_products"),
-    ((0.6, 1.0), (0.8, 1.0), (0.4, 1.0), (3.0, 4.0), "kernel_products"),  # all three win
-    ((2.0, 1.0), (1.5, 1.0), (0.9, 1.0), (3.0, 4.0), "kernel_products"),
+@pytest.mark.parametrize("one_row, packed, kernel, one_query, kernel_attention, used", [
+    ((1.0, 2.0), (3.0, 2.0), (2.5, 2.0), (4.0, 3.0), (5.0, 3.0), {"one_row_products"}),
+    ((2.0, 1.0), (3.0, 1.0), (1.5, 1.0), (3.0, 4.0), (5.0, 4.0), {"one_query_attention"}),
+    ((2.0, 1.0), (0.5, 1.0), (1.5, 1.0), (3.0, 4.0), (3.5, 4.0),  # two win: the faster
+     {"packed_products", "one_query_attention"}),
+    ((0.8, 1.0), (0.6, 1.0), (1.5, 1.0), (3.0, 4.0), (2.0, 4.0),
+     {"packed_products", "kernel_attention"}),
+    ((0.6, 1.0), (0.8, 1.0), (1.5, 1.0), (5.0, 4.0), (3.0, 4.0),
+     {"one_row_products", "kernel_attention"}),
+    ((0.6, 1.0), (0.8, 1.0), (0.4, 1.0), (3.0, 4.0), (4.0, 4.0),  # all three products win
+     {"kernel_products", "one_query_attention"}),
+    ((2.0, 1.0), (1.5, 1.0), (0.9, 1.0), (5.0, 4.0), (4.5, 4.0), {"kernel_products"}),
 ])
 def test_choice_takes_each_rewrite_only_where_it_timed_faster(monkeypatch, one_row, packed,
-                                                              kernel, attention, products_used):
+                                                              kernel, one_query,
+                                                              kernel_attention, used):
     products = {"one_row_products": one_row, "packed_products": packed,
                 "kernel_products": kernel}
+    attention = {"one_query_attention": one_query, "kernel_attention": kernel_attention}
     monkeypatch.setattr(cpu_decoding, "_time_products", lambda model, rows: dict(products))
-    monkeypatch.setattr(cpu_decoding, "_time_attention", lambda model: attention)
+    monkeypatch.setattr(cpu_decoding, "_time_attention", lambda model: dict(attention))
     monkeypatch.setattr(cpu_decoding, "_choices", {})
     choice = cpu_decoding.choice_for(GPT2(CONFIG).eval())
-    for way in products:
-        assert getattr(choice.decoding, way) == (products_used == way), way
-    assert choice.decoding.freezes == (products_used == "packed_products")
-    assert choice.decoding.one_query_attention == (attention[0] < attention[1])
+    for way in [*products, *attention]:
+        assert getattr(choice.decoding, way) == (way in used), way
+    assert choice.decoding.freezes == ("packed_products" in used)
     assert choice.decoding.store_pointwise
-    assert choice.times_ms == products | {"one_query_attention": attention}
-    on_or_off = "on" if products_used == "one_row_products" else "off"
+    assert choice.times_ms == products | attention
+    on_or_off = "on" if "one_row_products" in used else "off"
     assert f"one_row_products {on_or_off} ({one_row[0]:.2f} ms with" in choice.describe()
+
+
+def test_attention_is_timed_each_way_that_applies(monkeypatch):
+    compiled = []  # which ways were compiled to be timed (not compiled here: names suffice)
+    monkeypatch.setattr(cpu_decoding, "_compiled",
+                        lambda function, decoding: compiled.append(decoding) or (lambda *a: a))
+    model = GPT2(CONFIG).eval()
+    kernel = {"kernel_attention"} if row_kernels.load() is None else set()
+    with torch.no_grad():
+        assert set(cpu_decoding._time_attention(model)) == {"one_query_attention"} | kernel
+        monkeypatch.setattr(row_kernels, "load", lambda: "no C++ compiler here")
+        assert set(cpu_decoding._time_attention(model)) == {"one_query_attention"}
+    with_kernel = [["kernel_attention", "store_pointwise"]] if kernel else []
+    assert [decoding.names() for decoding in compiled] == [
+        ["store_pointwise"], ["one_query_attention", "store_pointwise"], *with_kernel,
+        ["store_pointwise"], ["one_query_attention", "store_pointwise"]]
 
 
 def test_products_are_timed_each_way_that_applies_to_the_weights_and_rows(monkeypatch,

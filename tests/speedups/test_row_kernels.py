@@ -1,6 +1,7 @@
-"""The C++ row-products kernel: against float64 products, through compiled decoding steps and
-generation (its generation beside the other ways of doing products: test_cpu_decoding), and
-its build: refused input and a failed build each say what went wrong."""
+"""The C++ kernels: row products against float64 products, attention over the visible keys
+against float64 attention, both through compiled decoding steps, products through generation
+(beside the other ways of doing products: test_cpu_decoding), and their build: refused input
+and a failed build each say what went wrong."""
 
 import re
 
@@ -145,22 +146,24 @@ def test_a_failed_build_says_why_and_leaves_nothing_in_the_cache(monkeypatch, tm
         reason = row_kernels.load()
     finally:
         row_kernels.load.cache_clear()
-    assert reason.startswith("the C++ kernel could not be built or loaded")
+    assert reason.startswith("the C++ kernels could not be built or loaded")
     assert list(tmp_path.rglob("*")) == [tmp_path / "gpt2_decl"]  # the folder, left empty
 
 
-def test_kernel_products_are_left_plain_where_the_kernel_cannot_be_built(monkeypatch):
+def test_kernel_rewrites_are_left_plain_where_the_kernels_cannot_be_built(monkeypatch):
     monkeypatch.setattr(row_kernels, "load", lambda: "no C++ compiler here")
     model = GPT2(CONFIG).eval()
     counts = {}
 
     def backend(graph_module, example_inputs):
-        counts.update(CpuDecoding(one_row_products=False, kernel_products=True)
+        counts.update(CpuDecoding(kernel_products=True, kernel_attention=True)
                       .rewrite(graph_module))
         return graph_module.forward
 
     decode_step_logits(model, torch.compile(model, backend=backend, fullgraph=True), 1)
-    assert counts["kernel_products"] == 0
+    # Attention falls back to the other one-query rewrite, asked for too.
+    assert counts == {"one_row_products": 4 * CONFIG.n_layer + 1, "kernel_products": 0,
+                      "kernel_attention": 0, "one_query_attention": CONFIG.n_layer}
 
 
 def test_int8_weights_decoded_by_the_kernel_are_frozen_and_never_decoded_stale(monkeypatch):
@@ -238,3 +241,116 @@ def test_generation_runs_the_prompt_through_the_kernel_where_it_timed_faster(mon
                            model.generate(prompt, 5, greedy=True))
         rows = [shape[:-1].numel() for shape in kernel_inputs]
         assert rows == ([2 * prompt_len] * 4 * CONFIG.n_layer + [2] if prompt_len == 16 else [])
+
+
+def attention_inputs(dtype: torch.dtype, batch: int, heads: int, keys: int, d_head: int,
+                     seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """A query per head, keys and values, and a mask showing a random part of the keys for
+    each row (the first row shows none when asked for by `keys` = 0 visible: see below)."""
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, 1, d_head, generator=generator).to(dtype)
+    k, v = (torch.randn(batch, heads, keys, d_head, generator=generator).to(dtype)
+            for _ in range(2))
+    visible = torch.rand(batch, 1, 1, keys, generator=generator) < 0.6
+    return q, k, v, visible
+
+
+def float64_attention(q, keys, values, visible) -> torch.Tensor:
+    """Softmax attention in float64, each row over the positions its mask shows, gathered
+    one by one."""
+    out = torch.empty(q.shape, dtype=torch.float64)
+    for b in range(q.shape[0]):
+        for h in range(q.shape[1]):
+            shown = visible[b, min(h, visible.shape[1] - 1), 0].nonzero().flatten()
+            k, v = keys[b, h, shown].double(), values[b, h, shown].double()
+            weights = (k @ q[b, h, 0].double() / q.shape[-1] ** 0.5).softmax(0)
+            out[b, h, 0] = weights @ v
+    return out
+
+
+# Heads of whole vectors (16, 64) and not (24, 8); keys in and past groups of 16; batches.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("batch", "heads", "keys", "d_head"), [
+    (1, 3, 12, 16), (2, 4, 40, 64), (3, 2, 37, 24), (1, 2, 70, 8), (16, 12, 33, 64)])
+def test_kernel_attention_matches_float64_over_the_visible_keys(dtype, batch, heads, keys,
+                                                                d_head):
+    q, k, v, visible = attention_inputs(dtype, batch, heads, keys, d_head)
+    visible[:, :, :, 0] = True  # a key for every row to see
+    result = row_kernels.kernel_attention(q, k, v, attn_mask=visible)
+    assert result.dtype == dtype and result.shape == q.shape
+    expected = float64_attention(q, k, v, visible)
+    # float32 sums in another order; bfloat16 output rounded to 8 significant bits.
+    tolerance = 1e-6 if dtype == torch.float32 else expected.abs() * 2**-8 + 1e-6
+    assert ((result.double() - expected).abs() <= tolerance).all()
+
+
+def test_kernel_attention_never_reads_the_keys_the_mask_hides():
+    q, k, v, visible = attention_inputs(torch.float32, 2, 3, 40, 64)
+    visible[:, :, :, 0] = True
+    result = row_kernels.kernel_attention(q, k, v, attn_mask=visible)
+    hidden = ~visible.expand(2, 3, 1, 40).squeeze(2)
+    k[hidden], v[hidden] = float("nan"), float("nan")  # read, they would make NaN
+    assert torch.equal(row_kernels.kernel_attention(q, k, v, attn_mask=visible), result)
+
+
+def test_kernel_attention_takes_a_mask_per_head_strided_caches_and_a_scale():
+    q, k, v, _ = attention_inputs(torch.float32, 2, 3, 20, 16)
+    visible = torch.rand(2, 3, 1, 20, generator=torch.Generator().manual_seed(1)) < 0.5
+    visible[..., 3] = True
+    # A cache's first 20 positions, of 32: rows 32 positions apart.
+    k_cache, v_cache = torch.zeros(2, 3, 32, 16), torch.zeros(2, 3, 32, 16)
+    k_cache[:, :, :20], v_cache[:, :, :20] = k, v
+    result = row_kernels.kernel_attention(q, k_cache[:, :, :20], v_cache[:, :, :20],
+                                          attn_mask=visible, scale=0.5)
+    expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double(),
+                                              attn_mask=visible, scale=0.5)
+    assert (result.double() - expected).abs().max() < 1e-6
+
+
+def test_kernel_attention_over_no_visible_key_is_zero_as_sdpa_is():
+    q, k, v, visible = attention_inputs(torch.float32, 2, 2, 10, 16)
+    visible[0] = False
+    visible[1, ..., 2] = True
+    result = row_kernels.kernel_attention(q, k, v, attn_mask=visible)
+    assert torch.equal(result[0], torch.zeros(2, 1, 16))
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+    assert (result - sdpa).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda: row_kernels.kernel_attention(*attention_inputs(torch.float32, 1, 2, 5, 16)[:3]),
+     "kernel attention takes a boolean mask, and no dropout or causal mask"),
+    (lambda: torch.ops.gpt2_decl.visible_attention(
+        torch.randn(1, 2, 3, 16), torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16),
+        torch.ones(1, 1, 1, 5, dtype=torch.bool), 0.25),
+     "one query a head [batch, heads, 1, d_head], got [1, 2, 3, 16]"),
+    (lambda: torch.ops.gpt2_decl.visible_attention(
+        torch.randn(1, 2, 1, 16), torch.randn(1, 2, 5, 16).half(), torch.randn(1, 2, 5, 16),
+        torch.ones(1, 1, 1, 5, dtype=torch.bool), 0.25),
+     "float32 or bfloat16 keys and values [1, 2, keys, 16], got [1, 2, 5, 16] Half"),
+    (lambda: torch.ops.gpt2_decl.visible_attention(
+        torch.randn(1, 2, 1, 16), torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16),
+        torch.ones(1, 1, 1, 5), 0.25),
+     "a boolean mask [batch, 1 or heads, 1, 5], got [1, 1, 1, 5] Float"),
+])
+def test_bad_attention_input_is_refused_with_what_was_expected(call, message):
+    with pytest.raises((RuntimeError, ValueError), match=re.escape(message)):
+        call()
+
+
+@pytest.mark.parametrize(("kind", "rows"), [("float32", 1), ("bfloat16", 3), ("int8", 2)])
+def test_step_with_kernel_attention_matches_eager(kind, rows):
+    model = kind_of_model(kind)
+    decoding = CpuDecoding(one_row_products=False, one_query_attention=False,
+                           kernel_attention=True)
+    counts = {}
+
+    def backend(graph_module, example_inputs):
+        counts.update(decoding.rewrite(graph_module))
+        return decoding.backend(graph_module, example_inputs)
+
+    compiled = decode_step_logits(model, gpt2_decl.compile(model, backend=backend), rows)
+    eager = decode_step_logits(model, model, rows)
+    assert counts["kernel_attention"] == CONFIG.n_layer
+    tolerance = 1e-5 if kind == "float32" else 0.02 * eager.abs().max()
+    assert (compiled - eager).abs().max() <= tolerance

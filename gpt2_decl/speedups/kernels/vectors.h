@@ -1,0 +1,72 @@
+// Vectors of float32 lanes for the decoding kernels, in the compiler's vector extension (the
+// machine's own vector registers under -march=native), and how to add up the lanes of many.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace gpt2_decl_kernels {
+
+constexpr int64_t kLanes = 16;  // float32 lanes of a vector: 64 bytes, a cache line
+
+typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
+typedef uint32_t Words __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+
+typedef int32_t Picks __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+// Two vectors of sums spread over Width lanes each (kLanes / Width sums a vector) folded into one
+// of sums over Width / 2 lanes: the first vector's sums, then the second's, the upper half of
+// each sum's lanes added to the lower.
+template <int64_t Width>
+inline Lanes fold(Lanes first, Lanes second) {
+  constexpr int64_t kSums = kLanes / Width;
+  Picks low, high;
+  for (int64_t j = 0; j < 2 * kSums; ++j)
+    for (int64_t i = 0; i < Width / 2; ++i) {
+      const int32_t from = int32_t(j < kSums ? j * Width : kLanes + (j - kSums) * Width) + i;
+      low[j * (Width / 2) + i] = from;
+      high[j * (Width / 2) + i] = from + Width / 2;
+    }
+  return __builtin_shuffle(first, second, low) + __builtin_shuffle(first, second, high);
+}
+
+// sums[i] = the sum of the lanes of vectors[i], for Count vectors (a power of two, at most
+// kLanes), folded pairwise: about two shuffles and an add a vector, not a lane at a time.
+template <int64_t Count, int64_t Width = kLanes>
+inline void sum_lanes(Lanes* vectors, float* sums) {
+  if constexpr (Width == 1) {
+    for (int64_t i = 0; i < Count; ++i) sums[i] = vectors[0][i];
+  } else if constexpr (Count * Width <= kLanes) {
+    // One vector holds them all: fold it with nothing.
+    Lanes folded[1] = {fold<Width>(vectors[0], Lanes{})};
+    sum_lanes<Count, Width / 2>(folded, sums);
+  } else {
+    constexpr int64_t kVectors = Count * Width / kLanes;
+    Lanes folded[kVectors / 2];
+    for (int64_t i = 0; i < kVectors / 2; ++i)
+      folded[i] = fold<Width>(vectors[2 * i], vectors[2 * i + 1]);
+    sum_lanes<Count, Width / 2>(folded, sums);
+  }
+}
+
+template <typename Vector, typename Element>
+inline Vector load(const Element* values) {
+  Vector vector;
+  std::memcpy(&vector, values, sizeof vector);
+  return vector;
+}
+
+inline Lanes as_lanes(Words words) {
+  Lanes lanes;
+  std::memcpy(&lanes, &words, sizeof lanes);
+  return lanes;
+}
+
+inline float bfloat16_value(uint16_t bits) {
+  const uint32_t wide = uint32_t(bits) << 16;
+  float value;
+  std::memcpy(&value, &wide, sizeof value);
+  return value;
+}
+
+}  // namespace gpt2_decl_kernels
