@@ -29,7 +29,7 @@ def sums_tolerance(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 # Input rows one at a time and four at a time (and the rest; past four, weight rows go in groups
 # of 8, bfloat16 and int8 ones widened to float32 once); weight rows in and past whole blocks of
-# 16; columns in and past whole steps (16 float32, 32 bfloat16 as pairs, 64 int8), odd ones too.
+# 16; columns in and past whole steps (16 float32, 64 bfloat16 as pairs, 64 int8), odd ones too.
 SHAPES = [(1, 64, 16), (3, 64, 16), (4, 64, 16), (1, 77, 13), (2, 131, 21), (6, 131, 21),
           (1, 768, 40), (4, 768, 40), (9, 768, 40), (16, 96, 48)]
 

@@ -54,16 +54,19 @@ struct Float32Rows : WeightRows<float, 1> {
 };
 
 // bfloat16, read as pairs: a pair's low half shifted up is its even element and its high half,
-// masked, its odd one; so x is prepared as each step's even elements, then its odd ones.
-struct BFloat16Rows : WeightRows<uint16_t, 2> {
+// masked, its odd one; so x is prepared as the even elements of each 32, then the odd ones. A
+// step is two cache lines of a row (one alone streamed slower).
+struct BFloat16Rows : WeightRows<uint16_t, 4> {
   void widen(int64_t n, int64_t s, Lanes* parts) const {
-    const Words pairs = load<Words>(step(n, s));
-    parts[0] = as_lanes(pairs << 16);
-    parts[1] = as_lanes(pairs & 0xFFFF0000u);
+    for (int64_t half = 0; half < 2; ++half) {
+      const Words pairs = load<Words>(step(n, s) + half * 2 * kLanes);
+      parts[2 * half] = as_lanes(pairs << 16);
+      parts[2 * half + 1] = as_lanes(pairs & 0xFFFF0000u);
+    }
   }
   float value(int64_t n, int64_t k) const { return bfloat16_value(w[n * K + k]); }
   static void prepare(const float* x, int64_t steps, float* prepared) {
-    for (int64_t s = 0; s < steps; ++s)
+    for (int64_t s = 0; s < 2 * steps; ++s)
       for (int64_t l = 0; l < kLanes; ++l) {
         prepared[s * 2 * kLanes + l] = x[s * 2 * kLanes + 2 * l];
         prepared[s * 2 * kLanes + kLanes + l] = x[s * 2 * kLanes + 2 * l + 1];
@@ -101,9 +104,9 @@ struct Ahead {
 };
 
 // Weight rows per pass over a chunk of input rows: as many as leave the chunk's sums, its input
-// vectors and a row's widened weights in the 32 vector registers.
+// vectors and a row's widened weights in the 32 vector registers (int8 widens in more).
 template <typename Weights>
-constexpr int64_t kPassRows = Weights::kParts == 4 ? 2 : 4;
+constexpr int64_t kPassRows = std::is_same_v<Weights, Int8Rows> ? 2 : 4;
 
 // sums[m][r] = x[m] . w[n0 + r] over the whole steps, for Chunk input rows m (prepared, row
 // stride K) and Rows weight rows r, prefetching the rows kRows further on if asked, and what
@@ -112,6 +115,7 @@ template <int64_t Chunk, int64_t Rows, typename Weights>
 void dot_steps(const Weights& weights, const float* x, int64_t steps, int64_t n0, bool prefetch,
                float* sums, Ahead* ahead = nullptr) {
   constexpr int64_t kParts = Weights::kParts;
+  constexpr int64_t kStepBytes = kParts * kLanes * sizeof(*weights.w);
   Lanes acc[Chunk][Rows] = {};
   for (int64_t s = 0; s < steps; ++s) {
     if (ahead) ahead->issue();
@@ -120,7 +124,11 @@ void dot_steps(const Weights& weights, const float* x, int64_t steps, int64_t n0
       for (int64_t p = 0; p < kParts; ++p)
         xs[m][p] = load<Lanes>(x + m * weights.K + (s * kParts + p) * kLanes);
     for (int64_t r = 0; r < Rows; ++r) {
-      if (prefetch) __builtin_prefetch(weights.step(n0 + r + kRows, s));
+      if (prefetch) {  // the step's lines (two of bfloat16)
+        const char* ahead = reinterpret_cast<const char*>(weights.step(n0 + r + kRows, s));
+        __builtin_prefetch(ahead);
+        if constexpr (kStepBytes > 64) __builtin_prefetch(ahead + 64);
+      }
       Lanes parts[kParts];
       weights.widen(n0 + r, s, parts);
       for (int64_t m = 0; m < Chunk; ++m)
