@@ -293,18 +293,22 @@ def test_kernel_attention_never_reads_the_keys_the_mask_hides():
     assert torch.equal(row_kernels.kernel_attention(q, k, v, attn_mask=visible), result)
 
 
-def test_kernel_attention_takes_a_mask_per_head_strided_caches_and_a_scale():
-    q, k, v, _ = attention_inputs(torch.float32, 2, 3, 20, 16)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_attention_takes_a_mask_per_head_strided_tensors_and_a_scale(dtype):
+    _, k, v, _ = attention_inputs(dtype, 2, 3, 20, 16)
+    q = torch.randn(2, 16, 3, 1).to(dtype).permute(0, 2, 3, 1)  # [2, 3, 1, 16], d_head strided
     visible = torch.rand(2, 3, 1, 20, generator=torch.Generator().manual_seed(1)) < 0.5
     visible[..., 3] = True
     # A cache's first 20 positions, of 32: rows 32 positions apart.
-    k_cache, v_cache = torch.zeros(2, 3, 32, 16), torch.zeros(2, 3, 32, 16)
+    k_cache, v_cache = (torch.zeros(2, 3, 32, 16, dtype=dtype) for _ in range(2))
     k_cache[:, :, :20], v_cache[:, :, :20] = k, v
     result = row_kernels.kernel_attention(q, k_cache[:, :, :20], v_cache[:, :, :20],
                                           attn_mask=visible, scale=0.5)
+    assert result.dtype == dtype and result.is_contiguous()
     expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double(),
                                               attn_mask=visible, scale=0.5)
-    assert (result.double() - expected).abs().max() < 1e-6
+    tolerance = 1e-6 if dtype == torch.float32 else expected.abs() * 2**-8 + 1e-6
+    assert ((result.double() - expected).abs() <= tolerance).all()
 
 
 def test_kernel_attention_over_no_visible_key_is_zero_as_sdpa_is():
@@ -323,11 +327,11 @@ def test_kernel_attention_over_no_visible_key_is_zero_as_sdpa_is():
     (lambda: torch.ops.gpt2_decl.visible_attention(
         torch.randn(1, 2, 3, 16), torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16),
         torch.ones(1, 1, 1, 5, dtype=torch.bool), 0.25),
-     "one query a head [batch, heads, 1, d_head], got [1, 2, 3, 16]"),
+     "one float32 or bfloat16 query a head [batch, heads, 1, d_head], got [1, 2, 3, 16] Float"),
     (lambda: torch.ops.gpt2_decl.visible_attention(
         torch.randn(1, 2, 1, 16), torch.randn(1, 2, 5, 16).half(), torch.randn(1, 2, 5, 16),
         torch.ones(1, 1, 1, 5, dtype=torch.bool), 0.25),
-     "float32 or bfloat16 keys and values [1, 2, keys, 16], got [1, 2, 5, 16] Half"),
+     "keys and values [1, 2, keys, 16] of Float, got [1, 2, 5, 16] Half"),
     (lambda: torch.ops.gpt2_decl.visible_attention(
         torch.randn(1, 2, 1, 16), torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16),
         torch.ones(1, 1, 1, 5), 0.25),

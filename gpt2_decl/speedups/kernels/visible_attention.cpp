@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -90,17 +91,50 @@ void one_head(const float* q, const Element* keys, const Element* values, int64_
   }
 }
 
+inline void store(float value, float* at) { *at = value; }
+
+inline void store(float value, uint16_t* at) { *at = c10::BFloat16(value).x; }
+
+// Every head's attention, split among torch's threads: q (any strides) widened to float32,
+// the result rounded back to the element type.
+template <typename Element>
+void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+            float scale, at::Tensor& out) {
+  const int64_t H = q.size(1), D = q.size(3), T = k.size(2);
+  const Element* qp = static_cast<const Element*>(q.const_data_ptr());
+  const Element* kp = static_cast<const Element*>(k.const_data_ptr());
+  const Element* vp = static_cast<const Element*>(v.const_data_ptr());
+  const bool* mp = mask.const_data_ptr<bool>();
+  Element* op = static_cast<Element*>(out.mutable_data_ptr());
+  at::parallel_for(0, q.size(0) * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> shown;
+    std::vector<float> weights(T), query(D), result(D);
+    shown.reserve(T);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      const Element* head_q = qp + b * q.stride(0) + h * q.stride(1);
+      for (int64_t d = 0; d < D; ++d) query[d] = value_at(head_q + d * q.stride(3));
+      const int64_t head = b * k.stride(0) + h * k.stride(1);
+      one_head(query.data(), kp + head, vp + head, k.stride(2),
+               mp + b * mask.stride(0) + h * mask.stride(1), mask.stride(3), T, D, scale, shown,
+               weights, result.data());
+      for (int64_t d = 0; d < D; ++d) store(result[d], op + bh * D + d);
+    }
+  });
+}
+
 at::Tensor visible_attention(const at::Tensor& q, const at::Tensor& keys,
                              const at::Tensor& values, const at::Tensor& visible, double scale) {
-  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && q.is_floating_point(),
-              "visible attention takes one query a head [batch, heads, 1, d_head], got ",
-              q.sizes(), " ", q.scalar_type());
+  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 &&
+                  (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16),
+              "visible attention takes one float32 or bfloat16 query a head [batch, heads, 1, "
+              "d_head], got ", q.sizes(), " ", q.scalar_type());
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3);
   TORCH_CHECK(keys.dim() == 4 && keys.size(0) == B && keys.size(1) == H && keys.size(3) == D &&
-                  values.sizes() == keys.sizes() && values.scalar_type() == keys.scalar_type() &&
-                  (keys.scalar_type() == at::kFloat || keys.scalar_type() == at::kBFloat16),
-              "visible attention takes float32 or bfloat16 keys and values [", B, ", ", H,
-              ", keys, ", D, "], got ", keys.sizes(), " ", keys.scalar_type(), " and ",
+                  values.sizes() == keys.sizes() && keys.scalar_type() == q.scalar_type() &&
+                  values.scalar_type() == q.scalar_type(),
+              "visible attention takes keys and values [", B, ", ", H, ", keys, ", D, "] of ",
+              q.scalar_type(), ", got ", keys.sizes(), " ", keys.scalar_type(), " and ",
               values.sizes(), " ", values.scalar_type());
   const int64_t T = keys.size(2);
   TORCH_CHECK(visible.scalar_type() == at::kBool && visible.dim() == 4 && visible.size(2) == 1,
@@ -111,31 +145,12 @@ at::Tensor visible_attention(const at::Tensor& q, const at::Tensor& keys,
   const bool alike = keys.stride(3) == 1 && keys.strides() == values.strides();
   const at::Tensor k = alike ? keys : keys.contiguous();
   const at::Tensor v = alike ? values : values.contiguous();
-  const at::Tensor queries = q.to(at::kFloat).contiguous();
-  at::Tensor out = at::empty({B, H, 1, D}, q.options().dtype(at::kFloat));
-  const float* qp = queries.const_data_ptr<float>();
-  float* op = out.mutable_data_ptr<float>();
-  const bool* mp = mask.const_data_ptr<bool>();
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> shown;
-    std::vector<float> weights(T);
-    shown.reserve(T);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H, h = bh % H;
-      const int64_t head = b * k.stride(0) + h * k.stride(1);
-      const bool* head_mask = mp + b * mask.stride(0) + h * mask.stride(1);
-      if (k.scalar_type() == at::kFloat) {
-        one_head(qp + bh * D, k.const_data_ptr<float>() + head, v.const_data_ptr<float>() + head,
-                 k.stride(2), head_mask, mask.stride(3), T, D, float(scale), shown, weights,
-                 op + bh * D);
-      } else {
-        one_head(qp + bh * D, static_cast<const uint16_t*>(k.const_data_ptr()) + head,
-                 static_cast<const uint16_t*>(v.const_data_ptr()) + head, k.stride(2),
-                 head_mask, mask.stride(3), T, D, float(scale), shown, weights, op + bh * D);
-      }
-    }
-  });
-  return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
+  at::Tensor out = at::empty({B, H, 1, D}, q.options());
+  if (q.scalar_type() == at::kFloat)
+    attend<float>(q, k, v, mask, float(scale), out);
+  else
+    attend<uint16_t>(q, k, v, mask, float(scale), out);
+  return out;
 }
 
 }  // namespace
