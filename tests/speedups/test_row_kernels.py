@@ -284,6 +284,16 @@ def test_kernel_attention_matches_float64_over_the_visible_keys(dtype, batch, he
     assert ((result.double() - expected).abs() <= tolerance).all()
 
 
+@pytest.mark.parametrize("spread", [1e-3, 30.0])
+def test_kernel_attention_matches_float64_with_scores_close_or_far_apart(spread):
+    # Far apart, most weights fall below float32's normal numbers (e^-87) next to the largest.
+    q, k, v, visible = attention_inputs(torch.float32, 2, 3, 48, 64, seed=1)
+    q = q * spread
+    visible[:, :, :, 0] = True
+    result = row_kernels.kernel_attention(q, k, v, attn_mask=visible)
+    assert (result.double() - float64_attention(q, k, v, visible)).abs().max() < 1e-6
+
+
 def test_kernel_attention_never_reads_the_keys_the_mask_hides():
     q, k, v, visible = attention_inputs(torch.float32, 2, 3, 40, 64)
     visible[:, :, :, 0] = True
