@@ -148,12 +148,12 @@ def kernel_attention(
     if attn_mask is None or dropout_p != 0.0 or is_causal:
         raise ValueError("kernel attention takes a boolean mask, and no dropout or causal mask")
     return torch.ops.gpt2_decl.visible_attention(
-        q, keys, values, attn_mask, scale or 1 / math.sqrt(q.shape[-1]))
+        q, keys, values, attn_mask, 1 / math.sqrt(q.shape[-1]) if scale is None else scale)
 
 
-def attends(keys: Tensor) -> bool:
+def attends(keys: Tensor | None) -> bool:
     """Whether the attention kernel reads keys and values of this kind."""
-    return keys.dim() == 4 and keys.dtype in (torch.float32, torch.bfloat16)
+    return keys is not None and keys.dim() == 4 and keys.dtype in (torch.float32, torch.bfloat16)
 
 
 class KernelProducts(TorchFunctionMode):
