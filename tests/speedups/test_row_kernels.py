@@ -245,8 +245,8 @@ def test_generation_runs_the_prompt_through_the_kernel_where_it_timed_faster(mon
 
 def attention_inputs(dtype: torch.dtype, batch: int, heads: int, keys: int, d_head: int,
                      seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """A query per head, keys and values, and a mask showing a random part of the keys for
-    each row (the first row shows none when asked for by `keys` = 0 visible: see below)."""
+    """A query per head, keys and values, and a mask showing a random part (about 60%) of the
+    keys, the same for every head of a row."""
     generator = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, heads, 1, d_head, generator=generator).to(dtype)
     k, v = (torch.randn(batch, heads, keys, d_head, generator=generator).to(dtype)
