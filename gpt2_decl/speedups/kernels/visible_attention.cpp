@@ -1,8 +1,8 @@
 // Attention of one query per head over the keys a mask shows, for CPU decoding: softmax(q . k *
 // scale) . v in float32, reading only the visible keys and values, so that a cache is read as
 // far as it is filled (a compiled step, whose shapes are fixed, would read all of it). Sixteen
-// keys' scores are summed at a time, their lanes added up together; the values' weighted sum
-// is kept in registers.
+// keys' scores are summed at a time, their lanes added up together, and their exponentials
+// taken together; the values' weighted sum is kept in registers.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
