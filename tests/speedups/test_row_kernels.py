@@ -107,6 +107,20 @@ def kind_of_model(kind: str) -> GPT2:
     return model.to(getattr(torch, kind))
 
 
+def step_against_eager(model: GPT2, decoding: CpuDecoding, rows: int
+                       ) -> tuple[dict[str, int], torch.Tensor, torch.Tensor]:
+    """How many nodes of each kind `decoding` rewrote in the compiled step, and the step's
+    logits compiled with it and run eagerly."""
+    counts = {}
+
+    def backend(graph_module, example_inputs):
+        counts.update(decoding.rewrite(graph_module))
+        return decoding.backend(graph_module, example_inputs)
+
+    compiled = decode_step_logits(model, gpt2_decl.compile(model, backend=backend), rows)
+    return counts, compiled, decode_step_logits(model, model, rows)
+
+
 @pytest.fixture
 def kernel_inputs(monkeypatch) -> list[torch.Size]:
     """The shape of the input of each product that goes through the kernel (its arguments
@@ -122,16 +136,8 @@ def kernel_inputs(monkeypatch) -> list[torch.Size]:
 @pytest.mark.parametrize(("kind", "rows"), [("float32", 1), ("bfloat16", 5), ("int8", 1),
                                             ("int8", 5)])
 def test_step_with_kernel_products_matches_eager(kind, rows):
-    model = kind_of_model(kind)
-    decoding = CpuDecoding(one_row_products=False, kernel_products=True)
-    counts = {}
-
-    def backend(graph_module, example_inputs):
-        counts.update(decoding.rewrite(graph_module))
-        return decoding.backend(graph_module, example_inputs)
-
-    compiled = decode_step_logits(model, gpt2_decl.compile(model, backend=backend), rows)
-    eager = decode_step_logits(model, model, rows)
+    counts, compiled, eager = step_against_eager(
+        kind_of_model(kind), CpuDecoding(one_row_products=False, kernel_products=True), rows)
     assert counts["kernel_products"] == 4 * CONFIG.n_layer + 1  # every product, the head too
     # float32 sums in another order; bfloat16 and int8 round their outputs to bfloat16/float32
     tolerance = 1e-5 if kind == "float32" else 0.02 * eager.abs().max()
@@ -354,17 +360,9 @@ def test_bad_attention_input_is_refused_with_what_was_expected(call, message):
 
 @pytest.mark.parametrize(("kind", "rows"), [("float32", 1), ("bfloat16", 3), ("int8", 2)])
 def test_step_with_kernel_attention_matches_eager(kind, rows):
-    model = kind_of_model(kind)
     decoding = CpuDecoding(one_row_products=False, one_query_attention=False,
                            kernel_attention=True)
-    counts = {}
-
-    def backend(graph_module, example_inputs):
-        counts.update(decoding.rewrite(graph_module))
-        return decoding.backend(graph_module, example_inputs)
-
-    compiled = decode_step_logits(model, gpt2_decl.compile(model, backend=backend), rows)
-    eager = decode_step_logits(model, model, rows)
+    counts, compiled, eager = step_against_eager(kind_of_model(kind), decoding, rows)
     assert counts["kernel_attention"] == CONFIG.n_layer
     tolerance = 1e-5 if kind == "float32" else 0.02 * eager.abs().max()
     assert (compiled - eager).abs().max() <= tolerance
