@@ -125,9 +125,9 @@ void dot_steps(const Weights& weights, const float* x, int64_t steps, int64_t n0
         xs[m][p] = load<Lanes>(x + m * weights.K + (s * kParts + p) * kLanes);
     for (int64_t r = 0; r < Rows; ++r) {
       if (prefetch) {  // the step's lines (two of bfloat16)
-        const char* ahead = reinterpret_cast<const char*>(weights.step(n0 + r + kRows, s));
-        __builtin_prefetch(ahead);
-        if constexpr (kStepBytes > 64) __builtin_prefetch(ahead + 64);
+        const char* coming = reinterpret_cast<const char*>(weights.step(n0 + r + kRows, s));
+        __builtin_prefetch(coming);
+        if constexpr (kStepBytes > 64) __builtin_prefetch(coming + 64);
       }
       Lanes parts[kParts];
       weights.widen(n0 + r, s, parts);
