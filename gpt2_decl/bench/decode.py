@@ -5,7 +5,6 @@ own moment (a shared machine's bandwidth drifts from minute to minute)."""
 
 import itertools
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gpt2_decl.bench.measure import ReadBandwidth, Timing, time_interleaved
+from gpt2_decl.bench.measure import ReadBandwidth, Timing, time_interleaved, transformers_copy
 from gpt2_decl.core.config import GPT2Config
 from gpt2_decl.core.model import GPT2
 from gpt2_decl.speedups.huge_pages import move_parameters as move_into_huge_pages
@@ -110,15 +109,9 @@ def llama_cpp_ways(model: GPT2, directory: str, q8_0: bool = False) -> list[Way]
 def transformers_generate(model: GPT2, huge_pages: bool = False
                           ) -> Callable[[Tensor, int], Tensor] | None:
     """transformers' greedy `generate` on `model`'s weights (None if it is not installed)."""
-    try:
-        from transformers import GPT2LMHeadModel
-    except ImportError:
-        print("transformers is not installed: no reference row")
+    reference = transformers_copy(model)
+    if reference is None:
         return None
-    with tempfile.TemporaryDirectory() as directory:
-        model.save_pretrained(directory)
-        reference = GPT2LMHeadModel.from_pretrained(directory, dtype=model.dtype)
-    reference = reference.to(model.device).eval()
     if huge_pages:
         move_into_huge_pages(reference)
     reference.generation_config.eos_token_id = None  # exactly the tokens asked for, as ours

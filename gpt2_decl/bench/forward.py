@@ -1,5 +1,6 @@
 """Eager against compiled forward passes, each sequence length in one row, with the matmul
-roofline and typechecked mode's cost timed in turn with them."""
+roofline, typechecked mode's cost and, when asked, transformers' compiled model on the same
+weights timed in turn with them."""
 
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+from torch import nn
 
 from gpt2_decl.bench.measure import Timing, random_tokens, time_interleaved
 from gpt2_decl.core.compiling import compile as compile_model
@@ -20,7 +22,7 @@ from gpt2_decl.core.typecheck import is_typechecked, typechecked
 @dataclass(frozen=True)
 class ForwardRow:
     """One sequence length: the timings of "eager", "compiled", "roofline" (the matmul) and,
-    when measured, "typechecked_eager" and "typechecked_compiled"."""
+    when measured, "typechecked_eager", "typechecked_compiled" and "transformers_compiled"."""
 
     batch: int
     seq: int
@@ -29,6 +31,7 @@ class ForwardRow:
     compile_s: float
     max_abs_diff: float
     shape_check_s: float | None = None  # what a typechecked compiled call adds for a new shape
+    transformers_diff: float | None = None  # max |logits - transformers' compiled logits|
 
     @property
     def roofline_flops_per_s(self) -> float:
@@ -43,6 +46,7 @@ class ForwardRow:
         row = {"batch": self.batch, "seq": self.seq, "flops": self.flops,
                "runs": len(self.timings["compiled"].times_ms), "compile_s": self.compile_s,
                "max_abs_diff": self.max_abs_diff, "shape_check_s": self.shape_check_s,
+               "max_abs_diff_vs_transformers": self.transformers_diff,
                "roofline_flops_per_s": self.roofline_flops_per_s,
                "speedup": ms["eager"] / ms["compiled"]}
         for name, timing in self.timings.items():
@@ -55,6 +59,8 @@ class ForwardRow:
         for prefix, name in (("", "eager"), ("compiled_", "compiled")):
             checked = ms.get(f"typechecked_{name}")
             row[f"{prefix}typecheck_overhead"] = checked / ms[name] - 1 if checked else None
+        reference = ms.get("transformers_compiled")
+        row["over_transformers"] = reference / ms["compiled"] if reference else None
         return row
 
 
@@ -67,12 +73,15 @@ def benchmark_forward(
     warmup: int = 1,
     mode: str = "default",
     freeze: bool = True,
+    backend: str | Callable = "inductor",
     typecheck_overhead: bool = True,
+    reference: nn.Module | None = None,
     seed: int = 0,
     log: Callable[[str], None] = print,
 ) -> Iterator[ForwardRow]:
     """One row per sequence length. Each row compiles afresh (Dynamo's caches reset), so its
-    compile time is a first compile's; then eager, compiled, eager in typechecked mode and a
+    compile time is a first compile's; then eager, compiled (with `backend`), both in
+    typechecked mode, `reference` compiled (transformers' model, with the same freezing) and a
     square matmul take turns run by run. All under `torch.no_grad()`: Dynamo guards on the
     grad mode, and weight freezing is for inference only."""
     device, dtype = model.device, model.dtype
@@ -84,7 +93,7 @@ def benchmark_forward(
         with torch.no_grad():
             tokens = random_tokens(model.config.vocab_size, batch, seq, device, seed)
             torch._dynamo.reset()
-            compiled = compile_model(model, mode=mode, freeze=freeze)
+            compiled = compile_model(model, mode=mode, freeze=freeze, backend=backend)
             log(f"compiling (seq={seq}, mode={mode}, freeze={freeze})...")
             start = time.perf_counter()
             compiled_logits = compiled(tokens)
@@ -100,11 +109,24 @@ def benchmark_forward(
                 start = time.perf_counter()  # what its first call adds: every layer's check
                 check_shapes(model, batch, seq)
                 check_s = time.perf_counter() - start
+            reference_diff = None
+            if reference is not None:
+                fns["transformers_compiled"] = partial(_reference_call, torch.compile(reference),
+                                                       tokens, freeze)
+                reference_logits = fns["transformers_compiled"]()
+                reference_diff = (reference_logits.float() - model(tokens).float()).abs().max()
+                reference_diff = reference_diff.item()
+                del reference_logits
             fns["roofline"] = partial(torch.matmul, a, b)
             log(f"seq {seq}: timing {', '.join(fns)} in turn ({warmup} warm-up, {runs} runs)...")
             timings = time_interleaved(fns, device, runs=runs, warmup=warmup)
         yield ForwardRow(batch, seq, forward_flops(model.config, batch, seq), timings,
-                         compile_s, difference, check_s)
+                         compile_s, difference, check_s, reference_diff)
+
+
+def _reference_call(compiled: Callable, tokens: torch.Tensor, freeze: bool) -> torch.Tensor:
+    with torch._inductor.config.patch(freezing=freeze):
+        return compiled(tokens).logits
 
 
 def _typechecked_call(model: Callable, tokens: torch.Tensor) -> torch.Tensor:
@@ -116,6 +138,8 @@ def format_table(rows: Sequence[ForwardRow]) -> str:
     header = (f"{'seq':>6} {'eager ms [min-max]':>24} {'compiled ms [min-max]':>24} "
               f"{'compile s':>9} {'speedup':>7} {'tokens/s':>10} {'roofline':>8} "
               f"{'max|diff|':>9} {'typecheck':>9} {'compiled':>8}")
+    references = any(row.transformers_diff is not None for row in rows)
+    header += f" {'transformers compiled ms':>24} {'over tf':>7}" if references else ""
     lines = [header, "-" * len(header)]
     for row in rows:
         figures = row.to_dict()
@@ -127,6 +151,12 @@ def format_table(rows: Sequence[ForwardRow]) -> str:
             f"{figures['roofline_fraction']:>8.0%} {row.max_abs_diff:>9.1e} "
             f"{'-' if overhead is None else f'{overhead:+.1%}':>9} "
             f"{'-' if compiled is None else f'{compiled:+.1%}':>8}")
+        if references:
+            over = figures["over_transformers"]
+            timing = row.timings.get("transformers_compiled")
+            lines[-1] += (f" {timing.spread() if timing else '-':>24} "
+                          f"{'-' if over is None else f'{over:.2f}x':>7}")
     lines.append("tokens/s and roofline (FLOP/s over a square matmul's, timed in turn) are the "
-                 "compiled model's; typecheck: extra time in typechecked mode, eager and compiled.")
+                 "compiled model's; typecheck: extra time in typechecked mode, eager and compiled"
+                 + ("; over tf: transformers' compiled time over ours." if references else "."))
     return "\n".join(lines)

@@ -4,13 +4,14 @@ where the run happens."""
 import datetime
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from gpt2_decl.core.devices import synchronize
 from gpt2_decl.speedups import huge_pages
@@ -103,3 +104,18 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
 def random_tokens(vocab_size: int, batch: int, seq: int, device: torch.device, seed: int) -> Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(vocab_size, (batch, seq), generator=generator).to(device)
+
+
+def transformers_copy(model: nn.Module) -> nn.Module | None:
+    """transformers' `GPT2LMHeadModel` (SDPA attention) with `model`'s weights, on its device,
+    in its dtype, for inference; None, said, if transformers is not installed."""
+    try:
+        from transformers import GPT2LMHeadModel
+    except ImportError:
+        print("transformers is not installed: no reference row")
+        return None
+    with tempfile.TemporaryDirectory() as directory:
+        model.save_pretrained(directory)
+        reference = GPT2LMHeadModel.from_pretrained(directory, dtype=model.dtype,
+                                                    attn_implementation="sdpa")
+    return reference.to(model.device).eval()

@@ -15,14 +15,15 @@ from pathlib import Path
 import torch
 
 from gpt2_decl.bench import decode, forward
-from gpt2_decl.bench.measure import ReadBandwidth, environment, random_tokens
+from gpt2_decl.bench.measure import ReadBandwidth, environment, random_tokens, transformers_copy
 from gpt2_decl.cli import common
 from gpt2_decl.core.config import DTYPES, GPT2Config
 from gpt2_decl.core.model import GPT2
 from gpt2_decl.core.typecheck import is_typechecked, set_typechecked
-from gpt2_decl.speedups import huge_pages
+from gpt2_decl.speedups import huge_pages, wide_products
 from gpt2_decl.speedups.cpu_decoding import choice_for
 from gpt2_decl.speedups.quantize import SCHEMES, quantize
+from gpt2_decl.speedups.wide_products import WideProducts
 
 SIZE_OVERRIDES = ("n_layer", "n_head", "d_model")
 STDLIB_JSON = Path(sysconfig.get_paths()["stdlib"]) / "json"
@@ -51,6 +52,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="torch.compile mode (default: default)")
     parser.add_argument("--freeze", action=argparse.BooleanOptionalAction, default=True,
                         help="inductor weight freezing (pre-packed weights; default: on)")
+    parser.add_argument("--wide-products", action=argparse.BooleanOptionalAction, default=True,
+                        help="on a CPU, compile bfloat16 products of many rows in float32 where "
+                        "timed faster (speedups.wide_products; default: on)")
+    parser.add_argument("--compare", choices=["llama.cpp", "transformers"],
+                        help="forward passes: also transformers' model compiled, on the same "
+                        "weights; decoding: also llama.cpp on the same weights, F32 and BF16, "
+                        "and Q8_0 with --quantize (needs llama-cpp-python and gguf)")
     parser.add_argument("--typecheck-overhead", action=argparse.BooleanOptionalAction,
                         default=True, help="also time eager with typechecked mode on")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the figures as JSON")
@@ -62,9 +70,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     decoding.add_argument("--checkpoint", metavar="DIR", help="weights to load (default: random)")
     decoding.add_argument("--compare-dtype", choices=sorted(DTYPES),
                           help="also decode with the cache in this dtype, in turns")
-    decoding.add_argument("--compare", choices=["llama.cpp"], help="also llama.cpp on the same "
-                          "weights, F32 and BF16, and Q8_0 with --quantize (needs "
-                          "llama-cpp-python and gguf)")
     decoding.add_argument("--huge-pages", action="store_true",
                           help="move the weights into transparent huge pages first (CPU)")
     decoding.add_argument("--quantize", type=schemes, default=[], metavar="SCHEMES",
@@ -83,6 +88,11 @@ def run(args: argparse.Namespace) -> None:
         raise SystemExit("error: forward passes take one --batch; a list is for --generate")
     if not args.generate and args.quantize:
         raise SystemExit("error: --quantize is for --generate (int8 is for decoding)")
+    if args.compare == "llama.cpp" and not args.generate:
+        raise SystemExit("error: --compare llama.cpp is for --generate (decoding)")
+    if args.compare == "transformers" and args.generate:
+        raise SystemExit("error: --compare transformers is for forward passes; decoding always "
+                         "times transformers' generate")
     if args.threads:
         if args.threads > (os.cpu_count() or args.threads):
             print(f"warning: --threads {args.threads} is more than this machine's "
@@ -117,15 +127,30 @@ def run_forward(args: argparse.Namespace, model: GPT2) -> dict:
         raise SystemExit(f"error: --seq {too_long} longer than the context of {model.config.n_ctx}")
     batch = args.batch[0]
     print(f"{describe(model)}, batch {batch}, {model.dtype} on {model.device}")
+    widening = args.wide_products and model.device.type == "cpu"
+    reference = transformers_copy(model) if args.compare == "transformers" else None
     rows = list(forward.benchmark_forward(
         model, args.seq, batch=batch, runs=args.runs, warmup=args.warmup, mode=args.mode,
-        freeze=args.freeze, typecheck_overhead=args.typecheck_overhead, seed=args.seed,
+        freeze=args.freeze, backend=WideProducts(args.mode) if widening else "inductor",
+        typecheck_overhead=args.typecheck_overhead, reference=reference, seed=args.seed,
         log=lambda message: print(message, flush=True)))
     print("\n" + forward.format_table(rows))
+    # This run's products (a process may have timed others before).
+    widened = {shape: times for shape, times in wide_products.timings().items()
+               if widening and shape[0] in {batch * seq for seq in args.seq}
+               and shape[3] == model.dtype}
+    if widened:
+        print("bfloat16 products of many rows in float32 where timed faster (rows x in x out):")
+        print("  " + wide_products.describe(widened).replace("\n", "\n  "))
     if args.plot:
         plot(rows, args.plot, title=f"{describe(model)}, batch {batch}, {model.dtype}")
     return {"preset": args.preset, "batch": batch, "compile_mode": args.mode,
             "freeze": args.freeze, "rows": [row.to_dict() for row in rows],
+            "wide_products": [{"rows": shape[0], "in_features": shape[1],
+                               "out_features_timed": shape[2], "dtype": str(shape[3]),
+                               "widened_ms": wide, "library_ms": library,
+                               "widened": wide < library}
+                              for shape, (wide, library) in widened.items()],
             "roofline_flops_per_s": statistics.median(r.roofline_flops_per_s for r in rows)}
 
 

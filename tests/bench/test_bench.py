@@ -11,7 +11,7 @@ import torch
 from gpt2_decl.bench import decode
 from gpt2_decl.bench.measure import ReadBandwidth, Timing, time_interleaved
 from gpt2_decl.cli import main
-from gpt2_decl.speedups import cpu_decoding, huge_pages, row_kernels
+from gpt2_decl.speedups import cpu_decoding, huge_pages, row_kernels, wide_products
 
 TINY_CLI = ["bench", "--n-layer", "2", "--d-model", "64", "--n-head", "4", "--threads", "1"]
 TINY_DECODE = ["bench", "--generate", "--n-layer", "1", "--n-head", "2", "--d-model", "32",
@@ -76,8 +76,42 @@ def test_forward_bench_writes_json_with_every_figure_and_a_png(tmp_path, capsys)
     assert plot_path.read_bytes().startswith(PNG_SIGNATURE)
 
 
+def test_forward_bench_compares_transformers_compiled_on_the_same_weights(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    report_path = tmp_path / "bench.json"
+    main([*TINY_CLI, "--seq", "8", "--runs", "2", "--compare", "transformers",
+          "--no-typecheck-overhead", "--json", str(report_path)])
+    [row] = json.loads(report_path.read_text())["rows"]
+    assert row["max_abs_diff_vs_transformers"] < 1e-4  # the same weights, the same logits
+    assert row["over_transformers"] == pytest.approx(
+        row["transformers_compiled_ms"] / row["compiled_ms"])
+    assert "over tf" in capsys.readouterr().out
+
+
+def test_forward_bench_in_bfloat16_reports_each_product_widened_or_not(tmp_path, monkeypatch):
+    monkeypatch.setattr(wide_products, "_times", {})
+    report_path = tmp_path / "bench.json"
+    main([*TINY_CLI, "--seq", "8", "--runs", "1", "--dtype", "bfloat16",
+          "--no-typecheck-overhead", "--json", str(report_path)])
+    report = json.loads(report_path.read_text())
+    # GPT-2's four product shapes in a block, and the output head's (timed on 4096 rows).
+    shapes = {(entry["in_features"], entry["out_features_timed"])
+              for entry in report["wide_products"]}
+    assert shapes == {(64, 192), (64, 64), (64, 256), (256, 64), (64, 4096)}
+    for entry in report["wide_products"]:
+        assert entry["rows"] == 8 and entry["dtype"] == "torch.bfloat16"
+        assert entry["widened"] == (entry["widened_ms"] < entry["library_ms"])
+    assert report["rows"][0]["max_abs_diff"] < 0.05  # bfloat16 logits of about 1
+    torch._dynamo.reset()
+    main([*TINY_CLI, "--seq", "8", "--runs", "1", "--dtype", "bfloat16", "--no-wide-products",
+          "--no-typecheck-overhead", "--json", str(report_path)])
+    assert json.loads(report_path.read_text())["wide_products"] == []
+
+
 @pytest.mark.parametrize(("arguments", "message"), [
     (["--seq", "8,x"], "comma-separated integers"),
+    (["--compare", "llama.cpp"], "--compare llama.cpp is for --generate"),
+    (["--generate", "--compare", "transformers"], "--compare transformers is for forward"),
     (["--seq", "0"], "positive"),
     (["--runs", "0"], "positive integer"),
     (["--d-model", "66"], "divisible by n_head"),

@@ -1,0 +1,149 @@
+"""bfloat16 products done in float32, on CPUs that multiply float32 faster.
+
+A CPU without bfloat16 arithmetic (no AVX512-BF16, no AMX) has its libraries emulate bfloat16
+matrix products, at a fraction of their float32 rate: a compiled bfloat16 forward there runs
+several times slower than the same model in float32. Widening both operands to float32 (exact),
+multiplying in float32 and rounding the result to bfloat16 once gives what the library's
+bfloat16 product gives, which also sums in float32, up to the order of the sums.
+
+`WideProducts` is a torch.compile backend that makes that rewrite in the traced graph, for the
+`F.linear` products of two or more rows with bfloat16 (or float16) weights on the CPU, at each
+shape where timing on this machine finds the float32 product faster: where the CPU has bfloat16
+arithmetic, the library's own product wins and stays. One-row products are decoding's
+(`cpu_decoding`). The model's code, and eager runs, are untouched; use it as
+
+    gpt2_decl.compile(model, freeze=True, backend=WideProducts())
+
+Gradients flow through the widened product (in float32, rounded back to the weight's dtype).
+"""
+
+import math
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx
+from torch.fx.experimental.symbolic_shapes import optimization_hint
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+# The weights whose products may be widened.
+NARROW = (torch.bfloat16, torch.float16)
+# A product's timing uses at most this many of its weight's rows (the output head's 50257
+# would take seconds where the library emulates bfloat16): time grows with them evenly.
+TIMED_ROWS = 4096
+RUNS = 5
+
+
+def wide_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`F.linear` with its operands widened to float32, the result rounded to `x`'s dtype."""
+    wide_bias = None if bias is None else bias.float()
+    return F.linear(x.float(), weight.float(), wide_bias).to(x.dtype)
+
+
+# (rows, in_features, out_features timed, dtype, threads) -> (wide ms, library's ms), medians.
+_times: dict[tuple, tuple[float, float]] = {}
+
+
+@dataclass(frozen=True)
+class WideProducts:
+    """The backend, then inductor in torch.compile's `mode` (equal objects share Dynamo's
+    compiled graphs)."""
+
+    mode: str = "default"
+
+    def __call__(self, graph_module: fx.GraphModule, example_inputs: list) -> Callable:
+        from torch._inductor import list_mode_options
+        from torch._inductor.compile_fx import compile_fx
+
+        self.rewrite(graph_module)
+        return compile_fx(graph_module, example_inputs,
+                          config_patches=list_mode_options(self.mode))
+
+    def rewrite(self, graph_module: fx.GraphModule) -> int:
+        """Widen the products that time faster widened; how many were."""
+        widened = 0
+        for node in graph_module.graph.nodes:
+            if node.op == "call_function" and node.target is F.linear:
+                shape = _narrow_product(node)
+                if shape is not None and widening_wins(*shape):
+                    node.target = wide_linear
+                    widened += 1
+        graph_module.recompile()
+        return widened
+
+
+def widening_wins(rows: int, in_features: int, out_features: int, dtype: torch.dtype) -> bool:
+    """Whether `wide_linear` beats the library's product of `rows` rows with a weight of this
+    shape and dtype on this machine (timed once per shape and thread count in a process)."""
+    wide_ms, library_ms = time_product(rows, in_features, out_features, dtype)
+    return wide_ms < library_ms
+
+
+def time_product(rows: int, in_features: int, out_features: int, dtype: torch.dtype
+                 ) -> tuple[float, float]:
+    """Median milliseconds of the product widened and the library's, runs taken in turns, on
+    random operands (at most TIMED_ROWS weight rows, and the product's bias)."""
+    out_features = min(out_features, TIMED_ROWS)
+    key = (rows, in_features, out_features, dtype, torch.get_num_threads())
+    if key not in _times:
+        generator = torch.Generator().manual_seed(0)
+        x, weight = (torch.randn(size, generator=generator).to(dtype)
+                     for size in ((rows, in_features), (out_features, in_features)))
+        bias = torch.zeros(out_features, dtype=dtype)
+        times: dict[Callable, list[float]] = {wide_linear: [], F.linear: []}
+        with torch.no_grad():
+            for run in range(RUNS + 1):  # the first run warms up, and is not counted
+                for product, runs in times.items():
+                    start = time.perf_counter()
+                    product(x, weight, bias)
+                    if run:
+                        runs.append((time.perf_counter() - start) * 1e3)
+        _times[key] = (statistics.median(times[wide_linear]), statistics.median(times[F.linear]))
+    return _times[key]
+
+
+def timings() -> dict[tuple, tuple[float, float]]:
+    """What this process has timed: (rows, in_features, out_features, dtype, threads) ->
+    (widened ms, library's ms)."""
+    return dict(_times)
+
+
+def describe(times: dict[tuple, tuple[float, float]] | None = None) -> str:
+    """`times` (by default all of this process's timings) in words, a line per product shape."""
+    times = _times if times is None else times
+    parts = [f"{rows}x{inputs}x{outputs} {str(dtype).removeprefix('torch.')}: "
+             f"{'widened' if wide < library else 'library'} ({wide:.2f} ms widened, "
+             f"{library:.2f} ms the library's)"
+             for (rows, inputs, outputs, dtype, _), (wide, library) in times.items()]
+    return "\n".join(parts) or "no bfloat16 products of two or more rows timed"
+
+
+def _narrow_product(linear: fx.Node) -> tuple[int, int, int, torch.dtype] | None:
+    """(rows, in_features, out_features, dtype) of a product of two or more rows with a
+    bfloat16 or float16 weight on the CPU; None for any other."""
+    x = _example(linear.args[0])
+    weight = _example(linear.args[1] if len(linear.args) > 1 else linear.kwargs.get("weight"))
+    if x is None or weight is None or weight.dim() != 2 or x.dim() < 2:
+        return None
+    # A quantized weight (a tensor subclass) has products of its own.
+    if weight.dtype not in NARROW or x.dtype != weight.dtype \
+            or is_traceable_wrapper_subclass(weight):
+        return None
+    if x.device.type != "cpu" or weight.device.type != "cpu":
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rows = math.prod(optimization_hint(size, fallback=1024) for size in x.shape[:-1])
+    if rows < 2:
+        return None
+    out_features, in_features = (int(size) for size in weight.shape)
+    return rows, in_features, out_features, weight.dtype
+
+
+def _example(node: object) -> Tensor | None:
+    value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
+    return value if isinstance(value, Tensor) else None
