@@ -195,7 +195,8 @@ def run_decode(args: argparse.Namespace, model: GPT2) -> dict:
             choice = choice_for(kind, rows)
             rewrites[name] = {"used": choice.decoding.names(), "times_ms": choice.times_ms,
                               "kernel_prefill_rows": choice.prefill_rows,
-                              "kernel_prefill_times_ms": choice.prefill_times_ms}
+                              "wide_prefill_rows": choice.prefill_wide_rows,
+                              "prefill_times_ms": choice.prefill_times_ms}
             print(f"  {name}: {choice.describe()}")
     prompt = random_tokens(config.vocab_size, 1, args.prompt_len, model.device, args.seed)
     bandwidth = ReadBandwidth(model.device, in_huge_pages=on_huge_pages)

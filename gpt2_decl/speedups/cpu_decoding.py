@@ -40,11 +40,13 @@ CPU decoding with what it chose; `store_pointwise` and `freeze_weights` are rule
 gives the figures.
 
 The prompt is run eagerly (a compiled graph per prompt length would cost more than it saves);
-`choice_for` also times the kernel against the library's products at a short, a long and a
-whole context's number of rows, and generation runs the prompt's products through the kernel
-(`row_kernels.KernelProducts`) up to the most at which it won: bfloat16 products of many rows
-are slow where the CPU has no bfloat16 arithmetic, and torchao's int8 products dequantize the
-whole weight first.
+`choice_for` also times the kernel and widened products (`wide_products`: float32 products of
+bfloat16 or int8 weights) against the library's products at a short, a long and a whole
+context's number of rows, and generation runs the prompt's products through the kernel
+(`row_kernels.KernelProducts`) up to the most rows at which it was fastest, and widened
+(`wide_products.WideLinear`) past those up to the most at which that was: bfloat16 products of
+many rows are slow where the CPU has no bfloat16 arithmetic, and torchao's int8 products
+dequantize the whole weight to bfloat16 first.
 """
 
 import functools
@@ -60,7 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from gpt2_decl.speedups import row_kernels
+from gpt2_decl.speedups import row_kernels, wide_products
 from gpt2_decl.speedups.quantize import int8_rows, is_quantized, quantizes_activations
 
 
@@ -185,10 +187,11 @@ class Choice:
 
     decoding: CpuDecoding
     times_ms: dict[str, tuple[float, float]]
-    # The prompt's products go through the kernel up to this many rows (0: never);
-    # prefill_times_ms[rows] = (through the kernel, without), for one block's products.
+    # A prompt's products go through the kernel up to prefill_rows rows, widened past those up
+    # to prefill_wide_rows (0: never); prefill_times_ms[rows][way] is one block's products.
     prefill_rows: int = 0
-    prefill_times_ms: dict[int, tuple[float, float]] = field(default_factory=dict)
+    prefill_wide_rows: int = 0
+    prefill_times_ms: dict[int, dict[str, float]] = field(default_factory=dict)
 
     def describe(self) -> str:
         parts = [f"{name} {'on' if getattr(self.decoding, name) else 'off'} "
@@ -197,10 +200,12 @@ class Choice:
         rules = [name for name in self.decoding.names() if name not in self.times_ms]
         parts += [f"{name} on (a rule)" for name in rules]
         if self.prefill_times_ms:
-            limit = f"up to {self.prefill_rows} rows" if self.prefill_rows else "off"
-            timed = ", ".join(f"{with_it:.2f} ms with, {without:.2f} ms without at {rows} rows"
-                              for rows, (with_it, without) in self.prefill_times_ms.items())
-            parts.append(f"kernel prefill {limit} ({timed})")
+            kernel = f"up to {self.prefill_rows} rows" if self.prefill_rows else "off"
+            wide = f"up to {self.prefill_wide_rows} rows" if self.prefill_wide_rows else "off"
+            timed = ", ".join(
+                f"at {rows} rows " + " ".join(f"{way} {ms:.2f}" for way, ms in ways.items())
+                for rows, ways in self.prefill_times_ms.items())
+            parts.append(f"prompt through the kernel {kernel}, widened {wide} (ms: {timed})")
         return "; ".join(parts)
 
 
@@ -239,7 +244,8 @@ def _choose(model: nn.Module, rows: int) -> Choice:
     decoding = CpuDecoding(one_row_products=False, freeze_weights=freeze)
     with torch.no_grad():
         prefill_times = _time_prefill(model)
-    return Choice(replace(decoding, **chosen), times, _prefill_rows(prefill_times), prefill_times)
+    return Choice(replace(decoding, **chosen), times, *_prefill_limits(prefill_times),
+                  prefill_times)
 
 
 # The prompt sizes (rows) at which the kernel is timed for a prompt's products: short, long and
@@ -247,14 +253,20 @@ def _choose(model: nn.Module, rows: int) -> Choice:
 PREFILL_ROWS = (32, 256, 1024)
 
 
-def _time_prefill(model: nn.Module) -> dict[int, tuple[float, float]]:
-    """Milliseconds for the first block's products of PREFILL_ROWS rows, run eagerly through
-    the kernel and without (medians of runs taken in turns), up to the first size at which the
-    kernel lost; {} where the kernel does not apply (weights it does not read, or int8
-    activations) or is not to be timed."""
+def _time_prefill(model: nn.Module) -> dict[int, dict[str, float]]:
+    """Milliseconds for the first block's products of PREFILL_ROWS rows, run eagerly by each
+    way that applies: through the kernel, widened, and the library's (medians of runs taken in
+    turns); {} where neither the kernel nor widening applies, or the kernel is not to be
+    timed."""
     linears = [module for module in model.blocks[0].modules() if isinstance(module, nn.Linear)]
-    if not _kernel_does(linears):
+    ways: dict[str, Callable] = {}
+    if _kernel_does(linears):
+        ways["kernel"] = row_kernels.kernel_linear
+    if all(wide_products.widens(linear.weight) for linear in linears):
+        ways["wide"] = wide_products.wide_linear
+    if not ways:
         return {}
+    ways["library"] = F.linear
     times = {}
     for rows in PREFILL_ROWS:
         inputs = [torch.randn(rows, linear.in_features, dtype=model.dtype) for linear in linears]
@@ -263,23 +275,26 @@ def _time_prefill(model: nn.Module) -> dict[int, tuple[float, float]]:
             return [product(x, linear.weight, linear.bias)
                     for linear, x in zip(linears, inputs, strict=True)]
 
-        timed = _time_in_turns({"kernel": functools.partial(products, row_kernels.kernel_linear),
-                                "without": functools.partial(products, F.linear)}, [()])
-        times[rows] = (timed["kernel"], timed["without"])
-        if timed["kernel"] >= timed["without"]:
-            break
+        times[rows] = _time_in_turns({way: functools.partial(products, product)
+                                      for way, product in ways.items()}, [()])
     return times
 
 
-def _prefill_rows(times: dict[int, tuple[float, float]]) -> int:
-    """Prompts of up to how many rows the kernel does the products of: the most rows timed at
-    which it won, as it did at every smaller number (0: it lost at the smallest)."""
-    limit = 0
-    for rows, (with_it, without) in sorted(times.items()):
-        if with_it >= without:
+def _prefill_limits(times: dict[int, dict[str, float]]) -> tuple[int, int]:
+    """Prompts of up to how many rows the kernel does the products of, and up to how many
+    widened products do past those: the sizes timed, smallest first, take the kernel while it
+    was the fastest, then widened products while they were (0: never)."""
+    limits = {"kernel": 0, "wide": 0}
+    ways = iter(("kernel", "wide"))
+    way = next(ways)
+    for rows, timed in sorted(times.items()):
+        fastest = min(timed, key=lambda way: (timed[way], way != "library"))  # a tie: no win
+        if fastest == "wide" and way == "kernel":
+            way = next(ways)
+        if fastest != way:
             break
-        limit = rows
-    return limit
+        limits[way] = rows
+    return limits["kernel"], limits["wide"]
 
 
 PRODUCTS = ("one_row_products", "packed_products", "kernel_products")

@@ -170,7 +170,7 @@ class KernelProducts(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
-            x, weight, bias = _linear_arguments(*args, **kwargs)
+            x, weight, bias = linear_arguments(*args, **kwargs)
             if self._takes(x, weight, bias):
                 return kernel_linear(x, weight, bias)
         return func(*args, **kwargs)
@@ -186,7 +186,7 @@ class KernelProducts(TorchFunctionMode):
         )
 
 
-def _linear_arguments(input: object = None, weight: object = None, bias: object = None
+def linear_arguments(input: object = None, weight: object = None, bias: object = None
                       ) -> tuple[object, object, object]:
     """`F.linear`'s arguments, however they were passed."""
     return input, weight, bias

@@ -15,6 +15,11 @@ arithmetic, the library's own product wins and stays. One-row products are decod
     gpt2_decl.compile(model, freeze=True, backend=WideProducts())
 
 Gradients flow through the widened product (in float32, rounded back to the weight's dtype).
+
+`WideLinear` does the same for eager products within it, and also widens weight-only int8
+weights (`gpt2_decl.quantize`: torchao's product of many rows dequantizes to bfloat16 and
+multiplies in bfloat16): compiled CPU generation runs a long prompt within it where
+`cpu_decoding.choice_for` timed that faster.
 """
 
 import math
@@ -28,7 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
 from torch.fx.experimental.symbolic_shapes import optimization_hint
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+from gpt2_decl.speedups.quantize import int8_rows, quantizes_activations
+from gpt2_decl.speedups.row_kernels import linear_arguments
 
 # The weights whose products may be widened.
 NARROW = (torch.bfloat16, torch.float16)
@@ -39,9 +48,56 @@ RUNS = 5
 
 
 def wide_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """`F.linear` with its operands widened to float32, the result rounded to `x`'s dtype."""
+    """`F.linear` with its operands widened to float32 (an int8 weight dequantized to it), the
+    result rounded to `x`'s dtype."""
     wide_bias = None if bias is None else bias.float()
-    return F.linear(x.float(), weight.float(), wide_bias).to(x.dtype)
+    return F.linear(x.float(), wide_weight(weight), wide_bias).to(x.dtype)
+
+
+def wide_weight(weight: Tensor) -> Tensor:
+    """`weight` in float32: a weight-only int8 weight's rows as (qdata - zero_point) * scale."""
+    rows = int8_rows(weight)
+    if rows is None:
+        return weight.float()
+    qdata, scale, zero_point = rows
+    return (qdata.float() - zero_point.float()) * scale.float()
+
+
+def widens(weight: object) -> bool:
+    """Whether `wide_linear` is for products with `weight`: a plain bfloat16 or float16 weight,
+    or a weight-only int8 one (int8-dynamic products round their input to int8 first)."""
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        return False
+    if is_traceable_wrapper_subclass(weight):
+        return int8_rows(weight) is not None and not quantizes_activations(weight)
+    return weight.dtype in NARROW
+
+
+class WideLinear(TorchFunctionMode):
+    """Within it, eager `F.linear` products of `min_rows` to `max_rows` rows on the CPU with a
+    weight that `widens` go through `wide_linear`, where no gradient is being recorded."""
+
+    def __init__(self, max_rows: int, min_rows: int = 2):
+        super().__init__()
+        self.min_rows, self.max_rows = min_rows, max_rows
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, weight, bias = linear_arguments(*args, **kwargs)
+            if self._takes(x, weight, bias):
+                return wide_linear(x, weight, bias)
+        return func(*args, **kwargs)
+
+    def _takes(self, x: object, weight: object, bias: object) -> bool:
+        tensors = [tensor for tensor in (x, weight, bias) if isinstance(tensor, Tensor)]
+        return (
+            isinstance(x, Tensor) and widens(weight) and x.dim() >= 2
+            and x.dtype == weight.dtype and weight.shape[1] == x.shape[-1]
+            and all(tensor.device.type == "cpu" for tensor in tensors)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+            and self.min_rows <= math.prod(x.shape[:-1]) <= self.max_rows
+        )
 
 
 # (rows, in_features, out_features timed, dtype, threads) -> (wide ms, library's ms), medians.

@@ -3,7 +3,8 @@
 With the cache (the default) the prompt runs once, eagerly (prefill), and every later token is
 one step over a single token that reads the other tokens' keys and values from a `KVCache`. That
 step has the same shapes for every token, so compiled it is compiled once. Compiled on a CPU,
-the prompt's products go through the row kernel where `choice_for` timed it faster. The loop
+the prompt's products go through the row kernel, or are widened to float32, where `choice_for`
+timed that faster. The loop
 never reads a tensor's value on the host except to stop early at `eos_id` (every token on a
 CPU, every `EOS_CHECK_EVERY` tokens on an accelerator), so a GPU runs the steps back to back.
 """
@@ -24,6 +25,7 @@ from gpt2_decl.core.kv_cache import KVCache
 from gpt2_decl.core.typecheck import shape_checked
 from gpt2_decl.speedups.cpu_decoding import choice_for
 from gpt2_decl.speedups.row_kernels import KernelProducts
+from gpt2_decl.speedups.wide_products import WideLinear
 
 # Below this temperature, sampling is greedy: softmax(logits / t) is a point mass there to
 # float32's precision, and smaller t would overflow the division.
@@ -281,14 +283,19 @@ def decode_step(model: nn.Module, compile: bool | str | Callable, use_cache: boo
 
 def prefill_products(model: nn.Module, compile: bool | str | Callable, batch: int, seq: int
                      ) -> contextlib.AbstractContextManager:
-    """Where the products of a prompt of `batch` x `seq` tokens run: through the row kernel for
-    compiled decoding on a CPU where `choice_for` (as for the steps of `batch` rows) timed it
-    faster at that many rows, else as the model runs them."""
+    """Where the products of a prompt of `batch` x `seq` tokens run, for compiled decoding on a
+    CPU: through the row kernel, or widened to float32, where `choice_for` (as for the steps of
+    `batch` rows) timed that way the fastest at that many rows; else as the model runs them.
+    The output head's product of the last positions only is one of few rows."""
+    products = contextlib.ExitStack()
     if compile is True and model.device.type == "cpu":
-        limit = choice_for(model, batch).prefill_rows
-        if batch * seq <= limit:
-            return KernelProducts(limit)
-    return contextlib.nullcontext()
+        choice = choice_for(model, batch)
+        if choice.prefill_rows:
+            products.enter_context(KernelProducts(choice.prefill_rows))
+        if choice.prefill_rows < batch * seq <= choice.prefill_wide_rows:
+            products.enter_context(WideLinear(choice.prefill_wide_rows,
+                                              min_rows=choice.prefill_rows + 1))
+    return products
 
 
 # The cache of each model's last generation, kept for the next one of the same sizes (a cache

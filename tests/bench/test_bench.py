@@ -145,13 +145,18 @@ def test_decode_bench_reports_every_way_of_decoding_against_its_bound(tmp_path, 
         fastest = min(timed, key=lambda name: times[name][0])
         used = [name for name in rewrites["used"] if name.endswith(suffix)]
         assert used == ([fastest] if times[fastest][0] < times[fastest][1] else [])
-    # The prompt through the kernel up to the most rows timed, each size timed until it lost.
-    prefill = {int(rows): tuple(ms) for rows, ms in rewrites["kernel_prefill_times_ms"].items()}
-    sizes = sorted(prefill)
-    assert sizes == list(cpu_decoding.PREFILL_ROWS[:len(sizes)]) and bool(sizes) == loaded
-    won = [rows for rows in sizes if prefill[rows][0] < prefill[rows][1]]
-    assert won == sizes[:len(won)] and len(won) >= len(sizes) - 1
-    assert rewrites["kernel_prefill_rows"] == max(won, default=0)
+    # The prompt's products timed at every size (float32: through the kernel, where it loads,
+    # against the library's), through the kernel up to the most rows it was fastest at
+    # throughout; never widened (float32 weights are wide already).
+    prefill = {int(rows): ways for rows, ways in rewrites["prefill_times_ms"].items()}
+    assert list(prefill) == (list(cpu_decoding.PREFILL_ROWS) if loaded else [])
+    assert all(set(ways) == {"kernel", "library"} for ways in prefill.values())
+    kernel_rows = 0
+    for rows, ways in prefill.items():
+        if ways["kernel"] >= ways["library"]:
+            break
+        kernel_rows = rows
+    assert rewrites["kernel_prefill_rows"] == kernel_rows and rewrites["wide_prefill_rows"] == 0
     # Weights read per token by hand: token embedding 50257 x 32, one block, ln_f; float32.
     block = 2 * 32 + 32 * 96 + 96 + 32 * 32 + 32 + 2 * 32 + 32 * 128 + 128 + 128 * 32 + 32
     weight_bytes = 4 * (50257 * 32 + block + 2 * 32)

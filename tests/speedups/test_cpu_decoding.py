@@ -200,40 +200,54 @@ def test_products_are_timed_each_way_that_applies_to_the_weights_and_rows(monkey
         *(["store_pointwise"], *with_kernel) * bool(kernel)]  # int8, 3 rows: the kernel only
 
 
-@pytest.mark.parametrize(("times", "prefill_rows", "described"), [
-    ({32: (1.0, 2.0), 256: (3.0, 4.0), 1024: (5.0, 9.0)}, 1024,
-     "kernel prefill up to 1024 rows (1.00 ms with, 2.00 ms without at 32 rows"),
-    ({32: (1.0, 2.0), 256: (5.0, 4.0)}, 32, "kernel prefill up to 32 rows"),
-    ({32: (2.0, 2.0)}, 0, "kernel prefill off (2.00 ms with"),  # lost (tied) at 32 rows
-    ({}, 0, None),  # not timed: no kernel, or weights it does not read
+def fastest(*ways_at_each_size: str) -> dict[int, dict[str, float]]:
+    """Prompt timings in which the named way was the fastest at each size, smallest first."""
+    return {rows: {"kernel": 2.0, "wide": 2.0, "library": 2.0} | {way: 1.0}
+            for rows, way in zip(cpu_decoding.PREFILL_ROWS[:len(ways_at_each_size)],
+                                 ways_at_each_size, strict=True)}
+
+
+@pytest.mark.parametrize(("times", "limits", "described"), [
+    (fastest("kernel", "kernel", "kernel"), (1024, 0),
+     "prompt through the kernel up to 1024 rows, widened off (ms: at 32 rows kernel 1.00 wide "
+     "2.00 library 2.00"),
+    (fastest("kernel", "wide", "wide"), (32, 1024), "kernel up to 32 rows, widened up to 1024"),
+    (fastest("wide", "wide", "kernel"), (0, 256), "kernel off, widened up to 256 rows"),
+    (fastest("kernel", "library", "wide"), (32, 0), "kernel up to 32 rows, widened off"),
+    (fastest("library", "kernel"), (0, 0), "kernel off, widened off"),
+    ({32: {"kernel": 2.0, "library": 2.0}}, (0, 0), "kernel off"),  # a tie is no win
+    ({}, (0, 0), None),  # not timed: neither the kernel nor widening applies
 ])
-def test_prompts_go_through_the_kernel_up_to_the_rows_where_it_won(monkeypatch, times,
-                                                                   prefill_rows, described):
+def test_prompts_go_through_the_fastest_way_up_to_the_rows_where_it_was(monkeypatch, times,
+                                                                        limits, described):
     monkeypatch.setattr(cpu_decoding, "_choices", {})
     monkeypatch.setattr(cpu_decoding, "_time_prefill", lambda model: dict(times))
     choice = cpu_decoding.choice_for(GPT2(CONFIG).eval())
-    assert choice.prefill_rows == prefill_rows and choice.prefill_times_ms == times
+    assert (choice.prefill_rows, choice.prefill_wide_rows) == limits
+    assert choice.prefill_times_ms == times
     if described is None:
-        assert "kernel prefill" not in choice.describe()
+        assert "prompt through" not in choice.describe()
     else:
         assert described in choice.describe()
 
 
-def test_prompt_products_are_timed_where_the_kernel_reads_the_weights(every_product_way):
+def test_prompt_products_are_timed_each_way_that_applies(every_product_way):
     kernel = row_kernels.load() is None
     with torch.no_grad():
         timed = {kind: cpu_decoding._time_prefill(model) for kind, model in [
             ("float32", GPT2(CONFIG).eval()),
+            ("bfloat16", GPT2(CONFIG).eval().to(torch.bfloat16)),
             ("int8", gpt2_decl.quantize(GPT2(CONFIG).eval(), "int8")),
             ("int8-dynamic", gpt2_decl.quantize(GPT2(CONFIG).eval(), "int8-dynamic"))]}
     assert timed["int8-dynamic"] == {}  # its products round their input to int8 first
-    for kind in ("float32", "int8"):
-        rows = list(timed[kind])  # the sizes in order, up to the first the kernel lost at
-        assert rows == list(cpu_decoding.PREFILL_ROWS[:len(rows)]) and bool(rows) == kernel
-        lost = [size for size in rows if timed[kind][size][0] >= timed[kind][size][1]]
-        assert lost in ([], rows[-1:])
-        for with_it, without in timed[kind].values():
-            assert 0 < with_it < 10_000 and 0 < without < 10_000
+    assert timed["float32"] == {} or kernel  # float32 weights are wide already
+    for kind, widened in (("float32", False), ("bfloat16", True), ("int8", True)):
+        if not timed[kind]:
+            continue
+        assert list(timed[kind]) == list(cpu_decoding.PREFILL_ROWS)
+        ways = {"library", *(["kernel"] if kernel else []), *(["wide"] if widened else [])}
+        for times in timed[kind].values():
+            assert set(times) == ways and all(0 < ms < 10_000 for ms in times.values())
 
 
 def test_packed_products_step_matches_eager_and_leaves_the_weights_alone():

@@ -7,9 +7,10 @@ import torch.nn.functional as F
 
 import gpt2_decl
 from gpt2_decl import GPT2, GPT2Config
-from gpt2_decl.speedups import wide_products
-from gpt2_decl.speedups.quantize import quantize
-from gpt2_decl.speedups.wide_products import WideProducts, wide_linear
+from gpt2_decl.speedups import cpu_decoding, wide_products
+from gpt2_decl.speedups.quantize import int8_rows, quantize
+from gpt2_decl.speedups.wide_products import WideLinear, WideProducts, wide_linear
+from gpt2_decl.text.generation import prefill_products
 from tests.helpers import reference_logits
 
 CONFIG = GPT2Config(vocab_size=97, n_ctx=32, d_model=48, n_layer=2, n_head=4, init_std=0.2)
@@ -139,3 +140,79 @@ def test_compiled_bfloat16_forward_matches_the_longhand_model(timed_as, wins):
     scale = exact.abs().max().item()
     eager_error = (eager.double() - exact).abs().max().item()
     assert (logits.double() - exact).abs().max().item() <= 2 * eager_error + scale * 2**-7
+
+
+def test_wide_linear_dequantizes_a_weight_only_int8_weight_to_float32():
+    model = gpt2_decl.quantize(GPT2(CONFIG).eval(), "int8")
+    linear = model.blocks[0].mlp.up
+    qdata, scale, zero_point = (tensor.double() for tensor in int8_rows(linear.weight))
+    x = torch.randn(6, CONFIG.d_model, generator=torch.Generator().manual_seed(2))
+    exact = x.double() @ ((qdata - zero_point) * scale).T + linear.bias.double()
+    with torch.no_grad():
+        result = wide_linear(x, linear.weight, linear.bias)
+    assert result.dtype == torch.float32
+    assert (result.double() - exact).abs().max() <= 1e-5 * exact.abs().max()
+
+
+@pytest.fixture
+def widened_inputs(monkeypatch) -> list[torch.Size]:
+    """The shape of the input of each product that goes through `wide_linear`."""
+    shapes = []
+    real = wide_products.wide_linear
+    monkeypatch.setattr(wide_products, "wide_linear",
+                        lambda x, *args: shapes.append(x.shape) or real(x, *args))
+    return shapes
+
+
+def kind_of_model(kind: str) -> GPT2:
+    model = GPT2(CONFIG).eval()
+    return gpt2_decl.quantize(model, kind) if kind.startswith("int8") \
+        else model.to(getattr(torch, kind))
+
+
+@pytest.mark.parametrize("kind", ["bfloat16", "int8"])
+def test_wide_linear_mode_takes_the_products_of_its_rows_and_matches_them(widened_inputs, kind):
+    model = kind_of_model(kind)
+    tokens = torch.randint(CONFIG.vocab_size, (2, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        eager = model(tokens).double()
+        with WideLinear(max_rows=14, min_rows=14):
+            widened = model(tokens).double()
+    d_model = CONFIG.d_model
+    # Every product of the blocks and the head, each of the 2 x 7 rows at once.
+    assert widened_inputs == [(2, 7, d_model), (2, 7, d_model), (2, 7, d_model),
+                              (2, 7, 4 * d_model)] * CONFIG.n_layer + [(2, 7, d_model)]
+    assert (widened - eager).abs().max() <= 0.02 * eager.abs().max()
+
+
+@pytest.mark.parametrize("case", ["fewer rows", "more rows", "gradients", "float32",
+                                  "int8 activations"])
+def test_wide_linear_mode_leaves_other_products_to_the_model(monkeypatch, case):
+    kind = {"float32": "float32", "int8 activations": "int8-dynamic"}.get(case, "bfloat16")
+    model = kind_of_model(kind)
+    tokens = torch.randint(CONFIG.vocab_size, (2, 7), generator=torch.Generator().manual_seed(4))
+    monkeypatch.setattr(wide_products, "wide_linear", lambda *args: pytest.fail("taken"))
+    rows = {"fewer rows": (15, 20), "more rows": (2, 13)}.get(case, (2, 14))
+    with torch.set_grad_enabled(case == "gradients"), WideLinear(rows[1], min_rows=rows[0]):
+        logits = model(tokens)
+    assert logits.shape == (2, 7, CONFIG.vocab_size)
+    assert logits.requires_grad == (case == "gradients")
+
+
+def test_compiled_generation_widens_a_long_prompt_where_that_timed_fastest(monkeypatch,
+                                                                          widened_inputs):
+    monkeypatch.setattr(cpu_decoding, "_choices", {})
+    times = {32: {"kernel": 1.0, "wide": 2.0, "library": 3.0},  # the kernel up to 32 rows,
+             256: {"kernel": 2.0, "wide": 1.0, "library": 3.0}}  # widened past it up to 256
+    monkeypatch.setattr(cpu_decoding, "_time_prefill", lambda model: times)
+    model = kind_of_model("bfloat16")
+    prompt = torch.randint(CONFIG.vocab_size, (2, 17), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        eager = model(prompt, last_only=True).double()
+        with prefill_products(model, True, *prompt.shape):
+            logits = model(prompt, last_only=True).double()
+        with prefill_products(model, True, 2, 16):  # 32 rows: the kernel's, not widened
+            model(prompt[:, :16], last_only=True)
+    # The blocks' products of 2 x 17 rows; the head's of the last positions is the kernel's.
+    assert [shape[:-1] for shape in widened_inputs] == [(2, 17)] * 4 * CONFIG.n_layer
+    assert (logits - eager).abs().max() <= 0.02 * eager.abs().max()
