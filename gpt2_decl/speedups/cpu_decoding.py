@@ -248,16 +248,16 @@ def _choose(model: nn.Module, rows: int) -> Choice:
                   prefill_times)
 
 
-# The prompt sizes (rows) at which the kernel is timed for a prompt's products: short, long and
-# a whole context of GPT-2's.
+# The prompt sizes (rows) at which each way of doing a prompt's products is timed: short, long
+# and a whole context of GPT-2's.
 PREFILL_ROWS = (32, 256, 1024)
 
 
 def _time_prefill(model: nn.Module) -> dict[int, dict[str, float]]:
     """Milliseconds for the first block's products of PREFILL_ROWS rows, run eagerly by each
     way that applies: through the kernel, widened, and the library's (medians of runs taken in
-    turns); {} where neither the kernel nor widening applies, or the kernel is not to be
-    timed."""
+    turns); {} where neither the kernel (loaded, reading these weights, and to be timed) nor
+    widening applies."""
     linears = [module for module in model.blocks[0].modules() if isinstance(module, nn.Linear)]
     ways: dict[str, Callable] = {}
     if _kernel_does(linears):
@@ -285,12 +285,11 @@ def _prefill_limits(times: dict[int, dict[str, float]]) -> tuple[int, int]:
     widened products do past those: the sizes timed, smallest first, take the kernel while it
     was the fastest, then widened products while they were (0: never)."""
     limits = {"kernel": 0, "wide": 0}
-    ways = iter(("kernel", "wide"))
-    way = next(ways)
+    way = "kernel"
     for rows, timed in sorted(times.items()):
-        fastest = min(timed, key=lambda way: (timed[way], way != "library"))  # a tie: no win
-        if fastest == "wide" and way == "kernel":
-            way = next(ways)
+        fastest = min(timed, key=lambda name: (timed[name], name != "library"))  # a tie: no win
+        if way == "kernel" and fastest == "wide":
+            way = "wide"
         if fastest != way:
             break
         limits[way] = rows
