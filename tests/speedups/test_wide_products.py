@@ -66,16 +66,25 @@ def timed_as(monkeypatch):
     return set_outcome
 
 
-def rewritten(model: GPT2, tokens: torch.Tensor) -> int:
-    """How many products WideProducts widens in `model`'s traced forward on `tokens`."""
+def rewrites(model: GPT2, *batches: torch.Tensor, dynamic: bool = False) -> list[int]:
+    """How many products WideProducts widens in each graph traced of `model`'s forward on
+    `batches` of tokens, in turn."""
     counts = []
 
     def counting_backend(graph_module, example_inputs):
         counts.append(WideProducts().rewrite(graph_module))
         return graph_module.forward
 
-    torch.compile(model, backend=counting_backend, fullgraph=True)(tokens)
-    return counts[0]
+    compiled = torch.compile(model, backend=counting_backend, fullgraph=True, dynamic=dynamic)
+    for tokens in batches:
+        compiled(tokens)
+    return counts
+
+
+def rewritten(model: GPT2, tokens: torch.Tensor) -> int:
+    """How many products WideProducts widens in `model`'s traced forward on `tokens`."""
+    [count] = rewrites(model, tokens)
+    return count
 
 
 def test_the_products_of_bfloat16_weights_are_widened_where_timing_says(timed_as):
@@ -94,6 +103,16 @@ def test_the_products_of_bfloat16_weights_are_widened_where_timing_says(timed_as
     timed_as(False)
     with torch.no_grad():
         assert rewritten(model, tokens) == 0
+
+
+def test_a_dynamic_number_of_rows_is_timed_at_the_rows_traced(timed_as):
+    model = GPT2(CONFIG).to(torch.bfloat16).eval()
+    asked = timed_as(True)
+    with torch.no_grad():  # one graph for both lengths
+        counts = rewrites(model, *(torch.randint(CONFIG.vocab_size, (2, seq)) for seq in (7, 9)),
+                          dynamic=True)
+    assert counts == [PRODUCTS]
+    assert {rows for rows, *_ in asked} == {14}
 
 
 def test_float32_quantized_and_one_row_products_are_left_alone(timed_as):
