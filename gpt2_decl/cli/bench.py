@@ -177,7 +177,7 @@ def run_decode(args: argparse.Namespace, model: GPT2) -> dict:
     quantized = {scheme: quantize(copy.deepcopy(model), scheme) for scheme in args.quantize}
     for scheme, copied in quantized.items():  # compiled only: eager int8 is slow on a CPU
         ways += decode.ways_of_decoding(copied, suffix=f", {scheme}", reference=False,
-                                        eager=False)
+                                        eager=False, huge_pages=on_huge_pages)
     gguf_files = tempfile.TemporaryDirectory()  # llama.cpp's copies of the weights, until the end
     ways += decode.llama_cpp_ways(model, gguf_files.name, q8_0=bool(args.quantize)) \
         if args.compare else []

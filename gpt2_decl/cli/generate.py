@@ -87,17 +87,15 @@ def run(args: argparse.Namespace) -> None:
         if not ids:
             where = f"prompt {index + 1}" if len(prompts) > 1 else "the prompt"
             raise SystemExit(f"error: {where} is empty; give at least one character of text")
-    if args.huge_pages and args.quantize:
-        raise SystemExit("error: --huge-pages takes float weights: leave out --quantize or it")
     model = load_model(args, device, dtype)
-    if args.huge_pages and not huge_pages.move_parameters(model):
-        raise SystemExit("error: --huge-pages: this system gives no transparent huge pages to "
-                         "a CPU model")
     if args.quantize:
         try:
             quantize(model, args.quantize)
         except (ValueError, ImportError) as error:
             raise SystemExit(f"error: --quantize: {error}") from None
+    if args.huge_pages and not huge_pages.move_parameters(model):
+        raise SystemExit("error: --huge-pages: this system gives no transparent huge pages to "
+                         "a CPU model")
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    greedy=args.greedy, eos_id=tokenizer.eot_id, compile=args.compile,
                    generator=[torch.Generator(device=device).manual_seed(args.seed + row)

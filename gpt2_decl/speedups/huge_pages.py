@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from gpt2_decl.core.counting import inner_tensor_names
+
 HUGE_PAGE_BYTES = 2 * 2**20
 # Where each moved tensor starts: a cache line, as torch's own allocator aligns tensors.
 TENSOR_ALIGNMENT_BYTES = 64
@@ -51,37 +53,60 @@ def move_parameters(module: nn.Module) -> bool:
     """Copy `module`'s CPU parameters into one region of huge pages, unless they are there
     already or the system gives none; return whether they moved.
 
-    The Parameter objects stay (only their `.data` moves), so tied weights, optimizers and
-    compiled graphs that take them as inputs are unaffected; each keeps a storage of its own, so
-    saving them is unaffected too. What changes: every moved parameter is contiguous, distinct
+    The Parameter objects stay (only their `.data` moves; a quantized weight's inner tensors,
+    torchao's int8 rows and their scales, are set on it anew), so tied weights, optimizers and
+    compiled graphs that take them as inputs are unaffected; each keeps a storage of its own,
+    so saving them is unaffected too. What changes: every moved tensor is contiguous, distinct
     parameters that shared one storage no longer do, and the new storages cannot be resized.
-    Empty parameters stay where they are.
+    Empty parameters, and a quantized weight's inner tensors that are not contiguous, stay
+    where they are.
     """
     parameters = [parameter for parameter in module.parameters() if parameter.numel() > 0]
-    if any(type(parameter.data) is not torch.Tensor for parameter in parameters):
-        raise ValueError("huge pages take plain tensors, not quantized weights: move the "
-                         "weights first, or leave huge pages out")
     if (
         not parameters
         or not available()
         or any(parameter.device.type != "cpu" for parameter in parameters)
-        or _still_moved(module, parameters)
     ):
         return False
-    sizes = [_aligned(parameter.numel() * parameter.element_size()) for parameter in parameters]
+    stored = _stored(parameters)
+    if _still_moved(module, stored):
+        return False
+    sizes = [_aligned(tensor.numel() * tensor.element_size()) for _, _, tensor in stored]
     region, start = _region(sum(sizes))
     offset = start
     with torch.no_grad():
-        for parameter, size in zip(parameters, sizes, strict=True):
+        for (owner, name, tensor), size in zip(stored, sizes, strict=True):
             moved = torch.frombuffer(
-                region, dtype=parameter.dtype, count=parameter.numel(), offset=offset
-            ).view(parameter.shape)
-            moved.copy_(parameter)
-            parameter.data = moved
+                region, dtype=tensor.dtype, count=tensor.numel(), offset=offset
+            ).view(tensor.shape)
+            moved.copy_(tensor)
+            if name is None:
+                owner.data = moved
+            else:
+                setattr(owner, name, moved)
             offset += size
-    first = parameters[0].data_ptr()
+    first = torch.frombuffer(region, dtype=torch.uint8, count=1, offset=start).data_ptr()
     _moved[module] = range(first, first + offset - start)
     return True
+
+
+def _stored(parameters: list[nn.Parameter]) -> list[tuple[nn.Parameter, str | None, Tensor]]:
+    """What to move: (parameter, None, its data) for a plain one; (parameter, attribute, inner
+    tensor) for each contiguous inner tensor of a quantized one."""
+    stored = []
+    for parameter in parameters:
+        names = inner_tensor_names(parameter)
+        if not names:
+            stored.append((parameter, None, parameter.data))
+        for name in names:
+            inner = getattr(parameter, name)
+            if inner_tensor_names(inner):
+                raise ValueError(f"huge pages take plain tensors or one level of inner tensors; "
+                                 f"{type(parameter).__name__}.{name} is a "
+                                 f"{type(inner).__name__}")
+            if inner.is_contiguous() and inner.numel() > 0:
+                stored.append((parameter, name, inner))
+    return stored
 
 
 def _region(n_bytes: int) -> tuple[mmap.mmap, int]:
@@ -98,8 +123,9 @@ def _aligned(n_bytes: int) -> int:
     return -(-n_bytes // TENSOR_ALIGNMENT_BYTES) * TENSOR_ALIGNMENT_BYTES
 
 
-def _still_moved(module: nn.Module, parameters: list[nn.Parameter]) -> bool:
+def _still_moved(module: nn.Module, stored: list[tuple[nn.Parameter, str | None, Tensor]]
+                 ) -> bool:
     addresses = _moved.get(module)
     return addresses is not None and all(
-        parameter.data_ptr() in addresses for parameter in parameters
+        tensor.data_ptr() in addresses for _, _, tensor in stored
     )

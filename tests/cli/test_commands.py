@@ -7,6 +7,7 @@ import torch
 
 from gpt2_decl import GPT2, GPT2Config, GPT2Tokenizer
 from gpt2_decl.cli import main
+from gpt2_decl.speedups import huge_pages
 
 TINY = GPT2Config(n_ctx=64, d_model=32, n_layer=1, n_head=2, init_std=0.2)
 
@@ -125,10 +126,14 @@ def test_running_out_of_memory_while_compiling_is_explained_too():
         raise ValueError("unrelated")
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int8-dynamic"])
-def test_generate_decodes_with_int8_weights(checkpoint, capsys, scheme):
+@pytest.mark.parametrize(("scheme", "huge"), [("int8", False), ("int8-dynamic", False),
+                                              ("int8", True)])
+def test_generate_decodes_with_int8_weights(checkpoint, capsys, scheme, huge):
     pytest.importorskip("torchao")
     from gpt2_decl import quantize
+
+    if huge and not huge_pages.available():
+        pytest.skip("no transparent huge pages on this system")
 
     tokenizer = GPT2Tokenizer()
     model = quantize(GPT2.from_pretrained(checkpoint), scheme)
@@ -137,5 +142,6 @@ def test_generate_decodes_with_int8_weights(checkpoint, capsys, scheme):
     tokens = model.generate(torch.tensor([tokenizer.encode("Hi")]), 4, greedy=True,
                             compile=scheme == "int8-dynamic")
     main(["generate", "--prompt", "Hi", "--checkpoint", str(checkpoint), "--max-new-tokens", "4",
-          "--greedy", "--device", "cpu", "--quantize", scheme, "--compile"])
+          "--greedy", "--device", "cpu", "--quantize", scheme, "--compile",
+          *(["--huge-pages"] if huge else [])])
     assert capsys.readouterr().out == tokenizer.decode(tokens[0].tolist()) + "\n"

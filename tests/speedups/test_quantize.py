@@ -134,13 +134,28 @@ def test_what_quantizing_refuses(tmp_path, scheme):
         model.save_gguf(tmp_path / "model.gguf")
 
 
-def test_huge_pages_refuse_quantized_weights_rather_than_dequantize_them():
-    from gpt2_decl.speedups.huge_pages import move_parameters
+@pytest.mark.parametrize("scheme", ["int8", "int8-dynamic"])
+def test_huge_pages_take_quantized_weights_int8_rows_and_all(scheme):
+    from gpt2_decl.speedups import huge_pages
 
-    _, quantized = float_and_int8()
-    with pytest.raises(ValueError, match="huge pages take plain tensors, not quantized weights"):
-        move_parameters(quantized)
-    assert int8_rows(quantized.lm_head.weight) is not None
+    if not huge_pages.available():
+        pytest.skip("no transparent huge pages on this system")
+    _, quantized = float_and_int8(scheme=scheme)
+    rows = {name: [tensor.clone() for tensor in int8_rows(quantized.get_parameter(name))]
+            for name in MATRICES}
+    tokens = torch.randint(CONFIG.vocab_size, (2, 7), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        before = quantized(tokens)
+    assert huge_pages.move_parameters(quantized)
+    assert not huge_pages.move_parameters(quantized)  # there already
+    moved = huge_pages._moved[quantized]
+    for name in MATRICES:
+        inner = int8_rows(quantized.get_parameter(name))
+        assert inner is not None and inner[0].dtype == torch.int8  # still int8, not dequantized
+        for tensor, kept in zip(inner, rows[name], strict=True):
+            assert tensor.data_ptr() in moved and torch.equal(tensor, kept)
+    with torch.no_grad():
+        assert torch.equal(quantized(tokens), before)
 
 
 def integer_product_by_hand(x, qdata, scale, bias):
