@@ -58,8 +58,8 @@ def move_parameters(module: nn.Module) -> bool:
     compiled graphs that take them as inputs are unaffected; each keeps a storage of its own,
     so saving them is unaffected too. What changes: every moved tensor is contiguous, distinct
     parameters that shared one storage no longer do, and the new storages cannot be resized.
-    Empty parameters, and a quantized weight's inner tensors that are not contiguous, stay
-    where they are.
+    Empty parameters, and a quantized weight's inner tensors that are not plain contiguous
+    tensors, stay where they are.
     """
     parameters = [parameter for parameter in module.parameters() if parameter.numel() > 0]
     if (
@@ -92,7 +92,7 @@ def move_parameters(module: nn.Module) -> bool:
 
 def _stored(parameters: list[nn.Parameter]) -> list[tuple[nn.Parameter, str | None, Tensor]]:
     """What to move: (parameter, None, its data) for a plain one; (parameter, attribute, inner
-    tensor) for each contiguous inner tensor of a quantized one."""
+    tensor) for each inner tensor of a quantized one that is plain, contiguous and not empty."""
     stored = []
     for parameter in parameters:
         names = inner_tensor_names(parameter)
@@ -100,11 +100,7 @@ def _stored(parameters: list[nn.Parameter]) -> list[tuple[nn.Parameter, str | No
             stored.append((parameter, None, parameter.data))
         for name in names:
             inner = getattr(parameter, name)
-            if inner_tensor_names(inner):
-                raise ValueError(f"huge pages take plain tensors or one level of inner tensors; "
-                                 f"{type(parameter).__name__}.{name} is a "
-                                 f"{type(inner).__name__}")
-            if inner.is_contiguous() and inner.numel() > 0:
+            if not inner_tensor_names(inner) and inner.is_contiguous() and inner.numel() > 0:
                 stored.append((parameter, name, inner))
     return stored
 
