@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from gpt2_decl import GPT2
+import gpt2_decl
+from gpt2_decl import GPT2, GPT2Config
 
 
 def reference_logits(model: GPT2, tokens: torch.Tensor) -> torch.Tensor:
@@ -38,6 +39,15 @@ def reference_logits(model: GPT2, tokens: torch.Tensor) -> torch.Tensor:
         hidden = gelu_tanh(norm(x, block.ln_2) @ block.mlp.up.weight.T + block.mlp.up.bias)
         x = x + hidden @ block.mlp.down.weight.T + block.mlp.down.bias
     return norm(x, model.ln_f) @ model.token_embedding.weight.T
+
+
+def model_of_kind(config: GPT2Config, kind: str) -> GPT2:
+    """A model in eval mode in a dtype ("float32", "bfloat16") or quantized ("int8",
+    "int8-dynamic")."""
+    model = GPT2(config).eval()
+    if kind.startswith("int8"):
+        return gpt2_decl.quantize(model, kind)
+    return model.to(getattr(torch, kind))
 
 
 class ByteTokenizer:

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import decode_around_an_int8_change
+from helpers import decode_around_an_int8_change, model_of_kind
 
 import gpt2_decl
 from gpt2_decl import GPT2, GPT2Config, KVCache
@@ -101,10 +101,7 @@ def decode_step_logits(model: GPT2, step, rows: int) -> torch.Tensor:
 
 
 def kind_of_model(kind: str) -> GPT2:
-    model = GPT2(CONFIG).eval()
-    if kind.startswith("int8"):
-        return gpt2_decl.quantize(model, kind)
-    return model.to(getattr(torch, kind))
+    return model_of_kind(CONFIG, kind)
 
 
 def step_against_eager(model: GPT2, decoding: CpuDecoding, rows: int

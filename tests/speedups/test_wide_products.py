@@ -11,7 +11,7 @@ from gpt2_decl.speedups import cpu_decoding, wide_products
 from gpt2_decl.speedups.quantize import int8_rows, quantize
 from gpt2_decl.speedups.wide_products import WideLinear, WideProducts, wide_linear
 from gpt2_decl.text.generation import prefill_products
-from tests.helpers import reference_logits
+from tests.helpers import model_of_kind, reference_logits
 
 CONFIG = GPT2Config(vocab_size=97, n_ctx=32, d_model=48, n_layer=2, n_head=4, init_std=0.2)
 # Each block's four products and the output head.
@@ -184,9 +184,7 @@ def widened_inputs(monkeypatch) -> list[torch.Size]:
 
 
 def kind_of_model(kind: str) -> GPT2:
-    model = GPT2(CONFIG).eval()
-    return gpt2_decl.quantize(model, kind) if kind.startswith("int8") \
-        else model.to(getattr(torch, kind))
+    return model_of_kind(CONFIG, kind)
 
 
 @pytest.mark.parametrize("kind", ["bfloat16", "int8"])
