@@ -156,7 +156,27 @@ def attends(keys: Tensor | None) -> bool:
     return keys is not None and keys.dim() == 4 and keys.dtype in (torch.float32, torch.bfloat16)
 
 
-class KernelProducts(TorchFunctionMode):
+class LinearMode(TorchFunctionMode):
+    """Within it, eager `F.linear` products on the CPU, with no gradient being recorded, go to
+    `product` where `takes` accepts their rows and weight; the others stay as they are."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, weight, bias = _linear_arguments(*args, **kwargs)
+            rows = _eager_cpu_rows(x, weight, bias)
+            if rows is not None and self.takes(rows, x, weight):
+                return self.product(x, weight, bias)
+        return func(*args, **kwargs)
+
+    def takes(self, rows: int, x: Tensor, weight: Tensor) -> bool:
+        raise NotImplementedError
+
+    def product(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+
+class KernelProducts(LinearMode):
     """Within it, eager `F.linear` products of at most `max_rows` rows on the CPU go through the
     kernel, where it reads the weight and no gradient is being recorded (the kernel has none).
     The kernel is loaded (built on first use); where it cannot be, the products stay as they
@@ -167,26 +187,28 @@ class KernelProducts(TorchFunctionMode):
         self.max_rows = max_rows
         self.loaded = load() is None
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.linear:
-            x, weight, bias = linear_arguments(*args, **kwargs)
-            if self._takes(x, weight, bias):
-                return kernel_linear(x, weight, bias)
-        return func(*args, **kwargs)
+    def takes(self, rows: int, x: Tensor, weight: Tensor) -> bool:
+        return self.loaded and x.is_floating_point() and rows <= self.max_rows and reads(weight)
 
-    def _takes(self, x: object, weight: object, bias: object) -> bool:
-        tensors = [tensor for tensor in (x, weight, bias) if isinstance(tensor, Tensor)]
-        return (
-            self.loaded and isinstance(x, Tensor) and isinstance(weight, Tensor)
-            and all(tensor.device.type == "cpu" for tensor in tensors)
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-            and x.dim() >= 2 and x.is_floating_point() and math.prod(x.shape[:-1]) <= self.max_rows
-            and reads(weight) and weight.shape[1] == x.shape[-1]
-        )
+    def product(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return kernel_linear(x, weight, bias)
 
 
-def linear_arguments(input: object = None, weight: object = None, bias: object = None
-                      ) -> tuple[object, object, object]:
+def _linear_arguments(input: object = None, weight: object = None, bias: object = None
+                     ) -> tuple[object, object, object]:
     """`F.linear`'s arguments, however they were passed."""
     return input, weight, bias
+
+
+def _eager_cpu_rows(x: object, weight: object, bias: object) -> int | None:
+    """The rows of an `F.linear` product whose tensors are all on the CPU, with a matrix weight
+    that fits x and no gradient being recorded through it; None for any other."""
+    tensors = [tensor for tensor in (x, weight, bias) if isinstance(tensor, Tensor)]
+    if not (
+        isinstance(x, Tensor) and isinstance(weight, Tensor) and x.dim() >= 2
+        and weight.dim() == 2 and weight.shape[1] == x.shape[-1]
+        and all(tensor.device.type == "cpu" for tensor in tensors)
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    ):
+        return None
+    return math.prod(x.shape[:-1])

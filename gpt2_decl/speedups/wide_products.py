@@ -33,11 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
 from torch.fx.experimental.symbolic_shapes import optimization_hint
-from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from gpt2_decl.speedups.quantize import int8_rows, quantizes_activations
-from gpt2_decl.speedups.row_kernels import linear_arguments
+from gpt2_decl.speedups.row_kernels import LinearMode
 
 # The weights whose products may be widened.
 NARROW = (torch.bfloat16, torch.float16)
@@ -73,7 +72,7 @@ def widens(weight: object) -> bool:
     return weight.dtype in NARROW
 
 
-class WideLinear(TorchFunctionMode):
+class WideLinear(LinearMode):
     """Within it, eager `F.linear` products of `min_rows` to `max_rows` rows on the CPU with a
     weight that `widens` go through `wide_linear`, where no gradient is being recorded."""
 
@@ -81,23 +80,12 @@ class WideLinear(TorchFunctionMode):
         super().__init__()
         self.min_rows, self.max_rows = min_rows, max_rows
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.linear:
-            x, weight, bias = linear_arguments(*args, **kwargs)
-            if self._takes(x, weight, bias):
-                return wide_linear(x, weight, bias)
-        return func(*args, **kwargs)
+    def takes(self, rows: int, x: Tensor, weight: Tensor) -> bool:
+        return widens(weight) and x.dtype == weight.dtype \
+            and self.min_rows <= rows <= self.max_rows
 
-    def _takes(self, x: object, weight: object, bias: object) -> bool:
-        tensors = [tensor for tensor in (x, weight, bias) if isinstance(tensor, Tensor)]
-        return (
-            isinstance(x, Tensor) and widens(weight) and x.dim() >= 2
-            and x.dtype == weight.dtype and weight.shape[1] == x.shape[-1]
-            and all(tensor.device.type == "cpu" for tensor in tensors)
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-            and self.min_rows <= math.prod(x.shape[:-1]) <= self.max_rows
-        )
+    def product(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return wide_linear(x, weight, bias)
 
 
 # (rows, in_features, out_features timed, dtype, threads) -> (wide ms, library's ms), medians.
