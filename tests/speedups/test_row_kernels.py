@@ -62,6 +62,25 @@ def test_int8_products_match_float64(rows, in_features, out_features):
     assert ((product.double() - expected).abs() <= tolerance).all()
 
 
+@pytest.mark.parametrize(("rows", "in_features", "out_features"), SHAPES)
+def test_int8_products_of_bfloat16_rows_match_float64_within_their_digits(
+        rows, in_features, out_features):
+    # Where the CPU has VNNI, a bfloat16 row meets int8 weights as two int8 digits, which miss
+    # at most max|x| / (2 * 127 * 254) of each element; elsewhere the products are float32's.
+    generator = torch.Generator().manual_seed(in_features + 1)
+    x = torch.randn(rows, in_features, generator=generator).to(torch.bfloat16)
+    qdata = torch.randint(-128, 128, (out_features, in_features), generator=generator,
+                          dtype=torch.int8)
+    scale = torch.rand(out_features, generator=generator)
+    zero_point = torch.zeros(out_features, dtype=torch.int8)
+    product = torch.ops.gpt2_decl.int8_row_products(x, qdata, scale, zero_point)
+    weight = qdata.double() * scale.double()[:, None]
+    expected = x.double() @ weight.T
+    missed = x.double().abs().amax(1, keepdim=True) / (2 * 127 * 254)
+    tolerance = sums_tolerance(x, weight.abs()) * 4 + missed * weight.abs().sum(1)
+    assert ((product.double() - expected).abs() <= tolerance).all()
+
+
 def test_kernel_linear_keeps_the_input_dtype_and_shape_and_adds_the_bias():
     generator = torch.Generator().manual_seed(5)
     x = torch.randn(2, 1, 40, generator=generator).to(torch.bfloat16)

@@ -9,16 +9,25 @@
 // at a time, bfloat16 and int8 ones widened once into a buffer of the thread's own, from which
 // every chunk of input rows reads them, while the rows to come are prefetched a few lines at a
 // time, so that reading them overlaps the arithmetic.
+//
+// int8 weights meet a few input rows as integers where the CPU has VNNI (AVX512-VNNI): each input
+// row is split into int8 digits and each 64 weights take one integer dot-product instruction a
+// digit, where widening them to float32 takes twelve instructions; the integer sums are exact.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
 #include <vector>
+
+#if defined(__AVX512VNNI__)
+#include <immintrin.h>
+#endif
 
 #include "vectors.h"
 
@@ -261,6 +270,129 @@ at::Tensor row_products(const at::Tensor& x, const at::Tensor& weight) {
   return products(BFloat16Rows{{bits, K}}, rows, weight.size(0), done);
 }
 
+#if defined(__AVX512VNNI__)
+// int8 weights times input rows split into int8 digits: x ~= sum_d scale[d] * digit[d], each
+// digit rounding what the ones before it left, on a scale 254 times finer. What the digits miss
+// is at most half the last scale: max|x| / 2 / 127 / 254^(Digits - 1) for each element, which
+// is, for two digits, below a bfloat16 input's own rounding for every element within a factor
+// 126 of the row's largest and, for three, about float32's rounding of the largest.
+// Weight rows per pass: their sums for every digit (24 for three) stay in vector registers.
+constexpr int64_t kDigitPassRows = 8;
+
+template <int64_t Digits>
+struct DigitRow {
+  float scales[Digits];
+  int32_t sums[Digits];  // of each digit over the whole steps, for the weights' offset of 128
+};
+
+// The digits of x (K elements), 16 at a time where they come in whole vectors.
+template <int64_t Digits>
+DigitRow<Digits> split_into_digits(const float* x, int64_t K, int64_t whole, int8_t* digits) {
+  const int64_t vectors = K / 16 * 16;
+  __m512 top = _mm512_setzero_ps();
+  for (int64_t k = 0; k < vectors; k += 16)
+    top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+  float largest = _mm512_reduce_max_ps(top);
+  for (int64_t k = vectors; k < K; ++k) largest = std::max(largest, std::fabs(x[k]));
+  DigitRow<Digits> row{};
+  std::vector<float> rest(x, x + K);
+  float scale = largest / 127.0f;
+  for (int64_t d = 0; d < Digits; ++d, scale /= 254.0f) {
+    row.scales[d] = scale;
+    const float inverse = scale > 0.0f ? 1.0f / scale : 0.0f;
+    int8_t* digit = digits + d * K;
+    __m512i count = _mm512_setzero_si512();
+    for (int64_t k = 0; k < vectors; k += 16) {
+      const __m512 left = _mm512_loadu_ps(&rest[k]);
+      const __m512 rounded = _mm512_roundscale_ps(_mm512_mul_ps(left, _mm512_set1_ps(inverse)),
+                                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m512 value = _mm512_min_ps(_mm512_max_ps(rounded, _mm512_set1_ps(-127.0f)),
+                                         _mm512_set1_ps(127.0f));
+      const __m512i integer = _mm512_cvtps_epi32(value);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(digit + k), _mm512_cvtepi32_epi8(integer));
+      _mm512_storeu_ps(&rest[k], _mm512_fnmadd_ps(value, _mm512_set1_ps(scale), left));
+      if (k < whole) count = _mm512_add_epi32(count, integer);
+    }
+    row.sums[d] = _mm512_reduce_add_epi32(count);
+    for (int64_t k = vectors; k < K; ++k) {
+      const float value = std::clamp(std::nearbyint(rest[k] * inverse), -127.0f, 127.0f);
+      digit[k] = int8_t(value);
+      rest[k] = std::fma(-value, scale, rest[k]);
+    }
+  }
+  return row;
+}
+
+// sums[r * Digits + d] = (w[n0 + r] + 128) . digit[d] over the whole steps of 64, for Rows
+// weight rows, prefetching the rows kRows further on if asked. The weights are offset to
+// unsigned bytes, as the instruction takes them; each int32 lane sums K / 16 products of at
+// most 255 * 127, so it cannot overflow.
+template <int64_t Digits, int64_t Rows>
+void digit_steps(const int8_t* w, int64_t K, int64_t steps, int64_t n0, const int8_t* digits,
+                 bool prefetch, int32_t* sums) {
+  __m512i acc[Rows][Digits];
+  for (int64_t r = 0; r < Rows; ++r)
+    for (int64_t d = 0; d < Digits; ++d) acc[r][d] = _mm512_setzero_si512();
+  const __m512i offset = _mm512_set1_epi8(char(0x80));
+  for (int64_t s = 0; s < steps; ++s) {
+    __m512i digit[Digits];
+    for (int64_t d = 0; d < Digits; ++d) digit[d] = _mm512_loadu_si512(digits + d * K + s * 64);
+    for (int64_t r = 0; r < Rows; ++r) {
+      const int8_t* line = w + (n0 + r) * K + s * 64;
+      if (prefetch) __builtin_prefetch(line + kRows * K);
+      const __m512i unsigned_weights = _mm512_xor_si512(_mm512_loadu_si512(line), offset);
+      for (int64_t d = 0; d < Digits; ++d)
+        acc[r][d] = _mm512_dpbusd_epi32(acc[r][d], unsigned_weights, digit[d]);
+    }
+  }
+  for (int64_t r = 0; r < Rows; ++r)
+    for (int64_t d = 0; d < Digits; ++d) sums[r * Digits + d] = _mm512_reduce_add_epi32(acc[r][d]);
+}
+
+// y[m, n] = x[m] . q[n] for M input rows (x as given, and as digits), every block of weight rows
+// split among torch's threads, finish(y, n0, rows) on each block while it is in cache.
+template <int64_t Digits, typename Finish>
+at::Tensor digit_products(const int8_t* w, const at::Tensor& rows, int64_t N,
+                          const Finish& finish) {
+  const int64_t M = rows.size(0), K = rows.size(1), whole = K / 64 * 64;
+  const float* x = rows.const_data_ptr<float>();
+  std::vector<int8_t> digits(M * Digits * K);
+  std::vector<DigitRow<Digits>> split;
+  for (int64_t m = 0; m < M; ++m)
+    split.push_back(split_into_digits<Digits>(x + m * K, K, whole, &digits[m * Digits * K]));
+  at::Tensor y = at::empty({M, N}, rows.options());
+  float* yp = y.mutable_data_ptr<float>();
+  at::parallel_for(0, (N + kRows - 1) / kRows, 4, [&](int64_t begin, int64_t end) {
+    int32_t sums[kRows * Digits];
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t n0 = b * kRows, block_rows = std::min(kRows, N - n0);
+      for (int64_t m = 0; m < M; ++m) {
+        const int8_t* row_digits = &digits[m * Digits * K];
+        const bool prefetch = m == 0 && n0 + 2 * kRows <= N;
+        if (block_rows == kRows) {
+          for (int64_t r = 0; r < kRows; r += kDigitPassRows)
+            digit_steps<Digits, kDigitPassRows>(w, K, K / 64, n0 + r, row_digits, prefetch,
+                                                sums + r * Digits);
+        } else {
+          for (int64_t r = 0; r < block_rows; ++r)
+            digit_steps<Digits, 1>(w, K, K / 64, n0 + r, row_digits, false, sums + r * Digits);
+        }
+        for (int64_t r = 0; r < block_rows; ++r) {
+          double dot = 0.0;
+          for (int64_t d = 0; d < Digits; ++d)
+            dot += double(split[m].scales[d]) *
+                   double(int64_t(sums[r * Digits + d]) - 128 * int64_t(split[m].sums[d]));
+          for (int64_t k = whole; k < K; ++k) dot += double(w[(n0 + r) * K + k]) * x[m * K + k];
+          yp[m * N + n0 + r] = float(dot);
+        }
+      }
+      finish(yp, n0, block_rows);
+    }
+  });
+  return y;
+}
+#endif
+
 // Rows dequantizing as (q - zero_point) * scale: scale * (x . q - zero_point * sum(x)).
 at::Tensor int8_row_products(const at::Tensor& x, const at::Tensor& qdata,
                              const at::Tensor& scale, const at::Tensor& zero_point) {
@@ -282,8 +414,13 @@ at::Tensor int8_row_products(const at::Tensor& x, const at::Tensor& qdata,
   const float* zero_float = int8_zeros ? nullptr : zeros.const_data_ptr<float>();
   const float* xp = rows.const_data_ptr<float>();
   std::vector<float> x_sums(M, 0.0f);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) x_sums[m] += xp[m * K + k];
+  for (int64_t m = 0; m < M; ++m) {
+    Lanes partial[1] = {};
+    int64_t k = 0;
+    for (; k + kLanes <= K; k += kLanes) partial[0] += load<Lanes>(xp + m * K + k);
+    sum_lanes<1>(partial, &x_sums[m]);
+    for (; k < K; ++k) x_sums[m] += xp[m * K + k];
+  }
   const auto scale_rows = [&](float* y, int64_t n0, int64_t block_rows) {
     for (int64_t m = 0; m < M; ++m)
       for (int64_t n = n0; n < n0 + block_rows; ++n) {
@@ -291,6 +428,13 @@ at::Tensor int8_row_products(const at::Tensor& x, const at::Tensor& qdata,
         y[m * N + n] = sp[n] * (y[m * N + n] - zero * x_sums[m]);
       }
   };
+#if defined(__AVX512VNNI__)
+  // Digits enough for the input's own precision (a bfloat16's 8 bits, a float32's 24).
+  if (M <= kChunk && K >= 64)
+    return x.scalar_type() == at::kBFloat16
+               ? digit_products<2>(qdata.const_data_ptr<int8_t>(), rows, N, scale_rows)
+               : digit_products<3>(qdata.const_data_ptr<int8_t>(), rows, N, scale_rows);
+#endif
   return products(Int8Rows{{qdata.const_data_ptr<int8_t>(), K}}, rows, N, scale_rows);
 }
 
