@@ -192,12 +192,15 @@ def time_ways(ways: list[Way], prompt: Tensor, new_tokens: int, warmup: int, run
 def speed_ratios(rows: list[dict], suffix: str) -> dict[str, float]:
     """Each way's tokens/s with `suffix` over its tokens/s without, turn by turn (median)."""
     by_name = {row["name"]: row for row in rows}
-    return {
-        name: statistics.median(
-            other / ours for other, ours in zip(by_name[name + suffix]["run_tokens_per_s"],
-                                                by_name[name]["run_tokens_per_s"], strict=True))
-        for name in by_name if name + suffix in by_name
-    }
+    return {name: turn_ratio(by_name[name + suffix], by_name[name])
+            for name in by_name if name + suffix in by_name}
+
+
+def turn_ratio(row: dict, other: dict) -> float:
+    """`row`'s tokens/s over `other`'s, turn by turn (median)."""
+    return statistics.median(
+        ours / theirs for ours, theirs in zip(row["run_tokens_per_s"], other["run_tokens_per_s"],
+                                              strict=True))
 
 
 def format_table(rows: list[dict]) -> str:

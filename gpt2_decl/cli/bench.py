@@ -206,6 +206,17 @@ def run_decode(args: argparse.Namespace, model: GPT2) -> dict:
     ratios = decode.speed_ratios(rows, f", {args.compare_dtype}") if args.compare_dtype else {}
     for name, ratio in ratios.items():
         print(f"{args.compare_dtype} / {args.dtype}, {name}: {ratio:.2f}x (median over turns)")
+    by_name = {row["name"]: row for row in rows}
+    quantized_ratios = {  # each quantized model's compiled decoding over the float ones'
+        scheme: {dtype: decode.turn_ratio(by_name[f"compiled, cache, {scheme}"],
+                                          by_name["compiled, cache" + suffix])
+                 for dtype, suffix in [(args.dtype, "")] + (
+                     [(args.compare_dtype, f", {args.compare_dtype}")] if args.compare_dtype
+                     else [])}
+        for scheme in args.quantize}
+    for scheme, over in quantized_ratios.items():
+        for dtype, ratio in over.items():
+            print(f"{scheme} / {dtype}, compiled, cache: {ratio:.2f}x (median over turns)")
     quality = {}
     for scheme, copied in quantized.items():
         found = quality[scheme] = decode.quantization_quality(model, copied, quality_tokens)
@@ -217,7 +228,7 @@ def run_decode(args: argparse.Namespace, model: GPT2) -> dict:
             "quality": {scheme: dataclasses.asdict(found) for scheme, found in quality.items()},
             "new_tokens": args.new_tokens, "huge_pages": on_huge_pages, "cpu_decoding": rewrites,
             "rows": rows, "compare_dtype": args.compare_dtype,
-            "compare_dtype_speed_ratios": ratios}
+            "compare_dtype_speed_ratios": ratios, "quantized_speed_ratios": quantized_ratios}
 
 
 def schemes(text: str) -> list[str]:

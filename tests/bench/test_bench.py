@@ -274,6 +274,11 @@ def test_decode_bench_times_an_int8_copy_and_measures_its_agreement(tmp_path, ca
         assert quality["tokens"] == 8 * 1024 and 0.9 <= quality["top1"] <= 1.0
         assert abs(quality["loss"] - quality["reference_loss"]) < 0.05
         assert f"{scheme} against float32 on 8,192 tokens of {text}" in out
+        # its speed over the float model's, turn by turn (one turn here)
+        ratio = report["quantized_speed_ratios"][scheme]["float32"]
+        assert ratio == pytest.approx(rows[f"compiled, cache, {scheme}"]["tokens_per_s"]
+                                      / rows["compiled, cache"]["tokens_per_s"])
+        assert f"{scheme} / float32, compiled, cache: {ratio:.2f}x" in out
 
 
 def test_decode_bench_names_the_schemes_it_knows(capsys):
