@@ -6,7 +6,7 @@ stream from memory. The kernel (kernels/row_products.cpp) reads a block of weigh
 prefetches the next, and multiplies each block by every input row while the block is in cache
 (a batch's rows four at a time, each weight vector loaded feeding four sums); bfloat16 and int8
 weights are widened to float32 in registers, and the sums are float32. Where the CPU has VNNI,
-int8 weights meet up to four rows as integers instead: each row split into int8 digits (two for
+int8 weights meet the rows as integers instead: each row split into int8 digits (two for
 bfloat16 rows, three for float32 ones, enough for their own precision), summed exactly in int32,
 a quarter to a third of the instructions of widening. It is built for this
 machine (`-march=native`) the first time it is asked for, with torch's extension builder (a C++

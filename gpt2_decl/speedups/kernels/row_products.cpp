@@ -1,18 +1,20 @@
 // Products of a few rows with a weight matrix, for CPU decoding, which reads every weight once
-// per token. The weight is streamed in blocks of rows, the next block prefetched while this one
-// is used (the hardware prefetcher alone leaves much of the memory bandwidth unused on short
-// rows), and each block is multiplied by every input row while it is in cache: a batch's rows
-// four at a time, so that each weight vector loaded feeds four sums. Weights are widened to
-// float32 in registers and summed in float32, in vectors of the compiler's vector extension
-// (the machine's own vector registers: -march=native), and the lanes of many sums are added up
-// together, by folding vectors in halves. For more than four input rows, a block is used 8 rows
-// at a time, bfloat16 and int8 ones widened once into a buffer of the thread's own, from which
-// every chunk of input rows reads them, while the rows to come are prefetched a few lines at a
-// time, so that reading them overlaps the arithmetic.
+// per token. The weight is streamed in blocks of rows, the next block prefetched into L2 while
+// this one is used (the hardware prefetcher alone leaves much of the memory bandwidth unused on
+// short rows; prefetching into L1 instead, which the rows at work fill, measured slower), and
+// each block is multiplied by every input row while it is in cache: a batch's rows four at a
+// time, so that each weight vector loaded feeds four sums. Weights are widened to float32 in
+// registers and summed in float32, in vectors of the compiler's vector extension (the machine's
+// own vector registers: -march=native), and the lanes of many sums are added up together, by
+// folding vectors in halves. For more than four input rows, a block is used 8 rows at a time,
+// bfloat16 and int8 ones widened once into a buffer of the thread's own, from which every chunk
+// of input rows reads them, while the rows to come are prefetched a few lines at a time, so that
+// reading them overlaps the arithmetic.
 //
-// int8 weights meet a few input rows as integers where the CPU has VNNI (AVX512-VNNI): each input
+// int8 weights meet the input rows as integers where the CPU has VNNI (AVX512-VNNI): each input
 // row is split into int8 digits and each 64 weights take one integer dot-product instruction a
 // digit, where widening them to float32 takes twelve instructions; the integer sums are exact.
+// A block of weight rows stays in cache while every input row passes over it.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -133,10 +135,10 @@ void dot_steps(const Weights& weights, const float* x, int64_t steps, int64_t n0
       for (int64_t p = 0; p < kParts; ++p)
         xs[m][p] = load<Lanes>(x + m * weights.K + (s * kParts + p) * kLanes);
     for (int64_t r = 0; r < Rows; ++r) {
-      if (prefetch) {  // the step's lines (two of bfloat16)
+      if (prefetch) {  // the step's lines (two of bfloat16), into L2 as `Ahead` does
         const char* coming = reinterpret_cast<const char*>(weights.step(n0 + r + kRows, s));
-        __builtin_prefetch(coming);
-        if constexpr (kStepBytes > 64) __builtin_prefetch(coming + 64);
+        __builtin_prefetch(coming, 0, 2);
+        if constexpr (kStepBytes > 64) __builtin_prefetch(coming + 64, 0, 2);
       }
       Lanes parts[kParts];
       weights.widen(n0 + r, s, parts);
@@ -339,7 +341,7 @@ void digit_steps(const int8_t* w, int64_t K, int64_t steps, int64_t n0, const in
     for (int64_t d = 0; d < Digits; ++d) digit[d] = _mm512_loadu_si512(digits + d * K + s * 64);
     for (int64_t r = 0; r < Rows; ++r) {
       const int8_t* line = w + (n0 + r) * K + s * 64;
-      if (prefetch) __builtin_prefetch(line + kRows * K);
+      if (prefetch) __builtin_prefetch(line + kRows * K, 0, 2);
       const __m512i unsigned_weights = _mm512_xor_si512(_mm512_loadu_si512(line), offset);
       for (int64_t d = 0; d < Digits; ++d)
         acc[r][d] = _mm512_dpbusd_epi32(acc[r][d], unsigned_weights, digit[d]);
@@ -350,7 +352,8 @@ void digit_steps(const int8_t* w, int64_t K, int64_t steps, int64_t n0, const in
 }
 
 // y[m, n] = x[m] . q[n] for M input rows (x as given, and as digits), every block of weight rows
-// split among torch's threads, finish(y, n0, rows) on each block while it is in cache.
+// split among torch's threads, each input row in turn over a block (the first prefetching the
+// next), then finish(y, n0, rows) on it while it is in cache.
 template <int64_t Digits, typename Finish>
 at::Tensor digit_products(const int8_t* w, const at::Tensor& rows, int64_t N,
                           const Finish& finish) {
@@ -430,7 +433,7 @@ at::Tensor int8_row_products(const at::Tensor& x, const at::Tensor& qdata,
   };
 #if defined(__AVX512VNNI__)
   // Digits enough for the input's own precision (a bfloat16's 8 bits, a float32's 24).
-  if (M <= kChunk && K >= 64)
+  if (K >= 64)
     return x.scalar_type() == at::kBFloat16
                ? digit_products<2>(qdata.const_data_ptr<int8_t>(), rows, N, scale_rows)
                : digit_products<3>(qdata.const_data_ptr<int8_t>(), rows, N, scale_rows);
