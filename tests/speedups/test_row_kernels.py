@@ -81,6 +81,23 @@ def test_int8_products_of_bfloat16_rows_match_float64_within_their_digits(
     assert ((product.double() - expected).abs() <= tolerance).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_int8_products_of_a_row_with_nan_or_inf_are_not_finite(dtype, bad):
+    # as float products would be (inf times weights of both signs sums to NaN); other rows
+    # are untouched
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 128, generator=generator)
+    x[0, 70] = bad
+    qdata = torch.randint(-128, 128, (20, 128), generator=generator, dtype=torch.int8)
+    scale = torch.rand(20, generator=generator)
+    zero_point = torch.zeros(20, dtype=torch.int8)
+    product = torch.ops.gpt2_decl.int8_row_products(x.to(dtype), qdata, scale, zero_point)
+    assert not product[0].isfinite().any()
+    expected = x[1:].to(dtype).double() @ (qdata.double() * scale.double()[:, None]).T
+    assert (product[1:].double() - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
 def test_kernel_linear_keeps_the_input_dtype_and_shape_and_adds_the_bias():
     generator = torch.Generator().manual_seed(5)
     x = torch.randn(2, 1, 40, generator=generator).to(torch.bfloat16)

@@ -285,6 +285,7 @@ template <int64_t Digits>
 struct DigitRow {
   float scales[Digits];
   int32_t sums[Digits];  // of each digit over the whole steps, for the weights' offset of 128
+  bool finite;           // if not, nor are the row's products (digits cannot carry NaN or inf)
 };
 
 // The digits of x (K elements), 16 at a time where they come in whole vectors.
@@ -292,11 +293,20 @@ template <int64_t Digits>
 DigitRow<Digits> split_into_digits(const float* x, int64_t K, int64_t whole, int8_t* digits) {
   const int64_t vectors = K / 16 * 16;
   __m512 top = _mm512_setzero_ps();
-  for (int64_t k = 0; k < vectors; k += 16)
-    top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+  __mmask16 not_finite = 0;  // x - x is NaN just where x is NaN or infinite
+  for (int64_t k = 0; k < vectors; k += 16) {
+    const __m512 value = _mm512_loadu_ps(x + k);
+    top = _mm512_max_ps(top, _mm512_abs_ps(value));
+    not_finite |= _mm512_cmp_ps_mask(_mm512_sub_ps(value, value), _mm512_setzero_ps(),
+                                     _CMP_NEQ_UQ);
+  }
   float largest = _mm512_reduce_max_ps(top);
-  for (int64_t k = vectors; k < K; ++k) largest = std::max(largest, std::fabs(x[k]));
   DigitRow<Digits> row{};
+  row.finite = not_finite == 0;
+  for (int64_t k = vectors; k < K; ++k) {
+    largest = std::max(largest, std::fabs(x[k]));
+    row.finite = row.finite && std::isfinite(x[k]);
+  }
   std::vector<float> rest(x, x + K);
   float scale = largest / 127.0f;
   for (int64_t d = 0; d < Digits; ++d, scale /= 254.0f) {
@@ -386,7 +396,7 @@ at::Tensor digit_products(const int8_t* w, const at::Tensor& rows, int64_t N,
             dot += double(split[m].scales[d]) *
                    double(int64_t(sums[r * Digits + d]) - 128 * int64_t(split[m].sums[d]));
           for (int64_t k = whole; k < K; ++k) dot += double(w[(n0 + r) * K + k]) * x[m * K + k];
-          yp[m * N + n0 + r] = float(dot);
+          yp[m * N + n0 + r] = split[m].finite ? float(dot) : NAN;
         }
       }
       finish(yp, n0, block_rows);
