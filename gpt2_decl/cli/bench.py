@@ -20,7 +20,7 @@ from gpt2_decl.cli import common
 from gpt2_decl.core.config import DTYPES, GPT2Config
 from gpt2_decl.core.model import GPT2
 from gpt2_decl.core.typecheck import is_typechecked, set_typechecked
-from gpt2_decl.speedups import huge_pages, wide_products
+from gpt2_decl.speedups import huge_pages, row_kernels, wide_products
 from gpt2_decl.speedups.cpu_decoding import choice_for
 from gpt2_decl.speedups.quantize import SCHEMES, quantize
 from gpt2_decl.speedups.wide_products import WideProducts
@@ -198,6 +198,10 @@ def run_decode(args: argparse.Namespace, model: GPT2) -> dict:
                               "wide_prefill_rows": choice.prefill_wide_rows,
                               "prefill_times_ms": choice.prefill_times_ms}
             print(f"  {name}: {choice.describe()}")
+        if "int8" in rewrites:
+            way = rewrites["int8"]["int8_products"] = row_kernels.int8_products_way()
+            print(f"  int8 products in the kernel: {way} (digits: the input rows as int8 digits, "
+                  "integer products; widened: the weights widened to float32)")
     prompt = random_tokens(config.vocab_size, 1, args.prompt_len, model.device, args.seed)
     bandwidth = ReadBandwidth(model.device, in_huge_pages=on_huge_pages)
     with gguf_files:

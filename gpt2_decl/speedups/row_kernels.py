@@ -115,6 +115,13 @@ def _register_fakes() -> None:
         return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
+def int8_products_way() -> str | None:
+    """How the kernel does int8 products on this machine: "digits" (the input rows split into
+    int8 digits, integer dot products: VNNI) or "widened" (the weights widened to float32); None
+    without the kernel."""
+    return None if load() is not None else torch.ops.gpt2_decl.int8_products_way()
+
+
 def reads(weight: Tensor) -> bool:
     """Whether the kernel does products with this weight: float32, bfloat16, or torchao's int8
     rows (not those whose products round their input to int8 first)."""

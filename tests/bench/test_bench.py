@@ -4,6 +4,7 @@ end on tiny models, its figures checked against each other and by hand."""
 import json
 import statistics
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -269,6 +270,13 @@ def test_decode_bench_times_an_int8_copy_and_measures_its_agreement(tmp_path, ca
     assert rows["compiled, cache, int8-dynamic"]["weight_bytes_per_token"] == \
         rows["compiled, cache, int8"]["weight_bytes_per_token"]
     out = capsys.readouterr().out
+    # how the kernel does int8 products here: as digits just where the CPU has VNNI
+    way = report["cpu_decoding"]["int8"]["int8_products"]
+    if row_kernels.load() is None:
+        cpuinfo = Path("/proc/cpuinfo")
+        if cpuinfo.exists():
+            assert way == ("digits" if "avx512_vnni" in cpuinfo.read_text() else "widened")
+        assert f"int8 products in the kernel: {way}" in out
     for scheme in ("int8", "int8-dynamic"):
         quality = report["quality"][scheme]
         assert quality["tokens"] == 8 * 1024 and 0.9 <= quality["top1"] <= 1.0

@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -453,9 +454,19 @@ at::Tensor int8_row_products(const at::Tensor& x, const at::Tensor& qdata,
 
 }  // namespace
 
+// How int8 products are done here: "digits" (VNNI) or "widened".
+std::string int8_products_way() {
+#if defined(__AVX512VNNI__)
+  return "digits";
+#else
+  return "widened";
+#endif
+}
+
 TORCH_LIBRARY(gpt2_decl, m) {
   m.def("row_products(Tensor x, Tensor weight) -> Tensor");
   m.def("int8_row_products(Tensor x, Tensor qdata, Tensor scale, Tensor zero_point) -> Tensor");
+  m.def("int8_products_way() -> str", &int8_products_way);
 }
 
 TORCH_LIBRARY_IMPL(gpt2_decl, CPU, m) {
