@@ -196,6 +196,17 @@ def speed_ratios(rows: list[dict], suffix: str) -> dict[str, float]:
             for name in by_name if name + suffix in by_name}
 
 
+def quantized_speed_ratios(rows: list[dict], schemes: list[str], floats: dict[str, str]
+                           ) -> dict[str, dict[str, float]]:
+    """Each quantized scheme's compiled tokens/s over each float model's, turn by turn:
+    {scheme: {dtype: ratio}}; `floats` maps each float dtype to its rows' name suffix."""
+    by_name = {row["name"]: row for row in rows}
+    return {scheme: {dtype: turn_ratio(by_name[f"compiled, cache, {scheme}"],
+                                       by_name["compiled, cache" + suffix])
+                     for dtype, suffix in floats.items()}
+            for scheme in schemes}
+
+
 def turn_ratio(row: dict, other: dict) -> float:
     """`row`'s tokens/s over `other`'s, turn by turn (median)."""
     return statistics.median(

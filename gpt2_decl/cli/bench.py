@@ -210,14 +210,9 @@ def run_decode(args: argparse.Namespace, model: GPT2) -> dict:
     ratios = decode.speed_ratios(rows, f", {args.compare_dtype}") if args.compare_dtype else {}
     for name, ratio in ratios.items():
         print(f"{args.compare_dtype} / {args.dtype}, {name}: {ratio:.2f}x (median over turns)")
-    by_name = {row["name"]: row for row in rows}
-    quantized_ratios = {  # each quantized model's compiled decoding over the float ones'
-        scheme: {dtype: decode.turn_ratio(by_name[f"compiled, cache, {scheme}"],
-                                          by_name["compiled, cache" + suffix])
-                 for dtype, suffix in [(args.dtype, "")] + (
-                     [(args.compare_dtype, f", {args.compare_dtype}")] if args.compare_dtype
-                     else [])}
-        for scheme in args.quantize}
+    floats = {args.dtype: ""} | (
+        {args.compare_dtype: f", {args.compare_dtype}"} if args.compare_dtype else {})
+    quantized_ratios = decode.quantized_speed_ratios(rows, args.quantize, floats)
     for scheme, over in quantized_ratios.items():
         for dtype, ratio in over.items():
             print(f"{scheme} / {dtype}, compiled, cache: {ratio:.2f}x (median over turns)")

@@ -195,6 +195,14 @@ def test_speed_ratios_by_hand():
     assert decode.speed_ratios(rows, ", bf16") == {"eager, cache": 1.5}
 
 
+def test_quantized_speed_ratios_by_hand():
+    rows = [{"name": "compiled, cache", "run_tokens_per_s": [10, 20, 40]},
+            {"name": "compiled, cache, bf16", "run_tokens_per_s": [20, 30, 50]},
+            {"name": "compiled, cache, int8", "run_tokens_per_s": [30, 60, 60]}]
+    assert decode.quantized_speed_ratios(rows, ["int8"], {"f32": "", "bf16": ", bf16"}) == {
+        "int8": {"f32": 3.0, "bf16": 1.5}}
+
+
 def test_decode_bench_refuses_to_compare_a_dtype_with_itself():
     with pytest.raises(SystemExit, match="--compare-dtype float32 is already --dtype"):
         main([*TINY_DECODE, "--compare-dtype", "float32"])
