@@ -64,6 +64,7 @@ from torch import Tensor, fx, nn
 
 from gpt2_decl.speedups import row_kernels, wide_products
 from gpt2_decl.speedups.quantize import int8_rows, is_quantized, quantizes_activations
+from gpt2_decl.speedups.wide_products import example_value, linear_weight
 
 
 def one_row_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -141,7 +142,7 @@ class CpuDecoding:
                 node.target = one_row_linear
                 counts["one_row_products"] += 1
             elif node.target is F.scaled_dot_product_attention and _is_one_query_over_a_mask(node):
-                if kernel_attention and row_kernels.attends(_example(node.args[1])):
+                if kernel_attention and row_kernels.attends(example_value(node.args[1])):
                     node.target = row_kernels.kernel_attention
                     counts["kernel_attention"] += 1
                 elif self.one_query_attention:
@@ -407,14 +408,9 @@ def _fresh(function: Callable) -> Callable:
     return types.FunctionType(function.__code__.replace(), function.__globals__)
 
 
-def _example(node: object) -> Tensor | None:
-    value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
-    return value if isinstance(value, Tensor) else None
-
-
 def _cpu_input(node: fx.Node) -> Tensor | None:
     """The example value of the node's first argument, if it is a tensor on the CPU."""
-    x = _example(node.args[0])
+    x = example_value(node.args[0])
     return x if x is not None and x.device.type == "cpu" else None
 
 
@@ -428,23 +424,19 @@ def _is_cpu_rows(node: fx.Node) -> bool:
     return x is not None and x.dim() >= 2
 
 
-def _linear_weight(linear: fx.Node) -> Tensor | None:
-    return _example(linear.args[1] if len(linear.args) > 1 else linear.kwargs.get("weight"))
-
-
 def _kernel_reads_weight(linear: fx.Node) -> bool:
-    weight = _linear_weight(linear)
+    weight = linear_weight(linear)
     return weight is not None and row_kernels.reads(weight)
 
 
 def _rounds_input_to_int8(linear: fx.Node) -> bool:
-    weight = _linear_weight(linear)
+    weight = linear_weight(linear)
     return weight is not None and quantizes_activations(weight)
 
 
 def _is_one_query_over_a_mask(node: fx.Node) -> bool:
     q = _cpu_input(node)
-    mask = _example(node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None))
+    mask = example_value(node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None))
     dropout = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
     causal = node.kwargs.get("is_causal", node.args[5] if len(node.args) > 5 else False)
     return (

@@ -205,7 +205,7 @@ class KernelProducts(LinearMode):
 
 
 def _linear_arguments(input: object = None, weight: object = None, bias: object = None
-                     ) -> tuple[object, object, object]:
+                      ) -> tuple[object, object, object]:
     """`F.linear`'s arguments, however they were passed."""
     return input, weight, bias
 

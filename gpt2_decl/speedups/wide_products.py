@@ -169,8 +169,7 @@ def describe(times: dict[tuple, tuple[float, float]] | None = None) -> str:
 def _narrow_product(linear: fx.Node) -> tuple[int, int, int, torch.dtype] | None:
     """(rows, in_features, out_features, dtype) of a product of two or more rows with a
     bfloat16 or float16 weight on the CPU; None for any other."""
-    x = _example(linear.args[0])
-    weight = _example(linear.args[1] if len(linear.args) > 1 else linear.kwargs.get("weight"))
+    x, weight = example_value(linear.args[0]), linear_weight(linear)
     if x is None or weight is None or weight.dim() != 2 or x.dim() < 2:
         return None
     # A quantized weight (a tensor subclass) has products of its own.
@@ -188,6 +187,12 @@ def _narrow_product(linear: fx.Node) -> tuple[int, int, int, torch.dtype] | None
     return rows, in_features, out_features, weight.dtype
 
 
-def _example(node: object) -> Tensor | None:
+def example_value(node: object) -> Tensor | None:
+    """The tensor a traced graph's node stood for while tracing; None for anything else."""
     value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
     return value if isinstance(value, Tensor) else None
+
+
+def linear_weight(linear: fx.Node) -> Tensor | None:
+    """The weight of a traced `F.linear`, however it was passed."""
+    return example_value(linear.args[1] if len(linear.args) > 1 else linear.kwargs.get("weight"))
