@@ -46,39 +46,28 @@ def test_float_products_match_float64(dtype, rows, in_features, out_features):
     assert ((product.double() - expected).abs() <= sums_tolerance(x, weight)).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("rows", "in_features", "out_features"), SHAPES)
-def test_int8_products_match_float64(rows, in_features, out_features):
+def test_int8_products_match_float64_within_their_digits(dtype, rows, in_features,
+                                                         out_features):
+    # Where the CPU has VNNI, a row meets int8 weights as two int8 digits, which miss at most
+    # max|x| / (2 * 127 * 254) of each element; elsewhere the products are float32's.
     generator = torch.Generator().manual_seed(in_features)
-    x = torch.randn(rows, in_features, generator=generator)
+    x = torch.randn(rows, in_features, generator=generator).to(dtype)
     qdata = torch.randint(-128, 128, (out_features, in_features), generator=generator,
                           dtype=torch.int8)
     scale = torch.rand(out_features, generator=generator).to(torch.bfloat16)
     zero_point = torch.randint(-3, 4, (out_features,), generator=generator)
     product = torch.ops.gpt2_decl.int8_row_products(x, qdata, scale, zero_point)
-    weight = (qdata.double() - zero_point.double()[:, None]) * scale.double()[:, None]
-    expected = x.double() @ weight.T
-    tolerance = sums_tolerance(x, (qdata.double() - zero_point.double()[:, None]).abs()
-                               * scale.double()[:, None]) * 4
-    assert ((product.double() - expected).abs() <= tolerance).all()
-
-
-@pytest.mark.parametrize(("rows", "in_features", "out_features"), SHAPES)
-def test_int8_products_of_bfloat16_rows_match_float64_within_their_digits(
-        rows, in_features, out_features):
-    # Where the CPU has VNNI, a bfloat16 row meets int8 weights as two int8 digits, which miss
-    # at most max|x| / (2 * 127 * 254) of each element; elsewhere the products are float32's.
-    generator = torch.Generator().manual_seed(in_features + 1)
-    x = torch.randn(rows, in_features, generator=generator).to(torch.bfloat16)
-    qdata = torch.randint(-128, 128, (out_features, in_features), generator=generator,
-                          dtype=torch.int8)
-    scale = torch.rand(out_features, generator=generator)
-    zero_point = torch.zeros(out_features, dtype=torch.int8)
-    product = torch.ops.gpt2_decl.int8_row_products(x, qdata, scale, zero_point)
-    weight = qdata.double() * scale.double()[:, None]
-    expected = x.double() @ weight.T
+    assert product.dtype == torch.float32 and product.shape == (rows, out_features)
+    scales = scale.double()[:, None]
+    expected = x.double() @ ((qdata.double() - zero_point.double()[:, None]) * scales).T
     missed = x.double().abs().amax(1, keepdim=True) / (2 * 127 * 254)
-    tolerance = sums_tolerance(x, weight.abs()) * 4 + missed * weight.abs().sum(1)
-    assert ((product.double() - expected).abs() <= tolerance).all()
+    # float32 rounding of x . q and of zero_point * sum(x), and what the digits miss of x . q
+    rounding = sums_tolerance(x, (qdata.double().abs() + zero_point.double().abs()[:, None])
+                              * scales) * 4
+    assert ((product.double() - expected).abs()
+            <= rounding + missed * (qdata.double().abs() * scales).sum(1)).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -276,22 +276,22 @@ at::Tensor row_products(const at::Tensor& x, const at::Tensor& weight) {
 #if defined(__AVX512VNNI__)
 // int8 weights times input rows split into int8 digits: x ~= sum_d scale[d] * digit[d], each
 // digit rounding what the ones before it left, on a scale 254 times finer. What the digits miss
-// is at most half the last scale: max|x| / 2 / 127 / 254^(Digits - 1) for each element, which
-// is, for two digits, below a bfloat16 input's own rounding for every element within a factor
-// 126 of the row's largest and, for three, about float32's rounding of the largest.
-// Weight rows per pass: their sums for every digit (24 for three) stay in vector registers.
-constexpr int64_t kDigitPassRows = 8;
+// is at most half the last scale: max|x| / 2 / 127 / 254 = max|x| / 64,516 for each element of
+// two digits, below a bfloat16 input's own rounding for elements within a factor 126 of the
+// largest, and 254 times finer than the int8 weights' own rounding (half a step of
+// max|w| / 127); a third digit, which float32 rows would need to keep float32's precision,
+// would buy nothing the weights keep, and measured 7% slower.
+constexpr int64_t kDigits = 2;
+constexpr int64_t kDigitPassRows = 8;  // weight rows whose sums for every digit stay in registers
 
-template <int64_t Digits>
 struct DigitRow {
-  float scales[Digits];
-  int32_t sums[Digits];  // of each digit over the whole steps, for the weights' offset of 128
-  bool finite;           // if not, nor are the row's products (digits cannot carry NaN or inf)
+  float scales[kDigits];
+  int32_t sums[kDigits];  // of each digit over the whole steps, for the weights' offset of 128
+  bool finite;            // if not, nor are the row's products (digits cannot carry NaN or inf)
 };
 
 // The digits of x (K elements), 16 at a time where they come in whole vectors.
-template <int64_t Digits>
-DigitRow<Digits> split_into_digits(const float* x, int64_t K, int64_t whole, int8_t* digits) {
+DigitRow split_into_digits(const float* x, int64_t K, int64_t whole, int8_t* digits) {
   const int64_t vectors = K / 16 * 16;
   __m512 top = _mm512_setzero_ps();
   __mmask16 not_finite = 0;  // x - x is NaN just where x is NaN or infinite
@@ -302,7 +302,7 @@ DigitRow<Digits> split_into_digits(const float* x, int64_t K, int64_t whole, int
                                      _CMP_NEQ_UQ);
   }
   float largest = _mm512_reduce_max_ps(top);
-  DigitRow<Digits> row{};
+  DigitRow row{};
   row.finite = not_finite == 0;
   for (int64_t k = vectors; k < K; ++k) {
     largest = std::max(largest, std::fabs(x[k]));
@@ -310,7 +310,7 @@ DigitRow<Digits> split_into_digits(const float* x, int64_t K, int64_t whole, int
   }
   std::vector<float> rest(x, x + K);
   float scale = largest / 127.0f;
-  for (int64_t d = 0; d < Digits; ++d, scale /= 254.0f) {
+  for (int64_t d = 0; d < kDigits; ++d, scale /= 254.0f) {
     row.scales[d] = scale;
     const float inverse = scale > 0.0f ? 1.0f / scale : 0.0f;
     int8_t* digit = digits + d * K;
@@ -336,66 +336,67 @@ DigitRow<Digits> split_into_digits(const float* x, int64_t K, int64_t whole, int
   return row;
 }
 
-// sums[r * Digits + d] = (w[n0 + r] + 128) . digit[d] over the whole steps of 64, for Rows
+// sums[r * kDigits + d] = (w[n0 + r] + 128) . digit[d] over the whole steps of 64, for Rows
 // weight rows, prefetching the rows kRows further on if asked. The weights are offset to
 // unsigned bytes, as the instruction takes them; each int32 lane sums K / 16 products of at
 // most 255 * 127, so it cannot overflow.
-template <int64_t Digits, int64_t Rows>
+template <int64_t Rows>
 void digit_steps(const int8_t* w, int64_t K, int64_t steps, int64_t n0, const int8_t* digits,
                  bool prefetch, int32_t* sums) {
-  __m512i acc[Rows][Digits];
+  __m512i acc[Rows][kDigits];
   for (int64_t r = 0; r < Rows; ++r)
-    for (int64_t d = 0; d < Digits; ++d) acc[r][d] = _mm512_setzero_si512();
+    for (int64_t d = 0; d < kDigits; ++d) acc[r][d] = _mm512_setzero_si512();
   const __m512i offset = _mm512_set1_epi8(char(0x80));
   for (int64_t s = 0; s < steps; ++s) {
-    __m512i digit[Digits];
-    for (int64_t d = 0; d < Digits; ++d) digit[d] = _mm512_loadu_si512(digits + d * K + s * 64);
+    __m512i digit[kDigits];
+    for (int64_t d = 0; d < kDigits; ++d) digit[d] = _mm512_loadu_si512(digits + d * K + s * 64);
     for (int64_t r = 0; r < Rows; ++r) {
       const int8_t* line = w + (n0 + r) * K + s * 64;
       if (prefetch) __builtin_prefetch(line + kRows * K, 0, 2);
       const __m512i unsigned_weights = _mm512_xor_si512(_mm512_loadu_si512(line), offset);
-      for (int64_t d = 0; d < Digits; ++d)
+      for (int64_t d = 0; d < kDigits; ++d)
         acc[r][d] = _mm512_dpbusd_epi32(acc[r][d], unsigned_weights, digit[d]);
     }
   }
   for (int64_t r = 0; r < Rows; ++r)
-    for (int64_t d = 0; d < Digits; ++d) sums[r * Digits + d] = _mm512_reduce_add_epi32(acc[r][d]);
+    for (int64_t d = 0; d < kDigits; ++d)
+      sums[r * kDigits + d] = _mm512_reduce_add_epi32(acc[r][d]);
 }
 
 // y[m, n] = x[m] . q[n] for M input rows (x as given, and as digits), every block of weight rows
 // split among torch's threads, each input row in turn over a block (the first prefetching the
 // next), then finish(y, n0, rows) on it while it is in cache.
-template <int64_t Digits, typename Finish>
+template <typename Finish>
 at::Tensor digit_products(const int8_t* w, const at::Tensor& rows, int64_t N,
                           const Finish& finish) {
   const int64_t M = rows.size(0), K = rows.size(1), whole = K / 64 * 64;
   const float* x = rows.const_data_ptr<float>();
-  std::vector<int8_t> digits(M * Digits * K);
-  std::vector<DigitRow<Digits>> split;
+  std::vector<int8_t> digits(M * kDigits * K);
+  std::vector<DigitRow> split;
   for (int64_t m = 0; m < M; ++m)
-    split.push_back(split_into_digits<Digits>(x + m * K, K, whole, &digits[m * Digits * K]));
+    split.push_back(split_into_digits(x + m * K, K, whole, &digits[m * kDigits * K]));
   at::Tensor y = at::empty({M, N}, rows.options());
   float* yp = y.mutable_data_ptr<float>();
   at::parallel_for(0, (N + kRows - 1) / kRows, 4, [&](int64_t begin, int64_t end) {
-    int32_t sums[kRows * Digits];
+    int32_t sums[kRows * kDigits];
     for (int64_t b = begin; b < end; ++b) {
       const int64_t n0 = b * kRows, block_rows = std::min(kRows, N - n0);
       for (int64_t m = 0; m < M; ++m) {
-        const int8_t* row_digits = &digits[m * Digits * K];
+        const int8_t* row_digits = &digits[m * kDigits * K];
         const bool prefetch = m == 0 && n0 + 2 * kRows <= N;
         if (block_rows == kRows) {
           for (int64_t r = 0; r < kRows; r += kDigitPassRows)
-            digit_steps<Digits, kDigitPassRows>(w, K, K / 64, n0 + r, row_digits, prefetch,
-                                                sums + r * Digits);
+            digit_steps<kDigitPassRows>(w, K, K / 64, n0 + r, row_digits, prefetch,
+                                        sums + r * kDigits);
         } else {
           for (int64_t r = 0; r < block_rows; ++r)
-            digit_steps<Digits, 1>(w, K, K / 64, n0 + r, row_digits, false, sums + r * Digits);
+            digit_steps<1>(w, K, K / 64, n0 + r, row_digits, false, sums + r * kDigits);
         }
         for (int64_t r = 0; r < block_rows; ++r) {
           double dot = 0.0;
-          for (int64_t d = 0; d < Digits; ++d)
+          for (int64_t d = 0; d < kDigits; ++d)
             dot += double(split[m].scales[d]) *
-                   double(int64_t(sums[r * Digits + d]) - 128 * int64_t(split[m].sums[d]));
+                   double(int64_t(sums[r * kDigits + d]) - 128 * int64_t(split[m].sums[d]));
           for (int64_t k = whole; k < K; ++k) dot += double(w[(n0 + r) * K + k]) * x[m * K + k];
           yp[m * N + n0 + r] = split[m].finite ? float(dot) : NAN;
         }
@@ -443,11 +444,8 @@ at::Tensor int8_row_products(const at::Tensor& x, const at::Tensor& qdata,
       }
   };
 #if defined(__AVX512VNNI__)
-  // Digits enough for the input's own precision (a bfloat16's 8 bits, a float32's 24).
   if (K >= 64)
-    return x.scalar_type() == at::kBFloat16
-               ? digit_products<2>(qdata.const_data_ptr<int8_t>(), rows, N, scale_rows)
-               : digit_products<3>(qdata.const_data_ptr<int8_t>(), rows, N, scale_rows);
+    return digit_products(qdata.const_data_ptr<int8_t>(), rows, N, scale_rows);
 #endif
   return products(Int8Rows{{qdata.const_data_ptr<int8_t>(), K}}, rows, N, scale_rows);
 }
