@@ -20,7 +20,8 @@ from gpt2_decl.cli import common
 from gpt2_decl.core.config import DTYPES, GPT2Config
 from gpt2_decl.core.model import GPT2
 from gpt2_decl.core.typecheck import is_typechecked, set_typechecked
-from gpt2_decl.speedups import huge_pages, row_kernels, wide_products
+from gpt2_decl.speedups import causal_attention, huge_pages, row_kernels, wide_products
+from gpt2_decl.speedups.causal_attention import KernelAttention
 from gpt2_decl.speedups.cpu_decoding import choice_for
 from gpt2_decl.speedups.quantize import SCHEMES, quantize
 from gpt2_decl.speedups.wide_products import WideProducts
@@ -55,6 +56,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--wide-products", action=argparse.BooleanOptionalAction, default=True,
                         help="on a CPU, compile bfloat16 products of many rows in float32 where "
                         "timed faster (speedups.wide_products; default: on)")
+    parser.add_argument("--kernel-attention", action=argparse.BooleanOptionalAction,
+                        default=True, help="on a CPU, compile causal attention through the C++ "
+                        "kernel where timed faster (speedups.causal_attention; default: on)")
     parser.add_argument("--compare", choices=["llama.cpp", "transformers"],
                         help="forward passes: also transformers' model compiled, on the same "
                         "weights; decoding: also llama.cpp on the same weights, F32 and BF16, "
@@ -128,10 +132,14 @@ def run_forward(args: argparse.Namespace, model: GPT2) -> dict:
     batch = args.batch[0]
     print(f"{describe(model)}, batch {batch}, {model.dtype} on {model.device}")
     widening = args.wide_products and model.device.type == "cpu"
+    attending = args.kernel_attention and model.device.type == "cpu"
+    backend = WideProducts(args.mode) if widening else "inductor"
+    if attending:
+        backend = KernelAttention(then=backend if widening else None, mode=args.mode)
     reference = transformers_copy(model) if args.compare == "transformers" else None
     rows = list(forward.benchmark_forward(
         model, args.seq, batch=batch, runs=args.runs, warmup=args.warmup, mode=args.mode,
-        freeze=args.freeze, backend=WideProducts(args.mode) if widening else "inductor",
+        freeze=args.freeze, backend=backend,
         typecheck_overhead=args.typecheck_overhead, reference=reference, seed=args.seed,
         log=lambda message: print(message, flush=True)))
     print("\n" + forward.format_table(rows))
@@ -142,6 +150,15 @@ def run_forward(args: argparse.Namespace, model: GPT2) -> dict:
     if widened:
         print("bfloat16 products of many rows in float32 where timed faster (rows x in x out):")
         print("  " + wide_products.describe(widened).replace("\n", "\n  "))
+    attended = {shape: times for shape, times in causal_attention.timings().items()
+                if attending and shape[:3] in {(batch, model.config.n_head, seq)
+                                               for seq in args.seq} and shape[4] == model.dtype}
+    if attending:
+        print("causal attention through the C++ kernel where timed faster (batch x heads x seq x "
+              "d_head):")
+        print("  " + (causal_attention.describe(attended) if attended else
+                      f"none timed ({row_kernels.load() or 'no shape the kernel does'})"
+                      ).replace("\n", "\n  "))
     if args.plot:
         plot(rows, args.plot, title=f"{describe(model)}, batch {batch}, {model.dtype}")
     return {"preset": args.preset, "batch": batch, "compile_mode": args.mode,
@@ -151,6 +168,11 @@ def run_forward(args: argparse.Namespace, model: GPT2) -> dict:
                                "widened_ms": wide, "library_ms": library,
                                "widened": wide < library}
                               for shape, (wide, library) in widened.items()],
+            "kernel_attention": [{"batch": shape[0], "heads": shape[1], "seq": shape[2],
+                                  "d_head": shape[3], "dtype": str(shape[4]),
+                                  "kernel_ms": kernel, "library_ms": library,
+                                  "used": kernel < library}
+                                 for shape, (kernel, library) in attended.items()],
             "roofline_flops_per_s": statistics.median(r.roofline_flops_per_s for r in rows)}
 
 

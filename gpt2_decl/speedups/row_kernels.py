@@ -6,15 +6,16 @@ stream from memory. The kernel (kernels/row_products.cpp) reads a block of weigh
 prefetches the next, and multiplies each block by every input row while the block is in cache
 (a batch's rows four at a time, each weight vector loaded feeding four sums); bfloat16 and int8
 weights are widened to float32 in registers, and the sums are float32. Where the CPU has VNNI,
-int8 weights meet the rows as integers instead: each row split into int8 digits (two for
-bfloat16 rows, three for float32 ones, enough for their own precision), summed exactly in int32,
-a quarter to a third of the instructions of widening. It is built for this
-machine (`-march=native`) the first time it is asked for, with torch's extension builder (a C++
-compiler and ninja), and kept in the cache folder for later processes.
+int8 weights meet the rows as integers instead: each row split into two int8 digits (what
+they miss is far below the int8 weights' own rounding), summed exactly in int32, about a
+quarter of the instructions of widening. It is built for this machine (`-march=native`) the
+first time it is asked for, with torch's extension builder (a C++ compiler and ninja), and kept
+in the cache folder for later processes.
 
 The attention kernel (kernels/visible_attention.cpp) reads only the visible keys and values:
 a compiled step has fixed shapes, so without it attention reads the whole cache at every token,
-however little of it is filled yet. Both are built into one library.
+however little of it is filled yet. A third kernel, causal attention of whole sequences
+(kernels/causal_attention.cpp), is `causal_attention`'s. All are built into one library.
 
 `cpu_decoding` uses them where they measure faster than the other ways of doing the same work
 (the `kernel_products` and `kernel_attention` rewrites); `kernel_linear` and `kernel_attention`
@@ -39,7 +40,8 @@ from torch.overrides import TorchFunctionMode
 from gpt2_decl.speedups.quantize import int8_rows, quantizes_activations
 
 KERNELS = Path(__file__).parent / "kernels"
-SOURCES = [KERNELS / "row_products.cpp", KERNELS / "visible_attention.cpp"]
+SOURCES = [KERNELS / "row_products.cpp", KERNELS / "visible_attention.cpp",
+           KERNELS / "causal_attention.cpp"]
 HEADERS = [KERNELS / "vectors.h"]
 # -ffp-contract=fast: multiply-adds fused, as GNU modes do by default and -std=c++17 does not.
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]
@@ -100,7 +102,7 @@ def _build(library: Path) -> None:
 @functools.cache
 def _register_fakes() -> None:
     """What the kernels return, for torch.compile's tracing: the products float32 [rows,
-    out_features], attention the query's shape and dtype."""
+    out_features], attention (both kinds) the query's shape and dtype."""
 
     @torch.library.register_fake("gpt2_decl::row_products")
     def _(x: Tensor, weight: Tensor) -> Tensor:
@@ -112,6 +114,10 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("gpt2_decl::visible_attention")
     def _(q: Tensor, keys: Tensor, values: Tensor, visible: Tensor, scale: float) -> Tensor:
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("gpt2_decl::causal_attention")
+    def _(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
         return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 

@@ -12,7 +12,13 @@ import torch
 from gpt2_decl.bench import decode
 from gpt2_decl.bench.measure import ReadBandwidth, Timing, time_interleaved
 from gpt2_decl.cli import main
-from gpt2_decl.speedups import cpu_decoding, huge_pages, row_kernels, wide_products
+from gpt2_decl.speedups import (
+    causal_attention,
+    cpu_decoding,
+    huge_pages,
+    row_kernels,
+    wide_products,
+)
 
 TINY_CLI = ["bench", "--n-layer", "2", "--d-model", "64", "--n-head", "4", "--threads", "1"]
 TINY_DECODE = ["bench", "--generate", "--n-layer", "1", "--n-head", "2", "--d-model", "32",
@@ -107,6 +113,27 @@ def test_forward_bench_in_bfloat16_reports_each_product_widened_or_not(tmp_path,
     main([*TINY_CLI, "--seq", "8", "--runs", "1", "--dtype", "bfloat16", "--no-wide-products",
           "--no-typecheck-overhead", "--json", str(report_path)])
     assert json.loads(report_path.read_text())["wide_products"] == []
+
+
+@pytest.mark.skipif(row_kernels.load() is not None, reason="no C++ kernel here")
+def test_forward_bench_reports_causal_attention_through_the_kernel_or_not(tmp_path, monkeypatch,
+                                                                          capsys):
+    monkeypatch.setattr(causal_attention, "_times", {})
+    report_path = tmp_path / "bench.json"
+    main([*TINY_CLI, "--seq", "8,24", "--runs", "1", "--no-typecheck-overhead",
+          "--json", str(report_path)])
+    report = json.loads(report_path.read_text())
+    # batch 1, 4 heads of 64 / 4 = 16, at each length
+    assert [(entry["batch"], entry["heads"], entry["seq"], entry["d_head"], entry["dtype"])
+            for entry in report["kernel_attention"]] == [(1, 4, 8, 16, "torch.float32"),
+                                                         (1, 4, 24, 16, "torch.float32")]
+    for entry in report["kernel_attention"]:
+        assert entry["used"] == (entry["kernel_ms"] < entry["library_ms"])
+    assert "causal attention through the C++ kernel" in capsys.readouterr().out
+    torch._dynamo.reset()
+    main([*TINY_CLI, "--seq", "8", "--runs", "1", "--no-kernel-attention",
+          "--no-typecheck-overhead", "--json", str(report_path)])
+    assert json.loads(report_path.read_text())["kernel_attention"] == []
 
 
 @pytest.mark.parametrize(("arguments", "message"), [

@@ -69,4 +69,37 @@ inline float bfloat16_value(uint16_t bits) {
   return value;
 }
 
+// e^x lane by lane for x <= 0 (scores less the largest), as 2^k e^r with k = x / ln 2 rounded
+// and |r| <= ln 2 / 2, e^r by Cephes' polynomial (within a few units in the last place of
+// float32); below -87, where float32 runs out of normal numbers, as e^-87.
+inline Lanes exp_lanes(Lanes x) {
+  x = x < -87.0f ? Lanes{} - 87.0f : x;
+  const Lanes shifted = x * 1.44269504088896341f + 12582912.0f;  // 1.5 * 2^23: k in the low bits
+  const Lanes k = shifted - 12582912.0f;
+  const Lanes r = x - k * 0.693359375f + k * 2.12194440e-4f;  // ln 2 in two parts
+  Lanes p = 1.9875691500e-4f * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  Words bits, powers;
+  std::memcpy(&bits, &p, sizeof bits);
+  std::memcpy(&powers, &shifted, sizeof powers);
+  return as_lanes(bits + ((powers - 0x4B400000u) << 23));  // times 2^k, in the exponent
+}
+
+// The largest of the lanes, by folding the vector in halves.
+inline float max_lanes(Lanes lanes) {
+  constexpr Picks kHalves[4] = {{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7},
+                                {4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11},
+                                {2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13},
+                                {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14}};
+  for (const Picks& across : kHalves) {
+    const Lanes other = __builtin_shuffle(lanes, across);
+    lanes = lanes > other ? lanes : other;
+  }
+  return lanes[0];
+}
+
 }  // namespace gpt2_decl_kernels

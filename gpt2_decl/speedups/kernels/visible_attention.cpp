@@ -34,26 +34,6 @@ inline float value_at(const float* value) { return *value; }
 
 inline float value_at(const uint16_t* bits) { return bfloat16_value(*bits); }
 
-// e^x lane by lane for x <= 0 (scores less the largest), as 2^k e^r with k = x / ln 2 rounded
-// and |r| <= ln 2 / 2, e^r by Cephes' polynomial (within a few units in the last place of
-// float32); below -87, where float32 runs out of normal numbers, as e^-87.
-inline Lanes exp_lanes(Lanes x) {
-  x = x < -87.0f ? Lanes{} - 87.0f : x;
-  const Lanes shifted = x * 1.44269504088896341f + 12582912.0f;  // 1.5 * 2^23: k in the low bits
-  const Lanes k = shifted - 12582912.0f;
-  const Lanes r = x - k * 0.693359375f + k * 2.12194440e-4f;  // ln 2 in two parts
-  Lanes p = 1.9875691500e-4f * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  Words bits, powers;
-  std::memcpy(&bits, &p, sizeof bits);
-  std::memcpy(&powers, &shifted, sizeof powers);
-  return as_lanes(bits + ((powers - 0x4B400000u) << 23));  // times 2^k, in the exponent
-}
-
 // out = the visible keys' softmax(q . key * scale) weights times their values, for one head
 // (keys and values `stride` apart, the mask's entries `shown_stride` apart); zeros where no key
 // is visible, as torch's attention gives.

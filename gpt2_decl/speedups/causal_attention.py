@@ -1,0 +1,171 @@
+"""Causal self-attention of whole sequences through a C++ kernel, on a CPU.
+
+`scaled_dot_product_attention`'s CPU kernel works in blocks of 256 queries by 512 keys and
+computes the masked part of the blocks on the causal diagonal before it drops it. The kernel
+(kernels/causal_attention.cpp, built with the decoding kernels by `row_kernels.load`) passes
+over the keys six query rows at a time, with the online softmax in registers, and stops at each
+row's own position: it computes only the scores a causal mask shows. It sums in float32
+(bfloat16 queries, keys and values are widened first, the output rounded back) and has no
+gradient.
+
+`KernelAttention` is a torch.compile backend that makes the rewrite in the traced graph, for
+causal attention with no mask, no dropout and no gradient recorded, float32 or bfloat16, d_head
+a multiple of 16 up to 128, at each shape where timing on this machine finds the kernel faster
+than the library's; then it hands the graph on (to inductor, or to another backend). The
+model's code, eager runs and training are untouched; use it as
+
+    gpt2_decl.compile(model, freeze=True, backend=KernelAttention())
+    gpt2_decl.compile(model, freeze=True, backend=KernelAttention(then=WideProducts()))
+"""
+
+import math
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx
+from torch.fx.experimental.symbolic_shapes import optimization_hint
+
+from gpt2_decl.speedups import row_kernels
+from gpt2_decl.speedups.wide_products import example_value
+
+DTYPES = (torch.float32, torch.bfloat16)
+RUNS = 5
+
+
+def kernel_causal_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> Tensor:
+    """`F.scaled_dot_product_attention` of causal self-attention through the kernel."""
+    if attn_mask is not None or dropout_p != 0.0 or not is_causal or enable_gqa:
+        raise ValueError("kernel causal attention takes is_causal=True, and no mask, dropout "
+                         "or grouped queries")
+    return torch.ops.gpt2_decl.causal_attention(
+        q, k, v, 1 / math.sqrt(q.shape[-1]) if scale is None else scale)
+
+
+# (batch, heads, seq, d_head, dtype, threads) -> (kernel's ms, library's ms), medians.
+_times: dict[tuple, tuple[float, float]] = {}
+
+
+@dataclass(frozen=True)
+class KernelAttention:
+    """The backend, then `then` (a backend), or inductor in torch.compile's `mode` (equal
+    objects share Dynamo's compiled graphs)."""
+
+    then: Callable | None = None
+    mode: str = "default"
+
+    def __call__(self, graph_module: fx.GraphModule, example_inputs: list) -> Callable:
+        from torch._inductor import list_mode_options
+        from torch._inductor.compile_fx import compile_fx
+
+        self.rewrite(graph_module)
+        if self.then is not None:
+            return self.then(graph_module, example_inputs)
+        return compile_fx(graph_module, example_inputs,
+                          config_patches=list_mode_options(self.mode))
+
+    def rewrite(self, graph_module: fx.GraphModule) -> int:
+        """Send the causal attention that times faster through the kernel; how many were.
+        Where the kernel cannot be built, none."""
+        if row_kernels.load() is not None:
+            return 0
+        rewritten = 0
+        for node in graph_module.graph.nodes:
+            shape = _causal_self_attention(node)
+            if shape is not None and kernel_wins(*shape):
+                node.target = kernel_causal_attention
+                rewritten += 1
+        graph_module.recompile()
+        return rewritten
+
+
+def kernel_wins(batch: int, heads: int, seq: int, d_head: int, dtype: torch.dtype) -> bool:
+    """Whether the kernel beats the library's causal attention of this shape and dtype on this
+    machine (timed once per shape and thread count in a process)."""
+    kernel_ms, library_ms = time_attention(batch, heads, seq, d_head, dtype)
+    return kernel_ms < library_ms
+
+
+def time_attention(batch: int, heads: int, seq: int, d_head: int, dtype: torch.dtype
+                   ) -> tuple[float, float]:
+    """Median milliseconds of the kernel's causal attention and the library's, runs taken in
+    turns, on random queries, keys and values."""
+    key = (batch, heads, seq, d_head, dtype, torch.get_num_threads())
+    if key not in _times:
+        why_not = row_kernels.load()
+        if why_not is not None:
+            raise RuntimeError(why_not)
+        generator = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(batch, heads, seq, d_head, generator=generator).to(dtype)
+                   for _ in range(3))
+        times: dict[Callable, list[float]] = {kernel_causal_attention: [],
+                                              F.scaled_dot_product_attention: []}
+        with torch.no_grad():
+            for run in range(RUNS + 1):  # the first run warms up, and is not counted
+                for attention, runs in times.items():
+                    start = time.perf_counter()
+                    attention(q, k, v, is_causal=True)
+                    if run:
+                        runs.append((time.perf_counter() - start) * 1e3)
+        _times[key] = (statistics.median(times[kernel_causal_attention]),
+                       statistics.median(times[F.scaled_dot_product_attention]))
+    return _times[key]
+
+
+def timings() -> dict[tuple, tuple[float, float]]:
+    """What this process has timed: (batch, heads, seq, d_head, dtype, threads) -> (kernel's
+    ms, library's ms)."""
+    return dict(_times)
+
+
+def describe(times: dict[tuple, tuple[float, float]] | None = None) -> str:
+    """`times` (by default all of this process's timings) in words, a line per shape."""
+    times = _times if times is None else times
+    parts = [f"{batch}x{heads}x{seq}x{d_head} {str(dtype).removeprefix('torch.')}: "
+             f"{'kernel' if kernel < library else 'library'} ({kernel:.2f} ms the kernel's, "
+             f"{library:.2f} ms the library's)"
+             for (batch, heads, seq, d_head, dtype, _), (kernel, library) in times.items()]
+    return "\n".join(parts) or "no causal attention timed"
+
+
+def _causal_self_attention(node: fx.Node) -> tuple[int, int, int, int, torch.dtype] | None:
+    """(batch, heads, seq, d_head, dtype) of a traced causal self-attention the kernel does:
+    no mask, dropout or grouped queries, on the CPU, with no gradient recorded through it;
+    None for anything else."""
+    if node.op != "call_function" or node.target is not F.scaled_dot_product_attention:
+        return None
+    q, k, v = (example_value(arg) for arg in node.args[:3])
+    mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
+    dropout = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
+    causal = node.kwargs.get("is_causal", node.args[5] if len(node.args) > 5 else False)
+    if q is None or k is None or v is None or mask is not None or dropout != 0.0 \
+            or causal is not True or node.kwargs.get("enable_gqa", False):
+        return None
+    tensors = (q, k, v)
+    if q.dim() != 4 or q.dtype not in DTYPES or any(
+            t.dtype != q.dtype or t.device.type != "cpu" or t.requires_grad or t.dim() != 4
+            for t in tensors):
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        shapes = [tuple(optimization_hint(size, fallback=1024) for size in t.shape)
+                  for t in tensors]
+    if shapes[1] != shapes[0] or shapes[2] != shapes[0]:
+        return None
+    batch, heads, seq, d_head = shapes[0]
+    if d_head % 16 or not 0 < d_head <= 128:
+        return None
+    return batch, heads, seq, d_head, q.dtype

@@ -1,0 +1,176 @@
+// Causal self-attention of whole sequences (a prompt, a forward pass) on the CPU, in float32:
+// softmax(q . k * scale) . v with each query seeing its own key and those before it. A few query
+// rows at a time pass over the keys in blocks of 64, keeping their running largest score, sum
+// and output in registers (the online softmax), and stop at their own position, so the masked
+// half of the scores is never computed. The scores of a block are register tiles of query rows
+// times key vectors (the keys transposed once, so that 16 keys are a vector); the values are
+// summed as the query rows' weights times each value row.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "vectors.h"
+
+namespace {
+
+using namespace gpt2_decl_kernels;
+
+constexpr int64_t kKeys = 64;  // keys per block
+constexpr int64_t kKeyVectors = kKeys / kLanes;
+constexpr float kHidden = -std::numeric_limits<float>::infinity();
+
+// Where one head's rows are: element (t, d) at base + t * row + d.
+struct Rows {
+  const float* base;
+  int64_t row;
+  const float* at(int64_t t) const { return base + t * row; }
+};
+
+// Query rows i0 .. i0 + rows - 1 (at most Queries) of one head, D = Parts * kLanes; keys_t is
+// the head's keys transposed (element (d, t) at d * padded + t, zero past the last key).
+template <int64_t Queries, int64_t Parts>
+void query_rows(Rows q, const float* keys_t, int64_t padded, Rows v, int64_t i0, int64_t rows,
+                float scale, float* out) {
+  constexpr int64_t D = Parts * kLanes;
+  float query[Queries][D];
+  for (int64_t r = 0; r < Queries; ++r)
+    for (int64_t d = 0; d < D; ++d) query[r][d] = r < rows ? q.at(i0 + r)[d] * scale : 0.0f;
+  Lanes tops = Lanes{} + kHidden;  // each row's largest score so far, a lane a row
+  Lanes totals[Queries] = {};      // each row's sum of e^(score - top), spread over lanes
+  Lanes sums[Queries][Parts] = {};
+  alignas(64) float weights[Queries][kKeys];
+  const Picks lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const int64_t end = i0 + rows;  // keys [0, end) are seen by some row
+  for (int64_t j0 = 0; j0 < end; j0 += kKeys) {
+    Lanes scores[Queries][kKeyVectors] = {};
+    for (int64_t d = 0; d < D; ++d) {
+      Lanes keys[kKeyVectors];
+      for (int64_t c = 0; c < kKeyVectors; ++c)
+        keys[c] = load<Lanes>(keys_t + d * padded + j0 + c * kLanes);
+      for (int64_t r = 0; r < Queries; ++r)
+        for (int64_t c = 0; c < kKeyVectors; ++c) scores[r][c] += query[r][d] * keys[c];
+    }
+    // Keys after a row's own position (only in the last block a row sees) are hidden.
+    const bool diagonal = j0 + kKeys > i0;
+    alignas(64) float block_top[kLanes];
+    std::fill(block_top, block_top + kLanes, kHidden);
+    for (int64_t r = 0; r < Queries; ++r) {
+      if (diagonal)
+        for (int64_t c = 0; c < kKeyVectors; ++c)
+          scores[r][c] = lane + int32_t(j0 + c * kLanes - i0 - r) > 0 ? Lanes{} + kHidden
+                                                                       : scores[r][c];
+      Lanes top = scores[r][0];
+      for (int64_t c = 1; c < kKeyVectors; ++c) top = top > scores[r][c] ? top : scores[r][c];
+      block_top[r] = max_lanes(top);
+    }
+    // Every row's key 0 is in the first block: its top is finite from then on.
+    const Lanes block_tops = load<Lanes>(block_top);
+    const Lanes new_tops = tops > block_tops ? tops : block_tops;
+    const Lanes rescale = exp_lanes(tops - new_tops);
+    tops = new_tops;
+    for (int64_t r = 0; r < Queries; ++r) {
+      Lanes block_total = {};
+      for (int64_t c = 0; c < kKeyVectors; ++c) {
+        Lanes shares = exp_lanes(scores[r][c] - new_tops[r]);
+        if (diagonal)  // exactly 0, not e^-87
+          shares = lane + int32_t(j0 + c * kLanes - i0 - r) > 0 ? Lanes{} : shares;
+        block_total += shares;
+        std::memcpy(&weights[r][c * kLanes], &shares, sizeof shares);
+      }
+      totals[r] = totals[r] * rescale[r] + block_total;
+      for (int64_t p = 0; p < Parts; ++p) sums[r][p] *= rescale[r];
+    }
+    const int64_t keys = std::min(kKeys, end - j0);
+    for (int64_t j = 0; j < keys; ++j) {
+      Lanes value[Parts];
+      for (int64_t p = 0; p < Parts; ++p) value[p] = load<Lanes>(v.at(j0 + j) + p * kLanes);
+      for (int64_t r = 0; r < Queries; ++r)
+        for (int64_t p = 0; p < Parts; ++p) sums[r][p] += weights[r][j] * value[p];
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    float total = 0.0f;
+    sum_lanes<1>(&totals[r], &total);
+    for (int64_t p = 0; p < Parts; ++p) {
+      const Lanes result = sums[r][p] / total;
+      std::memcpy(out + (i0 + r) * D + p * kLanes, &result, sizeof result);
+    }
+  }
+}
+
+// Every head's rows, split among torch's threads a few query rows at a time. q and v: float32
+// [batch, heads, seq, D] with rows of D in order; keys_t: [batch, heads, D, padded].
+template <int64_t Parts>
+void attend(const at::Tensor& q, const at::Tensor& keys_t, const at::Tensor& v, float scale,
+            at::Tensor& out) {
+  constexpr int64_t kQueries = Parts <= 4 ? 6 : 3;  // their sums stay in 24 vector registers
+  const int64_t H = q.size(1), T = q.size(2), padded = keys_t.size(3);
+  const int64_t blocks = (T + kQueries - 1) / kQueries;
+  const float* qp = q.const_data_ptr<float>();
+  const float* kp = keys_t.const_data_ptr<float>();
+  const float* vp = v.const_data_ptr<float>();
+  float* op = out.mutable_data_ptr<float>();
+  at::parallel_for(0, q.size(0) * H * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / blocks, b = bh / H, h = bh % H;
+      const int64_t i0 = task % blocks * kQueries;
+      query_rows<kQueries, Parts>(
+          Rows{qp + b * q.stride(0) + h * q.stride(1), q.stride(2)},
+          kp + bh * Parts * kLanes * padded, padded,
+          Rows{vp + b * v.stride(0) + h * v.stride(1), v.stride(2)}, i0,
+          std::min(kQueries, T - i0), scale, op + bh * T * Parts * kLanes);
+    }
+  });
+}
+
+// In float32, as given where its rows are in order, else copied so.
+at::Tensor float_rows(const at::Tensor& x) {
+  return x.scalar_type() == at::kFloat && x.stride(3) == 1 ? x : x.to(at::kFloat).contiguous();
+}
+
+at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            double scale) {
+  TORCH_CHECK(q.dim() == 4 && (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16),
+              "causal attention takes float32 or bfloat16 queries [batch, heads, seq, d_head], "
+              "got ", q.sizes(), " ", q.scalar_type());
+  TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes() &&
+                  k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "causal attention takes keys and values like its queries (", q.sizes(), " ",
+              q.scalar_type(), "), got ", k.sizes(), " ", k.scalar_type(), " and ", v.sizes(),
+              " ", v.scalar_type());
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
+  TORCH_CHECK(D % kLanes == 0 && D > 0 && D <= 8 * kLanes,
+              "causal attention takes d_head a multiple of 16 up to 128, got ", D);
+  const at::Tensor queries = float_rows(q), values = float_rows(v);
+  const int64_t padded = (T + kKeys - 1) / kKeys * kKeys;
+  at::Tensor keys_t = at::zeros({B, H, D, padded}, q.options().dtype(at::kFloat));
+  keys_t.narrow(3, 0, T).copy_(k.transpose(2, 3));
+  at::Tensor out = at::empty({B, H, T, D}, q.options().dtype(at::kFloat));
+  const float s = float(scale);
+  switch (D / kLanes) {
+    case 1: attend<1>(queries, keys_t, values, s, out); break;
+    case 2: attend<2>(queries, keys_t, values, s, out); break;
+    case 3: attend<3>(queries, keys_t, values, s, out); break;
+    case 4: attend<4>(queries, keys_t, values, s, out); break;
+    case 5: attend<5>(queries, keys_t, values, s, out); break;
+    case 6: attend<6>(queries, keys_t, values, s, out); break;
+    case 7: attend<7>(queries, keys_t, values, s, out); break;
+    default: attend<8>(queries, keys_t, values, s, out); break;
+  }
+  return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(gpt2_decl, m) {
+  m.def("causal_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(gpt2_decl, CPU, m) { m.impl("causal_attention", &causal_attention); }
