@@ -1,5 +1,6 @@
-// Causal self-attention of whole sequences (a prompt, a forward pass) on the CPU, in float32:
-// softmax(q . k * scale) . v with each query seeing its own key and those before it. A few query
+// Causal self-attention of whole sequences (a prompt, a forward pass) on the CPU, summed in
+// float32 (bfloat16 elements widened as they are read): softmax(q . k * scale) . v with each
+// query seeing its own key and those before it. A few query
 // rows at a time pass over the keys in blocks of 64, keeping their running largest score, sum
 // and output in registers (the online softmax), and stop at their own position, so the masked
 // half of the scores is never computed. The scores of a block are register tiles of query rows
@@ -8,7 +9,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -27,21 +27,22 @@ constexpr int64_t kKeyVectors = kKeys / kLanes;
 constexpr float kHidden = -std::numeric_limits<float>::infinity();
 
 // Where one head's rows are: element (t, d) at base + t * row + d.
+template <typename Element>
 struct Rows {
-  const float* base;
+  const Element* base;
   int64_t row;
-  const float* at(int64_t t) const { return base + t * row; }
+  const Element* at(int64_t t) const { return base + t * row; }
 };
 
 // Query rows i0 .. i0 + rows - 1 (at most Queries) of one head, D = Parts * kLanes; keys_t is
 // the head's keys transposed (element (d, t) at d * padded + t, zero past the last key).
-template <int64_t Queries, int64_t Parts>
-void query_rows(Rows q, const float* keys_t, int64_t padded, Rows v, int64_t i0, int64_t rows,
-                float scale, float* out) {
+template <int64_t Queries, int64_t Parts, typename Element>
+void query_rows(Rows<Element> q, const float* keys_t, int64_t padded, Rows<Element> v,
+                int64_t i0, int64_t rows, float scale, Element* out) {
   constexpr int64_t D = Parts * kLanes;
   float query[Queries][D];
   for (int64_t r = 0; r < Queries; ++r)
-    for (int64_t d = 0; d < D; ++d) query[r][d] = r < rows ? q.at(i0 + r)[d] * scale : 0.0f;
+    for (int64_t d = 0; d < D; ++d) query[r][d] = r < rows ? value_at(q.at(i0 + r) + d) * scale : 0.0f;
   Lanes tops = Lanes{} + kHidden;  // each row's largest score so far, a lane a row
   Lanes totals[Queries] = {};      // each row's sum of e^(score - top), spread over lanes
   Lanes sums[Queries][Parts] = {};
@@ -90,7 +91,7 @@ void query_rows(Rows q, const float* keys_t, int64_t padded, Rows v, int64_t i0,
     const int64_t keys = std::min(kKeys, end - j0);
     for (int64_t j = 0; j < keys; ++j) {
       Lanes value[Parts];
-      for (int64_t p = 0; p < Parts; ++p) value[p] = load<Lanes>(v.at(j0 + j) + p * kLanes);
+      for (int64_t p = 0; p < Parts; ++p) value[p] = lanes_at(v.at(j0 + j) + p * kLanes);
       for (int64_t r = 0; r < Queries; ++r)
         for (int64_t p = 0; p < Parts; ++p) sums[r][p] += weights[r][j] * value[p];
     }
@@ -98,42 +99,80 @@ void query_rows(Rows q, const float* keys_t, int64_t padded, Rows v, int64_t i0,
   for (int64_t r = 0; r < rows; ++r) {
     float total = 0.0f;
     sum_lanes<1>(&totals[r], &total);
+    alignas(64) float result[D];
     for (int64_t p = 0; p < Parts; ++p) {
-      const Lanes result = sums[r][p] / total;
-      std::memcpy(out + (i0 + r) * D + p * kLanes, &result, sizeof result);
+      const Lanes part = sums[r][p] / total;
+      std::memcpy(result + p * kLanes, &part, sizeof part);
     }
+    for (int64_t d = 0; d < D; ++d) store(result[d], out + (i0 + r) * D + d);
   }
 }
 
-// Every head's rows, split among torch's threads a few query rows at a time. q and v: float32
-// [batch, heads, seq, D] with rows of D in order; keys_t: [batch, heads, D, padded].
-template <int64_t Parts>
+// keys_t[b, h, d, t] = k[b, h, t, d] in float32, zero for t from T up to `padded`, 16 keys at
+// a time (their rows stay in cache while each d's 16 go out as one line).
+template <typename Element>
+void transpose_keys(const at::Tensor& k, at::Tensor& keys_t) {
+  const int64_t H = k.size(1), T = k.size(2), D = k.size(3), padded = keys_t.size(3);
+  const Element* kp = static_cast<const Element*>(k.const_data_ptr());
+  float* tp = keys_t.mutable_data_ptr<float>();
+  at::parallel_for(0, k.size(0) * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const Element* head = kp + bh / H * k.stride(0) + bh % H * k.stride(1);
+      float* head_t = tp + bh * D * padded;
+      for (int64_t t0 = 0; t0 < padded; t0 += kLanes)
+        for (int64_t d = 0; d < D; ++d)
+          for (int64_t t = t0; t < t0 + kLanes; ++t)
+            head_t[d * padded + t] = t < T ? value_at(head + t * k.stride(2) + d) : 0.0f;
+    }
+  });
+}
+
+// Every head's rows, split among torch's threads a few query rows at a time: q and v
+// [batch, heads, seq, D] with rows of D in order, keys_t [batch, heads, D, padded].
+template <int64_t Parts, typename Element>
 void attend(const at::Tensor& q, const at::Tensor& keys_t, const at::Tensor& v, float scale,
             at::Tensor& out) {
   constexpr int64_t kQueries = Parts <= 4 ? 6 : 3;  // their sums stay in 24 vector registers
   const int64_t H = q.size(1), T = q.size(2), padded = keys_t.size(3);
   const int64_t blocks = (T + kQueries - 1) / kQueries;
-  const float* qp = q.const_data_ptr<float>();
+  const Element* qp = static_cast<const Element*>(q.const_data_ptr());
   const float* kp = keys_t.const_data_ptr<float>();
-  const float* vp = v.const_data_ptr<float>();
-  float* op = out.mutable_data_ptr<float>();
+  const Element* vp = static_cast<const Element*>(v.const_data_ptr());
+  Element* op = static_cast<Element*>(out.mutable_data_ptr());
   at::parallel_for(0, q.size(0) * H * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / blocks, b = bh / H, h = bh % H;
       const int64_t i0 = task % blocks * kQueries;
       query_rows<kQueries, Parts>(
-          Rows{qp + b * q.stride(0) + h * q.stride(1), q.stride(2)},
+          Rows<Element>{qp + b * q.stride(0) + h * q.stride(1), q.stride(2)},
           kp + bh * Parts * kLanes * padded, padded,
-          Rows{vp + b * v.stride(0) + h * v.stride(1), v.stride(2)}, i0,
+          Rows<Element>{vp + b * v.stride(0) + h * v.stride(1), v.stride(2)}, i0,
           std::min(kQueries, T - i0), scale, op + bh * T * Parts * kLanes);
     }
   });
 }
 
-// In float32, as given where its rows are in order, else copied so.
-at::Tensor float_rows(const at::Tensor& x) {
-  return x.scalar_type() == at::kFloat && x.stride(3) == 1 ? x : x.to(at::kFloat).contiguous();
+template <typename Element>
+void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, float scale,
+            at::Tensor& out) {
+  const int64_t padded = (q.size(2) + kKeys - 1) / kKeys * kKeys;
+  at::Tensor keys_t = at::empty({q.size(0), q.size(1), q.size(3), padded},
+                                q.options().dtype(at::kFloat));
+  transpose_keys<Element>(k, keys_t);
+  switch (q.size(3) / kLanes) {
+    case 1: attend<1, Element>(q, keys_t, v, scale, out); break;
+    case 2: attend<2, Element>(q, keys_t, v, scale, out); break;
+    case 3: attend<3, Element>(q, keys_t, v, scale, out); break;
+    case 4: attend<4, Element>(q, keys_t, v, scale, out); break;
+    case 5: attend<5, Element>(q, keys_t, v, scale, out); break;
+    case 6: attend<6, Element>(q, keys_t, v, scale, out); break;
+    case 7: attend<7, Element>(q, keys_t, v, scale, out); break;
+    default: attend<8, Element>(q, keys_t, v, scale, out); break;
+  }
 }
+
+// In rows of d_head in order: as given where they are, else copied so.
+at::Tensor in_rows(const at::Tensor& x) { return x.stride(3) == 1 ? x : x.contiguous(); }
 
 at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             double scale) {
@@ -145,26 +184,15 @@ at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k, const at::
               "causal attention takes keys and values like its queries (", q.sizes(), " ",
               q.scalar_type(), "), got ", k.sizes(), " ", k.scalar_type(), " and ", v.sizes(),
               " ", v.scalar_type());
-  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
+  const int64_t D = q.size(3);
   TORCH_CHECK(D % kLanes == 0 && D > 0 && D <= 8 * kLanes,
               "causal attention takes d_head a multiple of 16 up to 128, got ", D);
-  const at::Tensor queries = float_rows(q), values = float_rows(v);
-  const int64_t padded = (T + kKeys - 1) / kKeys * kKeys;
-  at::Tensor keys_t = at::zeros({B, H, D, padded}, q.options().dtype(at::kFloat));
-  keys_t.narrow(3, 0, T).copy_(k.transpose(2, 3));
-  at::Tensor out = at::empty({B, H, T, D}, q.options().dtype(at::kFloat));
-  const float s = float(scale);
-  switch (D / kLanes) {
-    case 1: attend<1>(queries, keys_t, values, s, out); break;
-    case 2: attend<2>(queries, keys_t, values, s, out); break;
-    case 3: attend<3>(queries, keys_t, values, s, out); break;
-    case 4: attend<4>(queries, keys_t, values, s, out); break;
-    case 5: attend<5>(queries, keys_t, values, s, out); break;
-    case 6: attend<6>(queries, keys_t, values, s, out); break;
-    case 7: attend<7>(queries, keys_t, values, s, out); break;
-    default: attend<8>(queries, keys_t, values, s, out); break;
-  }
-  return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  if (q.scalar_type() == at::kFloat)
+    attend<float>(in_rows(q), k, in_rows(v), float(scale), out);
+  else
+    attend<uint16_t>(in_rows(q), k, in_rows(v), float(scale), out);
+  return out;
 }
 
 }  // namespace

@@ -1,6 +1,9 @@
-// Vectors of float32 lanes for the decoding kernels, in the compiler's vector extension (the
-// machine's own vector registers under -march=native), and how to add up the lanes of many.
+// Vectors of float32 lanes for the C++ kernels, in the compiler's vector extension (the
+// machine's own vector registers under -march=native): how to add up the lanes of many, read
+// and write float32 or bfloat16 elements, and take exponentials and largest lanes.
 #pragma once
+
+#include <c10/util/BFloat16.h>
 
 #include <cstdint>
 #include <cstring>
@@ -68,6 +71,23 @@ inline float bfloat16_value(uint16_t bits) {
   std::memcpy(&value, &wide, sizeof value);
   return value;
 }
+
+// Elements read and written as float32 lanes or values, float32 or bfloat16 (bits).
+typedef uint16_t Halves __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+
+inline Lanes lanes_at(const float* values) { return load<Lanes>(values); }
+
+inline Lanes lanes_at(const uint16_t* bits) {
+  return as_lanes(__builtin_convertvector(load<Halves>(bits), Words) << 16);
+}
+
+inline float value_at(const float* value) { return *value; }
+
+inline float value_at(const uint16_t* bits) { return bfloat16_value(*bits); }
+
+inline void store(float value, float* at) { *at = value; }
+
+inline void store(float value, uint16_t* at) { *at = c10::BFloat16(value).x; }
 
 // e^x lane by lane for x <= 0 (scores less the largest), as 2^k e^r with k = x / ln 2 rounded
 // and |r| <= ln 2 / 2, e^r by Cephes' polynomial (within a few units in the last place of

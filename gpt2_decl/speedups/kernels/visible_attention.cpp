@@ -6,7 +6,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -21,18 +20,6 @@
 namespace {
 
 using namespace gpt2_decl_kernels;
-
-typedef uint16_t Halves __attribute__((vector_size(kLanes * sizeof(uint16_t))));
-
-inline Lanes lanes_at(const float* values) { return load<Lanes>(values); }
-
-inline Lanes lanes_at(const uint16_t* bits) {
-  return as_lanes(__builtin_convertvector(load<Halves>(bits), Words) << 16);
-}
-
-inline float value_at(const float* value) { return *value; }
-
-inline float value_at(const uint16_t* bits) { return bfloat16_value(*bits); }
 
 // out = the visible keys' softmax(q . key * scale) weights times their values, for one head
 // (keys and values `stride` apart, the mask's entries `shown_stride` apart); zeros where no key
@@ -97,10 +84,6 @@ void one_head(const float* q, const Element* keys, const Element* values, int64_
     out[d] = sum * share;
   }
 }
-
-inline void store(float value, float* at) { *at = value; }
-
-inline void store(float value, uint16_t* at) { *at = c10::BFloat16(value).x; }
 
 // Every head's attention, split among torch's threads: q (any strides) widened to float32,
 // the result rounded back to the element type.
