@@ -1,6 +1,6 @@
 """Causal self-attention of whole sequences through a C++ kernel, on a CPU.
 
-`scaled_dot_product_attention`'s CPU kernel works in blocks of 256 queries by 512 keys and
+`scaled_dot_product_attention`'s CPU kernel works in large blocks of queries and keys and
 computes the masked part of the blocks on the causal diagonal before it drops it. The kernel
 (kernels/causal_attention.cpp, built with the decoding kernels by `row_kernels.load`) passes
 over the keys six query rows at a time, with the online softmax in registers, and stops at each
