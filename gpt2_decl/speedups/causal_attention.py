@@ -19,8 +19,6 @@ model's code, eager runs and training are untouched; use it as
 """
 
 import math
-import statistics
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,7 +29,7 @@ from torch import Tensor, fx
 from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from gpt2_decl.speedups import row_kernels
-from gpt2_decl.speedups.wide_products import example_value
+from gpt2_decl.speedups.wide_products import example_value, medians_in_turns
 
 DTYPES = (torch.float32, torch.bfloat16)
 RUNS = 5
@@ -111,17 +109,9 @@ def time_attention(batch: int, heads: int, seq: int, d_head: int, dtype: torch.d
         generator = torch.Generator().manual_seed(0)
         q, k, v = (torch.randn(batch, heads, seq, d_head, generator=generator).to(dtype)
                    for _ in range(3))
-        times: dict[Callable, list[float]] = {kernel_causal_attention: [],
-                                              F.scaled_dot_product_attention: []}
-        with torch.no_grad():
-            for run in range(RUNS + 1):  # the first run warms up, and is not counted
-                for attention, runs in times.items():
-                    start = time.perf_counter()
-                    attention(q, k, v, is_causal=True)
-                    if run:
-                        runs.append((time.perf_counter() - start) * 1e3)
-        _times[key] = (statistics.median(times[kernel_causal_attention]),
-                       statistics.median(times[F.scaled_dot_product_attention]))
+        _times[key] = medians_in_turns(
+            [lambda: kernel_causal_attention(q, k, v, is_causal=True),
+             lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)], RUNS)
     return _times[key]
 
 

@@ -138,16 +138,23 @@ def time_product(rows: int, in_features: int, out_features: int, dtype: torch.dt
         x, weight = (torch.randn(size, generator=generator).to(dtype)
                      for size in ((rows, in_features), (out_features, in_features)))
         bias = torch.zeros(out_features, dtype=dtype)
-        times: dict[Callable, list[float]] = {wide_linear: [], F.linear: []}
-        with torch.no_grad():
-            for run in range(RUNS + 1):  # the first run warms up, and is not counted
-                for product, runs in times.items():
-                    start = time.perf_counter()
-                    product(x, weight, bias)
-                    if run:
-                        runs.append((time.perf_counter() - start) * 1e3)
-        _times[key] = (statistics.median(times[wide_linear]), statistics.median(times[F.linear]))
+        _times[key] = medians_in_turns([lambda: wide_linear(x, weight, bias),
+                                        lambda: F.linear(x, weight, bias)], RUNS)
     return _times[key]
+
+
+def medians_in_turns(calls: list[Callable], runs: int) -> tuple[float, ...]:
+    """Median milliseconds of each call, run in turns `runs` times with no gradient recorded,
+    after one untimed turn that warms them up."""
+    times: list[list[float]] = [[] for _ in calls]
+    with torch.no_grad():
+        for run in range(runs + 1):
+            for call, taken in zip(calls, times, strict=True):
+                start = time.perf_counter()
+                call()
+                if run:
+                    taken.append((time.perf_counter() - start) * 1e3)
+    return tuple(statistics.median(taken) for taken in times)
 
 
 def timings() -> dict[tuple, tuple[float, float]]:
