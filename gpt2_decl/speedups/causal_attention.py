@@ -5,8 +5,8 @@ computes the masked part of the blocks on the causal diagonal before it drops it
 (kernels/causal_attention.cpp, built with the decoding kernels by `row_kernels.load`) passes
 over the keys six query rows at a time, with the online softmax in registers, and stops at each
 row's own position: it computes only the scores a causal mask shows. It sums in float32
-(bfloat16 queries, keys and values are widened first, the output rounded back) and has no
-gradient.
+(bfloat16 queries, keys and values widened as they are read, the output rounded back) and has
+no gradient.
 
 `KernelAttention` is a torch.compile backend that makes the rewrite in the traced graph, for
 causal attention with no mask, no dropout and no gradient recorded, float32 or bfloat16, d_head
@@ -29,7 +29,12 @@ from torch import Tensor, fx
 from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from gpt2_decl.speedups import row_kernels
-from gpt2_decl.speedups.wide_products import example_value, medians_in_turns
+from gpt2_decl.speedups.wide_products import (
+    attention_options,
+    describe_timings,
+    example_value,
+    medians_in_turns,
+)
 
 DTYPES = (torch.float32, torch.bfloat16)
 RUNS = 5
@@ -123,12 +128,8 @@ def timings() -> dict[tuple, tuple[float, float]]:
 
 def describe(times: dict[tuple, tuple[float, float]] | None = None) -> str:
     """`times` (by default all of this process's timings) in words, a line per shape."""
-    times = _times if times is None else times
-    parts = [f"{batch}x{heads}x{seq}x{d_head} {str(dtype).removeprefix('torch.')}: "
-             f"{'kernel' if kernel < library else 'library'} ({kernel:.2f} ms the kernel's, "
-             f"{library:.2f} ms the library's)"
-             for (batch, heads, seq, d_head, dtype, _), (kernel, library) in times.items()]
-    return "\n".join(parts) or "no causal attention timed"
+    return describe_timings(_times if times is None else times, "kernel", "the kernel's",
+                            "no causal attention timed")
 
 
 def _causal_self_attention(node: fx.Node) -> tuple[int, int, int, int, torch.dtype] | None:
@@ -138,9 +139,7 @@ def _causal_self_attention(node: fx.Node) -> tuple[int, int, int, int, torch.dty
     if node.op != "call_function" or node.target is not F.scaled_dot_product_attention:
         return None
     q, k, v = (example_value(arg) for arg in node.args[:3])
-    mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
-    dropout = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
-    causal = node.kwargs.get("is_causal", node.args[5] if len(node.args) > 5 else False)
+    mask, dropout, causal = attention_options(node)
     if q is None or k is None or v is None or mask is not None or dropout != 0.0 \
             or causal is not True or node.kwargs.get("enable_gqa", False):
         return None

@@ -64,7 +64,7 @@ from torch import Tensor, fx, nn
 
 from gpt2_decl.speedups import row_kernels, wide_products
 from gpt2_decl.speedups.quantize import int8_rows, is_quantized, quantizes_activations
-from gpt2_decl.speedups.wide_products import example_value, linear_weight
+from gpt2_decl.speedups.wide_products import attention_options, example_value, linear_weight
 
 
 def one_row_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -436,9 +436,8 @@ def _rounds_input_to_int8(linear: fx.Node) -> bool:
 
 def _is_one_query_over_a_mask(node: fx.Node) -> bool:
     q = _cpu_input(node)
-    mask = example_value(node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None))
-    dropout = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
-    causal = node.kwargs.get("is_causal", node.args[5] if len(node.args) > 5 else False)
+    mask_node, dropout, causal = attention_options(node)
+    mask = example_value(mask_node)
     return (
         q is not None
         and q.shape[-2] == 1

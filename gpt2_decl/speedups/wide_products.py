@@ -165,12 +165,20 @@ def timings() -> dict[tuple, tuple[float, float]]:
 
 def describe(times: dict[tuple, tuple[float, float]] | None = None) -> str:
     """`times` (by default all of this process's timings) in words, a line per product shape."""
-    times = _times if times is None else times
-    parts = [f"{rows}x{inputs}x{outputs} {str(dtype).removeprefix('torch.')}: "
-             f"{'widened' if wide < library else 'library'} ({wide:.2f} ms widened, "
+    return describe_timings(_times if times is None else times, "widened", "widened",
+                            "no bfloat16 products of two or more rows timed")
+
+
+def describe_timings(times: dict[tuple, tuple[float, float]], way: str, way_ms: str,
+                     nothing: str) -> str:
+    """A line per shape of timings keyed (*sizes, dtype, threads) -> (`way`'s ms, the library's
+    ms): the sizes, the dtype and which was faster; `nothing` where there are none."""
+    parts = [f"{'x'.join(str(size) for size in key[:-2])} "
+             f"{str(key[-2]).removeprefix('torch.')}: "
+             f"{way if ours < library else 'library'} ({ours:.2f} ms {way_ms}, "
              f"{library:.2f} ms the library's)"
-             for (rows, inputs, outputs, dtype, _), (wide, library) in times.items()]
-    return "\n".join(parts) or "no bfloat16 products of two or more rows timed"
+             for key, (ours, library) in times.items()]
+    return "\n".join(parts) or nothing
 
 
 def _narrow_product(linear: fx.Node) -> tuple[int, int, int, torch.dtype] | None:
@@ -198,6 +206,15 @@ def example_value(node: object) -> Tensor | None:
     """The tensor a traced graph's node stood for while tracing; None for anything else."""
     value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
     return value if isinstance(value, Tensor) else None
+
+
+def attention_options(attention: fx.Node) -> tuple[object, object, object]:
+    """The `attn_mask`, `dropout_p` and `is_causal` of a traced
+    `F.scaled_dot_product_attention`, however they were passed."""
+    args, kwargs = attention.args, attention.kwargs
+    return (kwargs.get("attn_mask", args[3] if len(args) > 3 else None),
+            kwargs.get("dropout_p", args[4] if len(args) > 4 else 0.0),
+            kwargs.get("is_causal", args[5] if len(args) > 5 else False))
 
 
 def linear_weight(linear: fx.Node) -> Tensor | None:
