@@ -16,10 +16,17 @@ model's code, eager runs and training are untouched; use it as
 
     gpt2_decl.compile(model, freeze=True, backend=KernelAttention())
     gpt2_decl.compile(model, freeze=True, backend=KernelAttention(then=WideProducts()))
+
+The kernel also takes queries that follow earlier keys: a prompt run over a cache, whose mask
+shows each query the cache's first keys and its own prompt up to itself. Within
+`EagerKernelAttention`, eager attention of either kind (no gradient, no dropout) goes through
+the kernel; generation uses it for a prompt where `cpu_decoding.choice_for` timed the kernel
+faster.
 """
 
 import math
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
 from torch.fx.experimental.symbolic_shapes import optimization_hint
+from torch.overrides import TorchFunctionMode
 
 from gpt2_decl.speedups import row_kernels
 from gpt2_decl.speedups.wide_products import (
@@ -155,6 +163,83 @@ def _causal_self_attention(node: fx.Node) -> tuple[int, int, int, int, torch.dty
     if shapes[1] != shapes[0] or shapes[2] != shapes[0]:
         return None
     batch, heads, seq, d_head = shapes[0]
-    if d_head % 16 or not 0 < d_head <= 128:
+    if not takes_head_size(d_head):
         return None
     return batch, heads, seq, d_head, q.dtype
+
+
+def causal_offset(mask: Tensor, seq: int, keys: int) -> int | None:
+    """The number of earlier keys after which `mask` ([batch or 1, 1, seq, keys] booleans) is
+    causal attention's: query i sees keys 0 .. offset + i and no others, in every row; None
+    where it is not (a row's padding hidden, say)."""
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 \
+            or tuple(mask.shape[2:]) != (seq, keys) or seq == 0:
+        return None
+    offset = int(mask[0, 0, 0].sum()) - 1
+    if offset < 0 or offset + seq > keys:
+        return None
+    positions = torch.arange(keys, device=mask.device)
+    causal = positions <= offset + torch.arange(seq, device=mask.device)[:, None]
+    return offset if bool((mask == causal).all()) else None
+
+
+class EagerKernelAttention(TorchFunctionMode):
+    """Within it, eager `F.scaled_dot_product_attention` on the CPU goes through the kernel
+    where it is causal attention the kernel does: is_causal over the queries' own keys, or a
+    mask `causal_offset` finds causal after earlier keys; no dropout or grouped queries, no
+    gradient recorded, float32 or bfloat16, d_head a multiple of 16 up to 128. Other attention
+    stays as it is, and all of it where the kernel cannot be built. A mask is checked once
+    while it is unchanged (a model passes the same one to every layer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.loaded = row_kernels.load() is None
+        self._checked: tuple[weakref.ref, int, int | None] | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and self.loaded:
+            q, k, v, mask, dropout, causal, scale, gqa = _attention_arguments(*args, **kwargs)
+            offset = self._offset(q, k, v, mask, causal) \
+                if dropout == 0.0 and not gqa and _kernel_takes(q, k, v) else None
+            if offset is not None:
+                return torch.ops.gpt2_decl.causal_attention(
+                    q, k, v, 1 / math.sqrt(q.shape[-1]) if scale is None else scale, offset)
+        return func(*args, **kwargs)
+
+    def _offset(self, q: Tensor, k: Tensor, v: Tensor, mask: object, causal: bool
+                ) -> int | None:
+        seq, keys = q.shape[2], k.shape[2]
+        if mask is None:
+            return 0 if causal and keys == seq else None
+        if causal or not isinstance(mask, Tensor) or mask.device.type != "cpu":
+            return None
+        if self._checked is None or self._checked[0]() is not mask \
+                or self._checked[1] != mask._version:
+            self._checked = (weakref.ref(mask), mask._version, causal_offset(mask, seq, keys))
+        return self._checked[2]
+
+
+def takes_head_size(d_head: int) -> bool:
+    """Whether the kernel takes heads of d_head: a multiple of 16 (a vector) up to 128."""
+    return d_head % 16 == 0 and 0 < d_head <= 128
+
+
+def _attention_arguments(query: object = None, key: object = None, value: object = None,
+                         attn_mask: object = None, dropout_p: float = 0.0,
+                         is_causal: bool = False, scale: float | None = None,
+                         enable_gqa: bool = False) -> tuple:
+    """`F.scaled_dot_product_attention`'s arguments, however they were passed."""
+    return query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
+
+
+def _kernel_takes(q: object, k: object, v: object) -> bool:
+    """Whether the kernel does attention of these queries, keys and values, eagerly."""
+    tensors = (q, k, v)
+    if not all(isinstance(t, Tensor) and t.dim() == 4 and t.device.type == "cpu"
+               for t in tensors):
+        return False
+    return (q.dtype in DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
+            and k.shape == v.shape and k.shape[:2] == q.shape[:2] and k.shape[3] == q.shape[3]
+            and takes_head_size(q.shape[3])
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))

@@ -62,7 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from gpt2_decl.speedups import row_kernels, wide_products
+from gpt2_decl.speedups import causal_attention, row_kernels, wide_products
 from gpt2_decl.speedups.quantize import int8_rows, is_quantized, quantizes_activations
 from gpt2_decl.speedups.wide_products import attention_options, example_value, linear_weight
 
@@ -193,6 +193,10 @@ class Choice:
     prefill_rows: int = 0
     prefill_wide_rows: int = 0
     prefill_times_ms: dict[int, dict[str, float]] = field(default_factory=dict)
+    # A prompt's attention goes through the causal kernel from prefill_attention_from tokens on
+    # (0: never); prefill_attention_times_ms[seq] = (kernel's, library's) for one layer.
+    prefill_attention_from: int = 0
+    prefill_attention_times_ms: dict[int, tuple[float, float]] = field(default_factory=dict)
 
     def describe(self) -> str:
         parts = [f"{name} {'on' if getattr(self.decoding, name) else 'off'} "
@@ -207,6 +211,13 @@ class Choice:
                 f"at {rows} rows " + " ".join(f"{way} {ms:.2f}" for way, ms in ways.items())
                 for rows, ways in self.prefill_times_ms.items())
             parts.append(f"prompt through the kernel {kernel}, widened {wide} (ms: {timed})")
+        if self.prefill_attention_times_ms:
+            start = "off" if not self.prefill_attention_from else \
+                f"from {self.prefill_attention_from} tokens"
+            timed = ", ".join(f"at {seq} tokens kernel {kernel:.2f} library {library:.2f}"
+                              for seq, (kernel, library)
+                              in self.prefill_attention_times_ms.items())
+            parts.append(f"prompt's attention through the causal kernel {start} (ms: {timed})")
         return "; ".join(parts)
 
 
@@ -245,8 +256,9 @@ def _choose(model: nn.Module, rows: int) -> Choice:
     decoding = CpuDecoding(one_row_products=False, freeze_weights=freeze)
     with torch.no_grad():
         prefill_times = _time_prefill(model)
+        attention_times = _time_prefill_attention(model)
     return Choice(replace(decoding, **chosen), times, *_prefill_limits(prefill_times),
-                  prefill_times)
+                  prefill_times, _prefill_attention_from(attention_times), attention_times)
 
 
 # The prompt sizes (rows) at which each way of doing a prompt's products is timed: short, long
@@ -295,6 +307,46 @@ def _prefill_limits(times: dict[int, dict[str, float]]) -> tuple[int, int]:
             break
         limits[way] = rows
     return limits["kernel"], limits["wide"]
+
+
+def _time_prefill_attention(model: nn.Module) -> dict[int, tuple[float, float]]:
+    """Milliseconds for one layer's attention of a prompt of each of PREFILL_ROWS tokens (up to
+    the context), through the causal kernel and the library's, with the mask generation gives
+    it (medians of runs taken in turns); {} where the kernel does not load or take these heads.
+    The prompt fills its cache here: a longer cache, as generation has, adds to the library's
+    work only (it computes a score for every key the mask hides), so the kernel wins there
+    wherever it wins here."""
+    config = model.config
+    d_head = config.d_model // config.n_head
+    if row_kernels.load() is not None or model.dtype not in causal_attention.DTYPES \
+            or not causal_attention.takes_head_size(d_head):
+        return {}
+    times = {}
+    for seq in sorted({min(rows, config.n_ctx) for rows in PREFILL_ROWS}):
+        q, k, v = (torch.randn(1, config.n_head, seq, d_head, dtype=model.dtype)
+                   for _ in range(3))
+        visible = torch.ones(seq, seq, dtype=torch.bool).tril()[None, None]
+        timed = _time_in_turns({
+            "kernel": functools.partial(torch.ops.gpt2_decl.causal_attention, q, k, v,
+                                        d_head ** -0.5),
+            "library": functools.partial(F.scaled_dot_product_attention, q, k, v,
+                                         attn_mask=visible),
+        }, [()])
+        times[seq] = (timed["kernel"], timed["library"])
+    return times
+
+
+def _prefill_attention_from(times: dict[int, tuple[float, float]]) -> int:
+    """From how many tokens on a prompt's attention goes through the kernel: the shortest
+    length timed from which on the kernel was faster at every length timed (all prompts if it
+    was at the shortest); 0 (never) if it was not at the longest."""
+    start = 0
+    for seq in sorted(times, reverse=True):
+        kernel, library = times[seq]
+        if kernel >= library:
+            break
+        start = seq
+    return 1 if start and start == min(times) else start
 
 
 PRODUCTS = ("one_row_products", "packed_products", "kernel_products")

@@ -117,7 +117,7 @@ def _register_fakes() -> None:
         return torch.empty_like(q, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("gpt2_decl::causal_attention")
-    def _(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    def _(q: Tensor, k: Tensor, v: Tensor, scale: float, offset: int = 0) -> Tensor:
         return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 

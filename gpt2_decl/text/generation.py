@@ -3,10 +3,10 @@
 With the cache (the default) the prompt runs once, eagerly (prefill), and every later token is
 one step over a single token that reads the other tokens' keys and values from a `KVCache`. That
 step has the same shapes for every token, so compiled it is compiled once. Compiled on a CPU,
-the prompt's products go through the row kernel, or are widened to float32, where `choice_for`
-timed that faster. The loop
-never reads a tensor's value on the host except to stop early at `eos_id` (every token on a
-CPU, every `EOS_CHECK_EVERY` tokens on an accelerator), so a GPU runs the steps back to back.
+the prompt's products go through the row kernel, or are widened to float32, and its attention
+through the causal kernel, where `choice_for` timed that faster. The loop never reads a
+tensor's value on the host except to stop early at `eos_id` (every token on a CPU, every
+`EOS_CHECK_EVERY` tokens on an accelerator), so a GPU runs the steps back to back.
 """
 
 import contextlib
@@ -23,6 +23,7 @@ from gpt2_decl.core.compiling import compile as compile_model
 from gpt2_decl.core.inputs import check_tokens
 from gpt2_decl.core.kv_cache import KVCache
 from gpt2_decl.core.typecheck import shape_checked
+from gpt2_decl.speedups.causal_attention import EagerKernelAttention
 from gpt2_decl.speedups.cpu_decoding import choice_for
 from gpt2_decl.speedups.row_kernels import KernelProducts
 from gpt2_decl.speedups.wide_products import WideLinear
@@ -230,7 +231,7 @@ def _decode(
         step = decode_step(model, compile, use_cache, rows=batch)
         cache = _take_cache(model, batch, seq + max_new_tokens, start) if use_cache else None
         if use_cache:
-            with prefill_products(model, compile, batch, seq):
+            with prefill_speedups(model, compile, batch, seq):
                 logits = model(tokens, cache, last_only=True, check_values=False)[:, -1]
         else:
             context = tokens
@@ -281,21 +282,24 @@ def decode_step(model: nn.Module, compile: bool | str | Callable, use_cache: boo
     return compile_model(model, backend="inductor" if compile is True else compile)
 
 
-def prefill_products(model: nn.Module, compile: bool | str | Callable, batch: int, seq: int
+def prefill_speedups(model: nn.Module, compile: bool | str | Callable, batch: int, seq: int
                      ) -> contextlib.AbstractContextManager:
-    """Where the products of a prompt of `batch` x `seq` tokens run, for compiled decoding on a
-    CPU: through the row kernel, or widened to float32, where `choice_for` (as for the steps of
-    `batch` rows) timed that way the fastest at that many rows; else as the model runs them.
-    The output head's product of the last positions only is one of few rows."""
-    products = contextlib.ExitStack()
+    """Where a prompt of `batch` x `seq` tokens runs, for compiled decoding on a CPU: its
+    products through the row kernel, or widened to float32, where `choice_for` (as for the
+    steps of `batch` rows) timed that way the fastest at that many rows, and its attention
+    through the causal kernel where that timed faster at that length; else as the model runs
+    them. The output head's product of the last positions only is one of few rows."""
+    speedups = contextlib.ExitStack()
     if compile is True and model.device.type == "cpu":
         choice = choice_for(model, batch)
         if choice.prefill_rows:
-            products.enter_context(KernelProducts(choice.prefill_rows))
+            speedups.enter_context(KernelProducts(choice.prefill_rows))
         if choice.prefill_rows < batch * seq <= choice.prefill_wide_rows:
-            products.enter_context(WideLinear(choice.prefill_wide_rows,
+            speedups.enter_context(WideLinear(choice.prefill_wide_rows,
                                               min_rows=choice.prefill_rows + 1))
-    return products
+        if 0 < choice.prefill_attention_from <= seq:
+            speedups.enter_context(EagerKernelAttention())
+    return speedups
 
 
 # The cache of each model's last generation, kept for the next one of the same sizes (a cache

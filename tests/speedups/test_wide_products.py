@@ -10,7 +10,7 @@ from gpt2_decl import GPT2, GPT2Config
 from gpt2_decl.speedups import cpu_decoding, wide_products
 from gpt2_decl.speedups.quantize import int8_rows, quantize
 from gpt2_decl.speedups.wide_products import WideLinear, WideProducts, wide_linear
-from gpt2_decl.text.generation import prefill_products
+from gpt2_decl.text.generation import prefill_speedups
 from tests.helpers import model_of_kind, reference_logits
 
 CONFIG = GPT2Config(vocab_size=97, n_ctx=32, d_model=48, n_layer=2, n_head=4, init_std=0.2)
@@ -226,9 +226,9 @@ def test_compiled_generation_widens_a_long_prompt_where_that_timed_fastest(monke
     prompt = torch.randint(CONFIG.vocab_size, (2, 17), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         eager = model(prompt, last_only=True).double()
-        with prefill_products(model, True, *prompt.shape):
+        with prefill_speedups(model, True, *prompt.shape):
             logits = model(prompt, last_only=True).double()
-        with prefill_products(model, True, 2, 16):  # 32 rows: the kernel's, not widened
+        with prefill_speedups(model, True, 2, 16):  # 32 rows: the kernel's, not widened
             model(prompt[:, :16], last_only=True)
     # The blocks' products of 2 x 17 rows; the head's of the last positions is the kernel's.
     assert [shape[:-1] for shape in widened_inputs] == [(2, 17)] * 4 * CONFIG.n_layer

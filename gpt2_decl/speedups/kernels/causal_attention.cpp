@@ -1,6 +1,7 @@
 // Causal self-attention of whole sequences (a prompt, a forward pass) on the CPU, summed in
 // float32 (bfloat16 elements widened as they are read): softmax(q . k * scale) . v with each
-// query seeing its own key and those before it. A few query
+// query seeing its own key and those before it. The queries may follow `offset` earlier keys (a
+// prompt after a cache's first tokens): query i is at position offset + i. A few query
 // rows at a time pass over the keys in blocks of 64, keeping their running largest score, sum
 // and output in registers (the online softmax), and stop at their own position, so the masked
 // half of the scores is never computed. The scores of a block are register tiles of query rows
@@ -34,11 +35,12 @@ struct Rows {
   const Element* at(int64_t t) const { return base + t * row; }
 };
 
-// Query rows i0 .. i0 + rows - 1 (at most Queries) of one head, D = Parts * kLanes; keys_t is
-// the head's keys transposed (element (d, t) at d * padded + t, zero past the last key).
+// Query rows i0 .. i0 + rows - 1 (at most Queries) of one head, at positions from p0 = offset +
+// i0, D = Parts * kLanes; keys_t is the head's keys transposed (element (d, t) at d * padded +
+// t, zero past the last key).
 template <int64_t Queries, int64_t Parts, typename Element>
 void query_rows(Rows<Element> q, const float* keys_t, int64_t padded, Rows<Element> v,
-                int64_t i0, int64_t rows, float scale, Element* out) {
+                int64_t i0, int64_t offset, int64_t rows, float scale, Element* out) {
   constexpr int64_t D = Parts * kLanes;
   float query[Queries][D];
   for (int64_t r = 0; r < Queries; ++r)
@@ -48,7 +50,8 @@ void query_rows(Rows<Element> q, const float* keys_t, int64_t padded, Rows<Eleme
   Lanes sums[Queries][Parts] = {};
   alignas(64) float weights[Queries][kKeys];
   const Picks lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  const int64_t end = i0 + rows;  // keys [0, end) are seen by some row
+  const int64_t p0 = offset + i0;
+  const int64_t end = p0 + rows;  // keys [0, end) are seen by some row
   for (int64_t j0 = 0; j0 < end; j0 += kKeys) {
     Lanes scores[Queries][kKeyVectors] = {};
     for (int64_t d = 0; d < D; ++d) {
@@ -59,13 +62,13 @@ void query_rows(Rows<Element> q, const float* keys_t, int64_t padded, Rows<Eleme
         for (int64_t c = 0; c < kKeyVectors; ++c) scores[r][c] += query[r][d] * keys[c];
     }
     // Keys after a row's own position (only in the last block a row sees) are hidden.
-    const bool diagonal = j0 + kKeys > i0;
+    const bool diagonal = j0 + kKeys > p0;
     alignas(64) float block_top[kLanes];
     std::fill(block_top, block_top + kLanes, kHidden);
     for (int64_t r = 0; r < Queries; ++r) {
       if (diagonal)
         for (int64_t c = 0; c < kKeyVectors; ++c)
-          scores[r][c] = lane + int32_t(j0 + c * kLanes - i0 - r) > 0 ? Lanes{} + kHidden
+          scores[r][c] = lane + int32_t(j0 + c * kLanes - p0 - r) > 0 ? Lanes{} + kHidden
                                                                        : scores[r][c];
       Lanes top = scores[r][0];
       for (int64_t c = 1; c < kKeyVectors; ++c) top = top > scores[r][c] ? top : scores[r][c];
@@ -81,7 +84,7 @@ void query_rows(Rows<Element> q, const float* keys_t, int64_t padded, Rows<Eleme
       for (int64_t c = 0; c < kKeyVectors; ++c) {
         Lanes shares = exp_lanes(scores[r][c] - new_tops[r]);
         if (diagonal)  // exactly 0, not e^-87
-          shares = lane + int32_t(j0 + c * kLanes - i0 - r) > 0 ? Lanes{} : shares;
+          shares = lane + int32_t(j0 + c * kLanes - p0 - r) > 0 ? Lanes{} : shares;
         block_total += shares;
         std::memcpy(&weights[r][c * kLanes], &shares, sizeof shares);
       }
@@ -108,11 +111,11 @@ void query_rows(Rows<Element> q, const float* keys_t, int64_t padded, Rows<Eleme
   }
 }
 
-// keys_t[b, h, d, t] = k[b, h, t, d] in float32, zero for t from T up to `padded`, 16 keys at
-// a time (their rows stay in cache while each d's 16 go out as one line).
+// keys_t[b, h, d, t] = k[b, h, t, d] in float32 for the first T keys, zero from T up to
+// `padded`, 16 keys at a time (their rows stay in cache while each d's 16 go out as one line).
 template <typename Element>
-void transpose_keys(const at::Tensor& k, at::Tensor& keys_t) {
-  const int64_t H = k.size(1), T = k.size(2), D = k.size(3), padded = keys_t.size(3);
+void transpose_keys(const at::Tensor& k, int64_t T, at::Tensor& keys_t) {
+  const int64_t H = k.size(1), D = k.size(3), padded = keys_t.size(3);
   const Element* kp = static_cast<const Element*>(k.const_data_ptr());
   float* tp = keys_t.mutable_data_ptr<float>();
   at::parallel_for(0, k.size(0) * H, 1, [&](int64_t begin, int64_t end) {
@@ -127,11 +130,12 @@ void transpose_keys(const at::Tensor& k, at::Tensor& keys_t) {
   });
 }
 
-// Every head's rows, split among torch's threads a few query rows at a time: q and v
-// [batch, heads, seq, D] with rows of D in order, keys_t [batch, heads, D, padded].
+// Every head's rows, split among torch's threads a few query rows at a time: q [batch, heads,
+// seq, D] and v [batch, heads, offset + seq or more, D] with rows of D in order, keys_t [batch,
+// heads, D, padded].
 template <int64_t Parts, typename Element>
-void attend(const at::Tensor& q, const at::Tensor& keys_t, const at::Tensor& v, float scale,
-            at::Tensor& out) {
+void attend(const at::Tensor& q, const at::Tensor& keys_t, const at::Tensor& v, int64_t offset,
+            float scale, at::Tensor& out) {
   constexpr int64_t kQueries = Parts <= 4 ? 6 : 3;  // their sums stay in 24 vector registers
   const int64_t H = q.size(1), T = q.size(2), padded = keys_t.size(3);
   const int64_t blocks = (T + kQueries - 1) / kQueries;
@@ -146,28 +150,28 @@ void attend(const at::Tensor& q, const at::Tensor& keys_t, const at::Tensor& v, 
       query_rows<kQueries, Parts>(
           Rows<Element>{qp + b * q.stride(0) + h * q.stride(1), q.stride(2)},
           kp + bh * Parts * kLanes * padded, padded,
-          Rows<Element>{vp + b * v.stride(0) + h * v.stride(1), v.stride(2)}, i0,
+          Rows<Element>{vp + b * v.stride(0) + h * v.stride(1), v.stride(2)}, i0, offset,
           std::min(kQueries, T - i0), scale, op + bh * T * Parts * kLanes);
     }
   });
 }
 
 template <typename Element>
-void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, float scale,
-            at::Tensor& out) {
-  const int64_t padded = (q.size(2) + kKeys - 1) / kKeys * kKeys;
+void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t offset,
+            float scale, at::Tensor& out) {
+  const int64_t keys = offset + q.size(2), padded = (keys + kKeys - 1) / kKeys * kKeys;
   at::Tensor keys_t = at::empty({q.size(0), q.size(1), q.size(3), padded},
                                 q.options().dtype(at::kFloat));
-  transpose_keys<Element>(k, keys_t);
+  transpose_keys<Element>(k, keys, keys_t);
   switch (q.size(3) / kLanes) {
-    case 1: attend<1, Element>(q, keys_t, v, scale, out); break;
-    case 2: attend<2, Element>(q, keys_t, v, scale, out); break;
-    case 3: attend<3, Element>(q, keys_t, v, scale, out); break;
-    case 4: attend<4, Element>(q, keys_t, v, scale, out); break;
-    case 5: attend<5, Element>(q, keys_t, v, scale, out); break;
-    case 6: attend<6, Element>(q, keys_t, v, scale, out); break;
-    case 7: attend<7, Element>(q, keys_t, v, scale, out); break;
-    default: attend<8, Element>(q, keys_t, v, scale, out); break;
+    case 1: attend<1, Element>(q, keys_t, v, offset, scale, out); break;
+    case 2: attend<2, Element>(q, keys_t, v, offset, scale, out); break;
+    case 3: attend<3, Element>(q, keys_t, v, offset, scale, out); break;
+    case 4: attend<4, Element>(q, keys_t, v, offset, scale, out); break;
+    case 5: attend<5, Element>(q, keys_t, v, offset, scale, out); break;
+    case 6: attend<6, Element>(q, keys_t, v, offset, scale, out); break;
+    case 7: attend<7, Element>(q, keys_t, v, offset, scale, out); break;
+    default: attend<8, Element>(q, keys_t, v, offset, scale, out); break;
   }
 }
 
@@ -175,30 +179,35 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, float
 at::Tensor in_rows(const at::Tensor& x) { return x.stride(3) == 1 ? x : x.contiguous(); }
 
 at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            double scale) {
+                            double scale, int64_t offset) {
   TORCH_CHECK(q.dim() == 4 && (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16),
               "causal attention takes float32 or bfloat16 queries [batch, heads, seq, d_head], "
               "got ", q.sizes(), " ", q.scalar_type());
-  TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes() &&
-                  k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-              "causal attention takes keys and values like its queries (", q.sizes(), " ",
-              q.scalar_type(), "), got ", k.sizes(), " ", k.scalar_type(), " and ", v.sizes(),
-              " ", v.scalar_type());
+  TORCH_CHECK(offset >= 0, "causal attention takes an offset of 0 or more, got ", offset);
+  const auto like_q = [&](const at::Tensor& x) {
+    return x.dim() == 4 && x.scalar_type() == q.scalar_type() && x.size(0) == q.size(0) &&
+           x.size(1) == q.size(1) && x.size(3) == q.size(3) && x.size(2) >= offset + q.size(2);
+  };
+  TORCH_CHECK(like_q(k) && like_q(v),
+              "causal attention takes keys and values [batch, heads, offset + seq or more, "
+              "d_head] like its queries (", q.sizes(), " ", q.scalar_type(), ", offset ", offset,
+              "), got ", k.sizes(), " ", k.scalar_type(), " and ", v.sizes(), " ",
+              v.scalar_type());
   const int64_t D = q.size(3);
   TORCH_CHECK(D % kLanes == 0 && D > 0 && D <= 8 * kLanes,
               "causal attention takes d_head a multiple of 16 up to 128, got ", D);
   at::Tensor out = at::empty(q.sizes(), q.options());
   if (q.scalar_type() == at::kFloat)
-    attend<float>(in_rows(q), k, in_rows(v), float(scale), out);
+    attend<float>(in_rows(q), k, in_rows(v), offset, float(scale), out);
   else
-    attend<uint16_t>(in_rows(q), k, in_rows(v), float(scale), out);
+    attend<uint16_t>(in_rows(q), k, in_rows(v), offset, float(scale), out);
   return out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(gpt2_decl, m) {
-  m.def("causal_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
+  m.def("causal_attention(Tensor q, Tensor k, Tensor v, float scale, int offset=0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gpt2_decl, CPU, m) { m.impl("causal_attention", &causal_attention); }
