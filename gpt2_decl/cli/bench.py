@@ -218,7 +218,9 @@ def run_decode(args: argparse.Namespace, model: GPT2) -> dict:
             rewrites[name] = {"used": choice.decoding.names(), "times_ms": choice.times_ms,
                               "kernel_prefill_rows": choice.prefill_rows,
                               "wide_prefill_rows": choice.prefill_wide_rows,
-                              "prefill_times_ms": choice.prefill_times_ms}
+                              "prefill_times_ms": choice.prefill_times_ms,
+                              "kernel_prefill_attention_from": choice.prefill_attention_from,
+                              "prefill_attention_times_ms": choice.prefill_attention_times_ms}
             print(f"  {name}: {choice.describe()}")
         if "int8" in rewrites:
             way = rewrites["int8"]["int8_products"] = row_kernels.int8_products_way()

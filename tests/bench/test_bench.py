@@ -185,6 +185,11 @@ def test_decode_bench_reports_every_way_of_decoding_against_its_bound(tmp_path, 
             break
         kernel_rows = rows
     assert rewrites["kernel_prefill_rows"] == kernel_rows and rewrites["wide_prefill_rows"] == 0
+    # The prompt's attention, the kernel's against the library's, at the same sizes.
+    attention = {int(seq): times for seq, times in rewrites["prefill_attention_times_ms"].items()}
+    assert list(attention) == (list(cpu_decoding.PREFILL_ROWS) if loaded else [])
+    assert all(len(times) == 2 and min(times) > 0 for times in attention.values())
+    assert rewrites["kernel_prefill_attention_from"] in {0, 1, *attention}
     # Weights read per token by hand: token embedding 50257 x 32, one block, ln_f; float32.
     block = 2 * 32 + 32 * 96 + 96 + 32 * 32 + 32 + 2 * 32 + 32 * 128 + 128 + 128 * 32 + 32
     weight_bytes = 4 * (50257 * 32 + block + 2 * 32)
