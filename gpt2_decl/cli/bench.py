@@ -75,8 +75,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     decoding.add_argument("--compare-dtype", choices=sorted(DTYPES),
                           help="also decode with the cache in this dtype, in turns")
     decoding.add_argument("--huge-pages", action="store_true",
-                          help="move the weights into transparent huge pages first, and "
-                               "the cache with them (CPU)")
+                          help="move the weights into transparent huge pages first (CPU)")
     decoding.add_argument("--quantize", type=schemes, default=[], metavar="SCHEMES",
                           help=f"also decode quantized copies ({', '.join(SCHEMES)}; a list: "
                           "int8,int8-dynamic) in turns, and measure their agreement with the "

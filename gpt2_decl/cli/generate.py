@@ -68,8 +68,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--compile", action="store_true", help="compile the decode step (slow start, fast tokens)"
     )
     parser.add_argument("--huge-pages", action="store_true",
-                        help="move the weights into transparent huge pages first, and the "
-                             "cache with them (Linux CPU)")
+                        help="move the weights into transparent huge pages first (Linux CPU)")
     parser.add_argument("--quantize", choices=SCHEMES,
                         help="int8 weights for decoding (needs torchao): int8 (weight-only) or "
                         "int8-dynamic (inputs to each product rounded to int8 too; fastest "

@@ -1,7 +1,5 @@
 """The key/value cache: every layer's keys and values for the tokens seen so far."""
 
-from collections.abc import Callable
-
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
@@ -20,8 +18,7 @@ class KVCache:
     (`start`: prompts of different lengths, padded on the left): each row's positions count from
     its own start, and it never attends to the padding before it. The length is a tensor and the
     buffers keep their addresses and shapes, so a compiled one-token step sees the same shapes
-    and guards for every token and is compiled (and on CUDA, graph-captured) once. `zeros`
-    allocates each buffer (default `torch.zeros`; it takes the shape, dtype= and device=).
+    and guards for every token and is compiled (and on CUDA, graph-captured) once.
     """
 
     def __init__(
@@ -33,16 +30,14 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str,
         start: Int[Tensor, " batch"] | None = None,
-        zeros: Callable[..., Tensor] = torch.zeros,
     ):
         if not 0 < max_len <= config.n_ctx:
             raise ValueError(f"cache length must be in [1, {config.n_ctx}] (n_ctx), got {max_len}")
         if batch < 1:
             raise ValueError(f"cache batch must be >= 1, got {batch}")
         shape = (batch, config.n_head, max_len, config.d_head)
-        self.keys, self.values = ([zeros(shape, dtype=dtype, device=device)
-                                   for _ in range(config.n_layer)] for _ in range(2))
-        self.allocated_by = zeros
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        self.values = [torch.zeros_like(keys) for keys in self.keys]
         self.length: Int[Tensor, ""] = torch.zeros((), dtype=torch.long, device=device)
         self.start: Int[Tensor, " batch"] = (
             torch.zeros(batch, dtype=torch.long, device=device) if start is None

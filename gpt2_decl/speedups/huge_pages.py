@@ -6,12 +6,9 @@ the boundary; in 2 MiB pages it runs on. Linux backs anonymous memory with huge 
 is marked with madvise(MADV_HUGEPAGE) and /sys/kernel/mm/transparent_hugepage/enabled is
 "always" or "madvise"; torch's allocator marks none unless THP_MEM_ALLOC_ENABLE=1 is set before
 it starts. Nothing here runs unless asked: `gpt2-decl generate --huge-pages`, `gpt2-decl bench
---generate --huge-pages`, or `move_parameters(model)`. Generation keeps the key/value cache of a
-model whose weights are in huge pages (`holds`) in huge pages too (`zeros`): a batch of rows
-reads its cache at every token, and at 16 rows that is about as much as the weights.
+--generate --huge-pages`, or `move_parameters(model)`.
 """
 
-import math
 import mmap
 import weakref
 from pathlib import Path
@@ -50,24 +47,6 @@ def empty(n_bytes: int) -> Tensor:
         )
     region, start = _region(n_bytes)
     return torch.frombuffer(region, dtype=torch.uint8, count=n_bytes, offset=start)
-
-
-def zeros(shape: tuple[int, ...], *, dtype: torch.dtype, device: torch.device | str = "cpu"
-          ) -> Tensor:
-    """A CPU tensor of zeros that starts on a huge page, in memory marked for them (as
-    `torch.zeros(shape, dtype=dtype, device=device)`; the device must be the CPU)."""
-    if torch.device(device).type != "cpu":
-        raise ValueError(f"huge pages are CPU memory; got device {device}")
-    count = math.prod(shape)
-    n_bytes = count * torch.empty((), dtype=dtype).element_size()
-    # Anonymous memory starts zeroed.
-    return empty(max(n_bytes, 1))[:n_bytes].view(dtype).view(shape)
-
-
-def holds(module: nn.Module) -> bool:
-    """Whether `move_parameters` moved `module`'s parameters and they are all still there."""
-    parameters = [parameter for parameter in module.parameters() if parameter.numel() > 0]
-    return bool(parameters) and _still_moved(module, _stored(parameters))
 
 
 def move_parameters(module: nn.Module) -> bool:

@@ -23,7 +23,6 @@ from gpt2_decl.core.compiling import compile as compile_model
 from gpt2_decl.core.inputs import check_tokens
 from gpt2_decl.core.kv_cache import KVCache
 from gpt2_decl.core.typecheck import shape_checked
-from gpt2_decl.speedups import huge_pages
 from gpt2_decl.speedups.causal_attention import EagerKernelAttention
 from gpt2_decl.speedups.cpu_decoding import choice_for
 from gpt2_decl.speedups.row_kernels import KernelProducts
@@ -312,14 +311,11 @@ _spare_caches: "weakref.WeakKeyDictionary[nn.Module, KVCache]" = weakref.WeakKey
 def _take_cache(model: nn.Module, batch: int, max_len: int, start: Tensor | None) -> KVCache:
     """An empty cache for a generation: the model's spare one if it fits, else a new one."""
     cache = _spare_caches.pop(model, None)
-    # A model whose weights are in huge pages has its cache there too.
-    zeros = huge_pages.zeros if huge_pages.holds(model) else torch.zeros
-    fits = cache is not None and (
-        cache.batch, cache.max_len, cache.keys[0].dtype, cache.device, cache.allocated_by
-    ) == (batch, max_len, model.dtype, model.device, zeros)
+    fits = cache is not None and (cache.batch, cache.max_len, cache.keys[0].dtype,
+                                  cache.device) == (batch, max_len, model.dtype, model.device)
     if not fits:
         return KVCache(model.config, batch, max_len, dtype=model.dtype, device=model.device,
-                       start=start, zeros=zeros)
+                       start=start)
     cache.length.zero_()
     if start is None:
         cache.start.zero_()

@@ -6,7 +6,6 @@ import torch
 
 from gpt2_decl import GPT2, GPT2Config
 from gpt2_decl.speedups import huge_pages
-from gpt2_decl.text import generation
 
 TINY = GPT2Config(n_layer=2, n_head=2, d_model=32, vocab_size=101, n_ctx=16)
 needs_huge_pages = pytest.mark.skipif(
@@ -107,39 +106,3 @@ def test_empty_starts_on_a_huge_page():
     assert tensor.data_ptr() % huge_pages.HUGE_PAGE_BYTES == 0
     tensor.fill_(7)
     assert huge_page_kib_at(tensor.data_ptr()) >= 2048
-
-
-@needs_huge_pages
-def test_zeros_are_zeros_of_the_shape_and_dtype_on_huge_pages():
-    tensor = huge_pages.zeros((3, 1024, 1024), dtype=torch.float32)
-    assert tensor.shape == (3, 1024, 1024) and tensor.dtype == torch.float32
-    assert tensor.is_contiguous() and tensor.data_ptr() % huge_pages.HUGE_PAGE_BYTES == 0
-    assert torch.equal(tensor, torch.zeros(3, 1024, 1024))
-    tensor.fill_(2.0)  # writable, and backed by huge pages once written
-    assert huge_page_kib_at(tensor.data_ptr()) >= 2048
-    assert huge_pages.zeros((2, 0), dtype=torch.bfloat16).shape == (2, 0)
-    with pytest.raises(ValueError, match="huge pages are CPU memory; got device meta"):
-        huge_pages.zeros((2,), dtype=torch.float32, device="meta")
-
-
-@needs_huge_pages
-def test_holds_says_whether_the_parameters_are_still_in_huge_pages():
-    model = GPT2(TINY)
-    assert not huge_pages.holds(model)
-    huge_pages.move_parameters(model)
-    assert huge_pages.holds(model)
-    model.to(torch.bfloat16)
-    assert not huge_pages.holds(model)
-    assert not huge_pages.holds(torch.nn.ReLU())  # no parameters
-
-
-@needs_huge_pages
-def test_generation_keeps_the_cache_of_a_moved_model_in_huge_pages():
-    model = GPT2(TINY).eval()
-    prompt = torch.randint(TINY.vocab_size, (3, 4), generator=torch.Generator().manual_seed(1))
-    expected = model.generate(prompt, 5, greedy=True)
-    assert huge_pages.move_parameters(model)
-    assert torch.equal(model.generate(prompt, 5, greedy=True, compile=True), expected)
-    cache = generation._spare_caches[model]  # the one the generation used
-    for tensor in cache.keys + cache.values:
-        assert tensor.data_ptr() % huge_pages.HUGE_PAGE_BYTES == 0
