@@ -20,10 +20,17 @@ from gpt2_decl.cli import common
 from gpt2_decl.core.config import DTYPES, GPT2Config
 from gpt2_decl.core.model import GPT2
 from gpt2_decl.core.typecheck import is_typechecked, set_typechecked
-from gpt2_decl.speedups import causal_attention, huge_pages, row_kernels, wide_products
+from gpt2_decl.speedups import (
+    causal_attention,
+    huge_pages,
+    row_kernels,
+    sigmoid_gelu,
+    wide_products,
+)
 from gpt2_decl.speedups.causal_attention import KernelAttention
 from gpt2_decl.speedups.cpu_decoding import choice_for
 from gpt2_decl.speedups.quantize import SCHEMES, quantize
+from gpt2_decl.speedups.sigmoid_gelu import SigmoidGelu
 from gpt2_decl.speedups.wide_products import WideProducts
 
 SIZE_OVERRIDES = ("n_layer", "n_head", "d_model")
@@ -59,6 +66,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--kernel-attention", action=argparse.BooleanOptionalAction,
                         default=True, help="on a CPU, compile causal attention through the C++ "
                         "kernel where timed faster (speedups.causal_attention; default: on)")
+    parser.add_argument("--sigmoid-gelu", action=argparse.BooleanOptionalAction, default=True,
+                        help="on a CPU, compile GELU through a sigmoid where timed faster "
+                        "(speedups.sigmoid_gelu; default: on)")
     parser.add_argument("--compare", choices=["llama.cpp", "transformers"],
                         help="forward passes: also transformers' model compiled, on the same "
                         "weights; decoding: also llama.cpp on the same weights, F32 and BF16, "
@@ -133,13 +143,16 @@ def run_forward(args: argparse.Namespace, model: GPT2) -> dict:
     print(f"{describe(model)}, batch {batch}, {model.dtype} on {model.device}")
     widening = args.wide_products and model.device.type == "cpu"
     attending = args.kernel_attention and model.device.type == "cpu"
-    backend = WideProducts(args.mode) if widening else "inductor"
+    gelu = args.sigmoid_gelu and model.device.type == "cpu"
+    backend = WideProducts(args.mode) if widening else None
     if attending:
-        backend = KernelAttention(then=backend if widening else None, mode=args.mode)
+        backend = KernelAttention(then=backend, mode=args.mode)
+    if gelu:
+        backend = SigmoidGelu(then=backend, mode=args.mode)
     reference = transformers_copy(model) if args.compare == "transformers" else None
     rows = list(forward.benchmark_forward(
         model, args.seq, batch=batch, runs=args.runs, warmup=args.warmup, mode=args.mode,
-        freeze=args.freeze, backend=backend,
+        freeze=args.freeze, backend=backend or "inductor",
         typecheck_overhead=args.typecheck_overhead, reference=reference, seed=args.seed,
         log=lambda message: print(message, flush=True)))
     print("\n" + forward.format_table(rows))
@@ -159,6 +172,11 @@ def run_forward(args: argparse.Namespace, model: GPT2) -> dict:
         print("  " + (causal_attention.describe(attended) if attended else
                       f"none timed ({row_kernels.load() or 'no shape the kernel does'})"
                       ).replace("\n", "\n  "))
+    gelus = {key: times for key, times in sigmoid_gelu.timings().items()
+             if gelu and key[-2] == model.dtype}
+    if gelu:
+        print("GELU through a sigmoid where timed faster (elements timed):")
+        print("  " + sigmoid_gelu.describe(gelus))
     if args.plot:
         plot(rows, args.plot, title=f"{describe(model)}, batch {batch}, {model.dtype}")
     return {"preset": args.preset, "batch": batch, "compile_mode": args.mode,
@@ -173,6 +191,9 @@ def run_forward(args: argparse.Namespace, model: GPT2) -> dict:
                                   "kernel_ms": kernel, "library_ms": library,
                                   "used": kernel < library}
                                  for shape, (kernel, library) in attended.items()],
+            "sigmoid_gelu": [{"dtype": str(key[-2]), "sigmoid_ms": ours, "tanh_ms": tanh,
+                              "used": ours < tanh}
+                             for key, (ours, tanh) in gelus.items()],
             "roofline_flops_per_s": statistics.median(r.roofline_flops_per_s for r in rows)}
 
 

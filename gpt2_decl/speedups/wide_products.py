@@ -170,14 +170,15 @@ def describe(times: dict[tuple, tuple[float, float]] | None = None) -> str:
 
 
 def describe_timings(times: dict[tuple, tuple[float, float]], way: str, way_ms: str,
-                     nothing: str) -> str:
-    """A line per shape of timings keyed (*sizes, dtype, threads) -> (`way`'s ms, the library's
+                     nothing: str, other: str = "library", other_ms: str = "the library's"
+                     ) -> str:
+    """A line per shape of timings keyed (*sizes, dtype, threads) -> (`way`'s ms, `other`'s
     ms): the sizes, the dtype and which was faster; `nothing` where there are none."""
     parts = [f"{'x'.join(str(size) for size in key[:-2])} "
              f"{str(key[-2]).removeprefix('torch.')}: "
-             f"{way if ours < library else 'library'} ({ours:.2f} ms {way_ms}, "
-             f"{library:.2f} ms the library's)"
-             for key, (ours, library) in times.items()]
+             f"{way if ours < theirs else other} ({ours:.2f} ms {way_ms}, "
+             f"{theirs:.2f} ms {other_ms})"
+             for key, (ours, theirs) in times.items()]
     return "\n".join(parts) or nothing
 
 

@@ -17,6 +17,7 @@ from gpt2_decl.speedups import (
     cpu_decoding,
     huge_pages,
     row_kernels,
+    sigmoid_gelu,
     wide_products,
 )
 
@@ -134,6 +135,21 @@ def test_forward_bench_reports_causal_attention_through_the_kernel_or_not(tmp_pa
     main([*TINY_CLI, "--seq", "8", "--runs", "1", "--no-kernel-attention",
           "--no-typecheck-overhead", "--json", str(report_path)])
     assert json.loads(report_path.read_text())["kernel_attention"] == []
+
+
+def test_forward_bench_reports_gelu_through_a_sigmoid_or_not(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sigmoid_gelu, "_times", {})
+    report_path = tmp_path / "bench.json"
+    main([*TINY_CLI, "--seq", "8", "--runs", "1", "--no-typecheck-overhead",
+          "--json", str(report_path)])
+    [entry] = json.loads(report_path.read_text())["sigmoid_gelu"]
+    assert entry["dtype"] == "torch.float32"
+    assert entry["used"] == (entry["sigmoid_ms"] < entry["tanh_ms"])
+    assert "GELU through a sigmoid where timed faster" in capsys.readouterr().out
+    torch._dynamo.reset()
+    main([*TINY_CLI, "--seq", "8", "--runs", "1", "--no-sigmoid-gelu",
+          "--no-typecheck-overhead", "--json", str(report_path)])
+    assert json.loads(report_path.read_text())["sigmoid_gelu"] == []
 
 
 @pytest.mark.parametrize(("arguments", "message"), [
