@@ -207,7 +207,9 @@ at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k, const at::
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(gpt2_decl, m) {
-  m.def("causal_attention(Tensor q, Tensor k, Tensor v, float scale, int offset=0) -> Tensor");
+  // Any strides: the kernel reads rows where they are (the views of one fused projection).
+  m.def("causal_attention(Tensor q, Tensor k, Tensor v, float scale, int offset=0) -> Tensor",
+        {at::Tag::flexible_layout});
 }
 
 TORCH_LIBRARY_IMPL(gpt2_decl, CPU, m) { m.impl("causal_attention", &causal_attention); }
