@@ -92,11 +92,10 @@ def test_timing_compiles_both_forms_once_per_dtype(monkeypatch):
     assert "512x3072 float32: tanh" in sigmoid_gelu.describe()
 
 
-@pytest.mark.parametrize("wins", [True, False])
-def test_compiled_forward_matches_the_model(timed_as, wins):
+def test_compiled_forward_matches_the_model(timed_as):
     model = GPT2(CONFIG).eval()
     tokens = torch.randint(CONFIG.vocab_size, (2, 20), generator=torch.Generator().manual_seed(1))
-    timed_as(wins)
+    timed_as(True)
     torch._dynamo.reset()
     with torch.no_grad():
         logits = gpt2_decl.compile(model, freeze=True, backend=SigmoidGelu())(tokens)
