@@ -46,7 +46,9 @@ context's number of rows, and generation runs the prompt's products through the 
 (`row_kernels.KernelProducts`) up to the most rows at which it was fastest, and widened
 (`wide_products.WideLinear`) past those up to the most at which that was: bfloat16 products of
 many rows are slow where the CPU has no bfloat16 arithmetic, and torchao's int8 products
-dequantize the whole weight to bfloat16 first.
+dequantize the whole weight to bfloat16 first. It times a prompt's attention too, the causal
+kernel against the library's under the cache's mask, and generation runs prompts through the
+kernel (`causal_attention.EagerKernelAttention`) from the length on which it was faster.
 """
 
 import functools
