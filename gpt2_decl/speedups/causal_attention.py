@@ -27,7 +27,6 @@ faster.
 import math
 import warnings
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +37,7 @@ from torch.overrides import TorchFunctionMode
 
 from gpt2_decl.speedups import row_kernels
 from gpt2_decl.speedups.wide_products import (
+    RewriteThen,
     attention_options,
     describe_timings,
     example_value,
@@ -71,22 +71,8 @@ _times: dict[tuple, tuple[float, float]] = {}
 
 
 @dataclass(frozen=True)
-class KernelAttention:
-    """The backend, then `then` (a backend), or inductor in torch.compile's `mode` (equal
-    objects share Dynamo's compiled graphs)."""
-
-    then: Callable | None = None
-    mode: str = "default"
-
-    def __call__(self, graph_module: fx.GraphModule, example_inputs: list) -> Callable:
-        from torch._inductor import list_mode_options
-        from torch._inductor.compile_fx import compile_fx
-
-        self.rewrite(graph_module)
-        if self.then is not None:
-            return self.then(graph_module, example_inputs)
-        return compile_fx(graph_module, example_inputs,
-                          config_patches=list_mode_options(self.mode))
+class KernelAttention(RewriteThen):
+    """The backend (`RewriteThen`: then `then`, or inductor in `mode`)."""
 
     def rewrite(self, graph_module: fx.GraphModule) -> int:
         """Send the causal attention that times faster through the kernel; how many were.

@@ -26,7 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
 
-from gpt2_decl.speedups.wide_products import describe_timings, example_value, medians_in_turns
+from gpt2_decl.speedups.wide_products import (
+    RewriteThen,
+    describe_timings,
+    example_value,
+    medians_in_turns,
+)
 
 # 2 sqrt(2 / pi), and 2 sqrt(2 / pi) * 0.044715: 2u = x (TWICE_SCALE + TWICE_CUBIC x^2).
 TWICE_SCALE = 2 * math.sqrt(2 / math.pi)
@@ -47,22 +52,8 @@ def sigmoid_gelu(input: Tensor, approximate: str = "tanh") -> Tensor:
 
 
 @dataclass(frozen=True)
-class SigmoidGelu:
-    """The backend, then `then` (a backend), or inductor in torch.compile's `mode` (equal
-    objects share Dynamo's compiled graphs)."""
-
-    then: Callable | None = None
-    mode: str = "default"
-
-    def __call__(self, graph_module: fx.GraphModule, example_inputs: list) -> Callable:
-        from torch._inductor import list_mode_options
-        from torch._inductor.compile_fx import compile_fx
-
-        self.rewrite(graph_module)
-        if self.then is not None:
-            return self.then(graph_module, example_inputs)
-        return compile_fx(graph_module, example_inputs,
-                          config_patches=list_mode_options(self.mode))
+class SigmoidGelu(RewriteThen):
+    """The backend (`RewriteThen`: then `then`, or inductor in `mode`)."""
 
     def rewrite(self, graph_module: fx.GraphModule) -> int:
         """Compute the tanh GELUs through a sigmoid where that times faster; how many were."""

@@ -120,6 +120,29 @@ class WideProducts:
         return widened
 
 
+@dataclass(frozen=True)
+class RewriteThen:
+    """A torch.compile backend that rewrites the traced graph in place (`rewrite`), then hands
+    it to `then` (a backend), or to inductor in torch.compile's `mode` (equal objects share
+    Dynamo's compiled graphs)."""
+
+    then: Callable | None = None
+    mode: str = "default"
+
+    def __call__(self, graph_module: fx.GraphModule, example_inputs: list) -> Callable:
+        from torch._inductor import list_mode_options
+        from torch._inductor.compile_fx import compile_fx
+
+        self.rewrite(graph_module)
+        if self.then is not None:
+            return self.then(graph_module, example_inputs)
+        return compile_fx(graph_module, example_inputs,
+                          config_patches=list_mode_options(self.mode))
+
+    def rewrite(self, graph_module: fx.GraphModule) -> int:
+        raise NotImplementedError
+
+
 def widening_wins(rows: int, in_features: int, out_features: int, dtype: torch.dtype) -> bool:
     """Whether `wide_linear` beats the library's product of `rows` rows with a weight of this
     shape and dtype on this machine (timed once per shape and thread count in a process)."""
