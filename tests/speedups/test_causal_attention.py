@@ -22,6 +22,7 @@ from gpt2_decl.speedups.causal_attention import (
     kernel_causal_attention,
 )
 from gpt2_decl.text.generation import prefill_speedups
+from tests.helpers import assert_compiled_gradients_are_eager, rewrites_in_trace, timing_says
 
 CONFIG = GPT2Config(vocab_size=97, n_ctx=80, d_model=48, n_layer=2, n_head=3, init_std=0.2)
 
@@ -123,33 +124,13 @@ def test_bad_input_is_refused_with_what_was_expected(call, message):
 @pytest.fixture
 def timed_as(monkeypatch):
     """Make the timing say the kernel wins (or loses), and record what was timed."""
-
-    def set_outcome(wins: bool) -> list[tuple]:
-        asked = []
-
-        def time_attention(*shape):
-            asked.append(shape)
-            return (1.0, 2.0) if wins else (2.0, 1.0)
-
-        monkeypatch.setattr(causal_attention, "time_attention", time_attention)
-        return asked
-
-    return set_outcome
+    return timing_says(monkeypatch, causal_attention, "time_attention")
 
 
-def rewritten(model: GPT2, *args, **kwargs) -> int:
-    """How many attentions KernelAttention sends through the kernel in `model`'s traced
-    forward on these arguments."""
-    counts = []
-
-    def counting_backend(graph_module, example_inputs):
-        counts.append(KernelAttention().rewrite(graph_module))
-        return graph_module.forward
-
-    torch._dynamo.reset()
-    torch.compile(model, backend=counting_backend, fullgraph=True)(*args, **kwargs)
-    [count] = counts
-    return count
+def rewritten(model: torch.nn.Module, *args, **kwargs) -> int:
+    """How many attentions KernelAttention sends through the kernel in `model`'s traced forward on
+    these arguments."""
+    return rewrites_in_trace(model, KernelAttention().rewrite, *args, **kwargs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -209,14 +190,7 @@ def test_gradients_through_a_compiled_forward_are_the_models(timed_as):
     asked = timed_as(True)
     model = GPT2(CONFIG).train()
     tokens = torch.randint(CONFIG.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
-    torch._dynamo.reset()
-    gpt2_decl.compile(model, backend=KernelAttention())(tokens).square().mean().backward()
-    compiled = [parameter.grad.clone() for parameter in model.parameters()]
-    model.zero_grad()
-    model(tokens).square().mean().backward()
-    for ours, eager in zip(compiled, (parameter.grad for parameter in model.parameters()),
-                           strict=True):
-        assert torch.allclose(ours, eager, rtol=1e-4, atol=1e-6)
+    assert_compiled_gradients_are_eager(model, KernelAttention(), tokens)
     assert asked == []
 
 

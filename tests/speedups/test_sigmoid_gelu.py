@@ -11,6 +11,7 @@ import gpt2_decl
 from gpt2_decl import GPT2, GPT2Config
 from gpt2_decl.speedups import sigmoid_gelu
 from gpt2_decl.speedups.sigmoid_gelu import SigmoidGelu
+from tests.helpers import assert_compiled_gradients_are_eager, rewrites_in_trace, timing_says
 
 CONFIG = GPT2Config(vocab_size=97, n_ctx=32, d_model=48, n_layer=2, n_head=3, init_std=0.2)
 
@@ -33,32 +34,13 @@ def test_the_sigmoid_form_is_the_tanh_approximation():
 @pytest.fixture
 def timed_as(monkeypatch):
     """Make the timing say the sigmoid form wins (or loses), and record the dtypes timed."""
-
-    def set_outcome(wins: bool) -> list[torch.dtype]:
-        asked = []
-
-        def time_gelu(dtype):
-            asked.append(dtype)
-            return (1.0, 2.0) if wins else (2.0, 1.0)
-
-        monkeypatch.setattr(sigmoid_gelu, "time_gelu", time_gelu)
-        return asked
-
-    return set_outcome
+    return timing_says(monkeypatch, sigmoid_gelu, "time_gelu")
 
 
-def rewritten(model: torch.nn.Module, *args) -> int:
-    """How many GELUs SigmoidGelu rewrites in `model`'s traced forward on `args`."""
-    counts = []
-
-    def counting_backend(graph_module, example_inputs):
-        counts.append(SigmoidGelu().rewrite(graph_module))
-        return graph_module.forward
-
-    torch._dynamo.reset()
-    torch.compile(model, backend=counting_backend, fullgraph=True)(*args)
-    [count] = counts
-    return count
+def rewritten(model: torch.nn.Module, *args, **kwargs) -> int:
+    """How many GELUs SigmoidGelu rewrites in `model`'s traced forward on
+    these arguments."""
+    return rewrites_in_trace(model, SigmoidGelu().rewrite, *args, **kwargs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -107,12 +89,5 @@ def test_gradients_through_a_compiled_forward_are_the_models(timed_as):
     timed_as(True)
     model = GPT2(CONFIG).train()
     tokens = torch.randint(CONFIG.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
-    torch._dynamo.reset()
-    gpt2_decl.compile(model, backend=SigmoidGelu())(tokens).square().mean().backward()
-    compiled = [parameter.grad.clone() for parameter in model.parameters()]
-    model.zero_grad()
-    model(tokens).square().mean().backward()
-    for ours, eager in zip(compiled, (parameter.grad for parameter in model.parameters()),
-                           strict=True):
-        assert torch.allclose(ours, eager, rtol=1e-4, atol=1e-6)
+    assert_compiled_gradients_are_eager(model, SigmoidGelu(), tokens)
 
