@@ -45,3 +45,12 @@ def every_product_way(monkeypatch):
     choices made afresh, and forgotten after the test)."""
     monkeypatch.setattr(cpu_decoding, "PRODUCT_WAYS", cpu_decoding.PRODUCTS)
     monkeypatch.setattr(cpu_decoding, "_choices", {})
+
+
+@pytest.fixture(autouse=True)
+def packed_products_tuned_against_aten_alone(monkeypatch):
+    """Packed products choose among ATen's prepacked products only: inductor's C++ GEMM
+    templates would cost half a minute of C++ compiling per kind of model, and what the tests
+    check (the frozen, packed weights; the step's results; weights changed later) is the same."""
+    monkeypatch.setattr(cpu_decoding, "PACKED",
+                        cpu_decoding.PACKED | {"max_autotune_gemm_backends": "ATEN"})
