@@ -144,7 +144,7 @@ def run_forward(args: argparse.Namespace, model: GPT2) -> dict:
     widening = args.wide_products and model.device.type == "cpu"
     attending = args.kernel_attention and model.device.type == "cpu"
     gelu = args.sigmoid_gelu and model.device.type == "cpu"
-    backend = WideProducts(args.mode) if widening else None
+    backend = WideProducts(mode=args.mode) if widening else None
     if attending:
         backend = KernelAttention(then=backend, mode=args.mode)
     if gelu:

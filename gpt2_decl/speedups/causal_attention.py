@@ -27,6 +27,7 @@ faster.
 import math
 import warnings
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -72,21 +73,16 @@ _times: dict[tuple, tuple[float, float]] = {}
 
 @dataclass(frozen=True)
 class KernelAttention(RewriteThen):
-    """The backend (`RewriteThen`: then `then`, or inductor in `mode`)."""
+    """The backend (`RewriteThen`: then `then`, or inductor in `mode`): causal attention
+    through the kernel where that times faster."""
 
-    def rewrite(self, graph_module: fx.GraphModule) -> int:
-        """Send the causal attention that times faster through the kernel; how many were.
-        Where the kernel cannot be built, none."""
+    def replacement(self, node: fx.Node) -> Callable | None:
+        """The kernel, for causal attention that times faster through it (none where the
+        kernel cannot be built)."""
         if row_kernels.load() is not None:
-            return 0
-        rewritten = 0
-        for node in graph_module.graph.nodes:
-            shape = _causal_self_attention(node)
-            if shape is not None and kernel_wins(*shape):
-                node.target = kernel_causal_attention
-                rewritten += 1
-        graph_module.recompile()
-        return rewritten
+            return None
+        shape = _causal_self_attention(node)
+        return kernel_causal_attention if shape is not None and kernel_wins(*shape) else None
 
 
 def kernel_wins(batch: int, heads: int, seq: int, d_head: int, dtype: torch.dtype) -> bool:

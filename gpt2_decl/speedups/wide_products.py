@@ -93,38 +93,10 @@ _times: dict[tuple, tuple[float, float]] = {}
 
 
 @dataclass(frozen=True)
-class WideProducts:
-    """The backend, then inductor in torch.compile's `mode` (equal objects share Dynamo's
-    compiled graphs)."""
-
-    mode: str = "default"
-
-    def __call__(self, graph_module: fx.GraphModule, example_inputs: list) -> Callable:
-        from torch._inductor import list_mode_options
-        from torch._inductor.compile_fx import compile_fx
-
-        self.rewrite(graph_module)
-        return compile_fx(graph_module, example_inputs,
-                          config_patches=list_mode_options(self.mode))
-
-    def rewrite(self, graph_module: fx.GraphModule) -> int:
-        """Widen the products that time faster widened; how many were."""
-        widened = 0
-        for node in graph_module.graph.nodes:
-            if node.op == "call_function" and node.target is F.linear:
-                shape = _narrow_product(node)
-                if shape is not None and widening_wins(*shape):
-                    node.target = wide_linear
-                    widened += 1
-        graph_module.recompile()
-        return widened
-
-
-@dataclass(frozen=True)
 class RewriteThen:
-    """A torch.compile backend that rewrites the traced graph in place (`rewrite`), then hands
-    it to `then` (a backend), or to inductor in torch.compile's `mode` (equal objects share
-    Dynamo's compiled graphs)."""
+    """A torch.compile backend that rewrites the traced graph in place, each call that
+    `replacement` gives a replacement for, then hands it to `then` (a backend), or to inductor
+    in torch.compile's `mode` (equal objects share Dynamo's compiled graphs)."""
 
     then: Callable | None = None
     mode: str = "default"
@@ -140,7 +112,31 @@ class RewriteThen:
                           config_patches=list_mode_options(self.mode))
 
     def rewrite(self, graph_module: fx.GraphModule) -> int:
+        """Make each call that has a replacement call it instead; how many were."""
+        rewritten = 0
+        for node in graph_module.graph.nodes:
+            target = self.replacement(node)
+            if target is not None:
+                node.target = target
+                rewritten += 1
+        graph_module.recompile()
+        return rewritten
+
+    def replacement(self, node: fx.Node) -> Callable | None:
+        """What the node is to call instead; None to leave it as it is."""
         raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class WideProducts(RewriteThen):
+    """The backend (`RewriteThen`: then `then`, or inductor in `mode`): the products that time
+    faster widened."""
+
+    def replacement(self, node: fx.Node) -> Callable | None:
+        if node.op != "call_function" or node.target is not F.linear:
+            return None
+        shape = _narrow_product(node)
+        return wide_linear if shape is not None and widening_wins(*shape) else None
 
 
 def widening_wins(rows: int, in_features: int, out_features: int, dtype: torch.dtype) -> bool:
