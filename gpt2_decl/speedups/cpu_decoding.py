@@ -328,13 +328,10 @@ def _time_prefill_attention(model: nn.Module) -> dict[int, tuple[float, float]]:
         q, k, v = (torch.randn(1, config.n_head, seq, d_head, dtype=model.dtype)
                    for _ in range(3))
         visible = torch.ones(seq, seq, dtype=torch.bool).tril()[None, None]
-        timed = _time_in_turns({
-            "kernel": functools.partial(torch.ops.gpt2_decl.causal_attention, q, k, v,
-                                        d_head ** -0.5),
-            "library": functools.partial(F.scaled_dot_product_attention, q, k, v,
-                                         attn_mask=visible),
-        }, [()])
-        times[seq] = (timed["kernel"], timed["library"])
+        times[seq] = wide_products.medians_in_turns([
+            functools.partial(torch.ops.gpt2_decl.causal_attention, q, k, v, d_head ** -0.5),
+            functools.partial(F.scaled_dot_product_attention, q, k, v, attn_mask=visible),
+        ], CHOICE_RUNS)
     return times
 
 
