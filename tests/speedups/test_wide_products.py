@@ -11,7 +11,7 @@ from gpt2_decl.speedups import cpu_decoding, wide_products
 from gpt2_decl.speedups.quantize import int8_rows, quantize
 from gpt2_decl.speedups.wide_products import WideLinear, WideProducts, wide_linear
 from gpt2_decl.text.generation import prefill_speedups
-from tests.helpers import model_of_kind, reference_logits
+from tests.helpers import model_of_kind, reference_logits, timing_says
 
 CONFIG = GPT2Config(vocab_size=97, n_ctx=32, d_model=48, n_layer=2, n_head=4, init_std=0.2)
 # Each block's four products and the output head.
@@ -53,17 +53,7 @@ def test_wide_linear_gradients_match_float64():
 @pytest.fixture
 def timed_as(monkeypatch):
     """Make every timing say widening wins (True) or loses (False); records the shapes asked."""
-    asked = []
-
-    def set_outcome(wins: bool):
-        def time_product(rows, in_features, out_features, dtype):
-            asked.append((rows, in_features, out_features, dtype))
-            return (1.0, 2.0) if wins else (2.0, 1.0)
-
-        monkeypatch.setattr(wide_products, "time_product", time_product)
-        return asked
-
-    return set_outcome
+    return timing_says(monkeypatch, wide_products, "time_product")
 
 
 def rewrites(model: GPT2, *batches: torch.Tensor, dynamic: bool = False) -> list[int]:
