@@ -171,6 +171,16 @@ def _inductor(options: dict[str, Any]) -> Callable:
     from torch._inductor.compile_fx import compile_fx
 
     def inductor(graph_module: torch.fx.GraphModule, example_inputs: list) -> Any:
-        return compile_fx(graph_module, example_inputs, config_patches=options)
+        return compile_fx(graph_module, example_inputs, config_patches=inductor_options(options))
 
     return inductor
+
+
+def inductor_options(options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`options` for inductor, with the pass that keeps its integer products right on a CPU
+    (`inductor_passes.DenseIntProducts`) unless they name a post-grad pass of their own. Every
+    inductor compile of this project's, its compile backends' included, takes these."""
+    # Imported here: it imports inductor, which `import gpt2_decl` goes without (0.8 s).
+    from gpt2_decl.core.inductor_passes import DENSE_INT_PRODUCTS
+
+    return {"post_grad_custom_post_pass": DENSE_INT_PRODUCTS, **(options or {})}

@@ -64,6 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from gpt2_decl.core.compiling import inductor_options
 from gpt2_decl.speedups import causal_attention, row_kernels, wide_products
 from gpt2_decl.speedups.quantize import int8_rows, is_quantized, quantizes_activations
 from gpt2_decl.speedups.wide_products import attention_options, example_value, linear_weight
@@ -162,7 +163,8 @@ class CpuDecoding:
         with warnings.catch_warnings():  # raised from inside inductor's autotuning
             warnings.filterwarnings("ignore", "TypedStorage is deprecated")
             return compile_fx(graph_module, example_inputs,
-                              config_patches=options | (PACKED if self.packed_products else {}))
+                              config_patches=inductor_options(
+                                  options | (PACKED if self.packed_products else {})))
 
 
 # Inductor's settings for packed products (with frozen weights): each product's kernel is

@@ -35,6 +35,7 @@ from torch import Tensor, fx
 from torch.fx.experimental.symbolic_shapes import optimization_hint
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from gpt2_decl.core.compiling import inductor_options
 from gpt2_decl.speedups.quantize import int8_rows, quantizes_activations
 from gpt2_decl.speedups.row_kernels import LinearMode
 
@@ -109,7 +110,7 @@ class RewriteThen:
         if self.then is not None:
             return self.then(graph_module, example_inputs)
         return compile_fx(graph_module, example_inputs,
-                          config_patches=list_mode_options(self.mode))
+                          config_patches=inductor_options(list_mode_options(self.mode)))
 
     def rewrite(self, graph_module: fx.GraphModule) -> int:
         """Make each call that has a replacement call it instead; how many were."""

@@ -10,6 +10,7 @@ pytest.importorskip("torchao", reason="quantizing needs torchao (the [quantize] 
 
 from helpers import decode_around_an_int8_change  # noqa: E402
 
+import gpt2_decl  # noqa: E402
 from gpt2_decl import GPT2, GPT2Config, quantize  # noqa: E402
 from gpt2_decl.speedups.cpu_decoding import CpuDecoding, one_row_linear  # noqa: E402
 from gpt2_decl.speedups.quantize import (  # noqa: E402
@@ -202,6 +203,16 @@ def test_compiled_cpu_decoding_of_int8_dynamic_freezes_weights_and_keeps_integer
     # step can flip (logits here spread over several units).
     assert (chosen >= best - 0.05).all()
     assert (chosen == best).float().mean() >= 0.75
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_a_compiled_int8_dynamic_model_gives_eager_logits_for_one_token(freeze):
+    # One row is where inductor hands the integer product a row stride of 0.
+    _, quantized = float_and_int8(scheme="int8-dynamic")
+    token = torch.tensor([[5]])
+    with torch.no_grad():
+        compiled = gpt2_decl.compile(quantized, freeze=freeze)(token)
+        torch.testing.assert_close(compiled, quantized(token), atol=1e-5, rtol=0)
 
 
 def test_int8_dynamic_weights_changed_in_place_are_not_decoded_stale():
