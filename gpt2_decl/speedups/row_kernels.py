@@ -41,8 +41,8 @@ from gpt2_decl.speedups.quantize import int8_rows, quantizes_activations
 
 KERNELS = Path(__file__).parent / "kernels"
 SOURCES = [KERNELS / "row_products.cpp", KERNELS / "visible_attention.cpp",
-           KERNELS / "causal_attention.cpp"]
-HEADERS = [KERNELS / "vectors.h"]
+           KERNELS / "causal_attention.cpp", KERNELS / "causal_attention_tiles.cpp"]
+HEADERS = [KERNELS / "vectors.h", KERNELS / "causal_attention_tiles.h"]
 # -ffp-contract=fast: multiply-adds fused, as GNU modes do by default and -std=c++17 does not.
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]
 # Weights the kernel reads as they are (int8 weights come as torchao's rows and scales).
@@ -117,7 +117,8 @@ def _register_fakes() -> None:
         return torch.empty_like(q, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("gpt2_decl::causal_attention")
-    def _(q: Tensor, k: Tensor, v: Tensor, scale: float, offset: int = 0) -> Tensor:
+    def _(q: Tensor, k: Tensor, v: Tensor, scale: float, offset: int = 0, tiles: bool = True
+          ) -> Tensor:
         return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 

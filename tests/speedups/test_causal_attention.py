@@ -30,12 +30,13 @@ pytestmark = pytest.mark.skipif(row_kernels.load() is not None,
                                 reason=f"no C++ kernel here: {row_kernels.load()}")
 
 
-def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int = 0
-                    ) -> torch.Tensor:
-    """Causal attention in float64, written out: query i sees keys 0 .. offset + i."""
+def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int = 0,
+                    scale: float | None = None) -> torch.Tensor:
+    """Causal attention in float64, written out: query i sees keys 0 .. offset + i; scores
+    scaled by `scale`, by default 1/sqrt(d_head)."""
     seq = q.shape[-2]
     q, k, v = q.double(), k[..., :offset + seq, :].double(), v[..., :offset + seq, :].double()
-    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    scores = q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale)
     hidden = torch.arange(offset + seq)[None, :] > offset + torch.arange(seq)[:, None]
     return scores.masked_fill(hidden, float("-inf")).softmax(-1) @ v
 
@@ -55,16 +56,55 @@ def test_float32_attention_matches_float64_within_1e_5(batch, heads, seq, d_head
     assert (out.double() - exact_attention(q, k, v)).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize(("batch", "heads", "seq", "d_head"), SHAPES[:6])
-def test_bfloat16_attention_is_float64_attention_rounded_to_bfloat16(batch, heads, seq, d_head):
+def bfloat16_bound(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tiles: bool,
+                   offset: int = 0, scale: float | None = None) -> torch.Tensor:
+    """How far bfloat16 attention may be from float64's: rounding the output to bfloat16 moves
+    it by at most half its last place (2^-9 of it). In matrix tiles the weights are rounded to
+    bfloat16 too before they multiply the values (as the library's attention does), which moves
+    the output by up to 2^-9 of the weighted sum of |values| and leaves the weights' total
+    2^-9 off theirs."""
+    exact = exact_attention(q, k, v, offset, scale).abs()
+    if not tiles:
+        return exact * 2**-8 + 1e-5
+    return (exact + exact_attention(q, k, v.abs(), offset, scale)) * 2**-8 + 1e-5
+
+
+# The bfloat16 ways: in matrix tiles (AMX), where the CPU has them, and widened to float32.
+BFLOAT16_WAYS = [pytest.param(True, id="tiles"), pytest.param(False, id="widened")]
+
+
+def skip_without_tiles(tiles: bool) -> None:
+    if tiles and not torch.ops.gpt2_decl.bfloat16_tiles():
+        pytest.skip("this CPU has no bfloat16 matrix tiles (AMX)")
+
+
+@pytest.mark.parametrize("tiles", BFLOAT16_WAYS)
+@pytest.mark.parametrize(("batch", "heads", "seq", "d_head"), SHAPES)
+def test_bfloat16_attention_is_float64_attention_within_bfloat16_rounding(
+        batch, heads, seq, d_head, tiles):
+    skip_without_tiles(tiles)
     generator = torch.Generator().manual_seed(seq)
     q, k, v = (torch.randn(batch, heads, seq, d_head, generator=generator).to(torch.bfloat16)
                for _ in range(3))
-    out = torch.ops.gpt2_decl.causal_attention(q, k, v, d_head ** -0.5)
+    out = torch.ops.gpt2_decl.causal_attention(q, k, v, d_head ** -0.5, 0, tiles)
+    assert out.dtype == torch.bfloat16 and out.shape == q.shape and out.is_contiguous()
+    assert ((out.double() - exact_attention(q, k, v)).abs()
+            <= bfloat16_bound(q, k, v, tiles)).all()
+
+
+def test_bfloat16_tiles_round_the_weights_as_the_library_does():
+    # The library's attention also rounds its weights to bfloat16 for the values' product:
+    # the widened way is closer to float64 than either.
+    skip_without_tiles(True)
+    generator = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 4, 300, 64, generator=generator).to(torch.bfloat16)
+               for _ in range(3))
     exact = exact_attention(q, k, v)
-    assert out.dtype == torch.bfloat16
-    # rounding to bfloat16 moves a value by at most half its last place (2^-9 of it)
-    assert ((out.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-5).all()
+    errors = {name: (out.double() - exact).pow(2).mean().sqrt() for name, out in (
+        ("tiles", torch.ops.gpt2_decl.causal_attention(q, k, v, 0.125, 0, True)),
+        ("widened", torch.ops.gpt2_decl.causal_attention(q, k, v, 0.125, 0, False)),
+        ("library", F.scaled_dot_product_attention(q, k, v, is_causal=True)))}
+    assert errors["widened"] < errors["tiles"] < 1.1 * errors["library"]
 
 
 # (batch, heads, seq, keys, offset, d_head): a query after a few keys, after more than a block
@@ -73,31 +113,40 @@ AFTER = [(1, 2, 1, 8, 5, 16), (2, 3, 7, 40, 33, 64), (1, 2, 70, 200, 100, 32),
          (1, 1, 5, 300, 290, 80), (1, 2, 64, 128, 64, 16)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("dtype", "tiles"), [
+    pytest.param(torch.float32, False, id="float32"),
+    pytest.param(torch.bfloat16, True, id="bfloat16-tiles"),
+    pytest.param(torch.bfloat16, False, id="bfloat16-widened")])
 @pytest.mark.parametrize(("batch", "heads", "seq", "keys", "offset", "d_head"), AFTER)
 def test_queries_after_earlier_keys_see_those_and_their_own_up_to_themselves(
-        batch, heads, seq, keys, offset, d_head, dtype):
+        batch, heads, seq, keys, offset, d_head, dtype, tiles):
+    skip_without_tiles(tiles)
     generator = torch.Generator().manual_seed(keys)
     q = torch.randn(batch, heads, seq, d_head, generator=generator).to(dtype)
     k, v = (torch.randn(batch, heads, keys, d_head, generator=generator).to(dtype)
             for _ in range(2))
     k[:, :, offset + seq:], v[:, :, offset + seq:] = float("nan"), float("nan")  # never read
-    out = torch.ops.gpt2_decl.causal_attention(q, k, v, d_head ** -0.5, offset)
+    out = torch.ops.gpt2_decl.causal_attention(q, k, v, d_head ** -0.5, offset, tiles)
     exact = exact_attention(q, k, v, offset)
     assert out.dtype == dtype and out.shape == q.shape
-    bound = 1e-5 if dtype == torch.float32 else exact.abs() * 2**-8 + 1e-5
+    bound = 1e-5 if dtype == torch.float32 else bfloat16_bound(q, k, v, tiles, offset)
     assert ((out.double() - exact).abs() <= bound).all()
 
 
-def test_queries_keys_and_values_as_views_of_one_projection_and_a_given_scale():
+@pytest.mark.parametrize(("dtype", "tiles"), [
+    pytest.param(torch.float32, False, id="float32"),
+    pytest.param(torch.bfloat16, True, id="bfloat16-tiles")])
+def test_queries_keys_and_values_as_views_of_one_projection_and_a_given_scale(dtype, tiles):
     # as the model splits its fused projection: rows of each head 3 * d_model apart
+    skip_without_tiles(tiles)
     generator = torch.Generator().manual_seed(3)
-    projection = torch.randn(2, 50, 3 * 4 * 16, generator=generator)
+    projection = torch.randn(2, 50, 3 * 4 * 16, generator=generator).to(dtype)
     q, k, v = projection.view(2, 50, 3, 4, 16).permute(2, 0, 3, 1, 4)
     out = kernel_causal_attention(q, k, v, is_causal=True, scale=0.3)
     expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double(),
                                               is_causal=True, scale=0.3)
-    assert (out.double() - expected).abs().max() <= 1e-5
+    bound = 1e-5 if dtype == torch.float32 else bfloat16_bound(q, k, v, tiles, scale=0.3)
+    assert ((out.double() - expected).abs() <= bound).all()
 
 
 @pytest.mark.parametrize(("call", "message"), [

@@ -6,7 +6,8 @@
 // and output in registers (the online softmax), and stop at their own position, so the masked
 // half of the scores is never computed. The scores of a block are register tiles of query rows
 // times key vectors (the keys transposed once, so that 16 keys are a vector); the values are
-// summed as the query rows' weights times each value row.
+// summed as the query rows' weights times each value row. Where the CPU multiplies bfloat16 in
+// matrix tiles (AMX), bfloat16 attention goes through them instead (causal_attention_tiles.cpp).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -17,6 +18,7 @@
 #include <cstring>
 #include <limits>
 
+#include "causal_attention_tiles.h"
 #include "vectors.h"
 
 namespace {
@@ -179,7 +181,7 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64
 at::Tensor in_rows(const at::Tensor& x) { return x.stride(3) == 1 ? x : x.contiguous(); }
 
 at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            double scale, int64_t offset) {
+                            double scale, int64_t offset, bool tiles) {
   TORCH_CHECK(q.dim() == 4 && (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16),
               "causal attention takes float32 or bfloat16 queries [batch, heads, seq, d_head], "
               "got ", q.sizes(), " ", q.scalar_type());
@@ -199,17 +201,23 @@ at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k, const at::
   at::Tensor out = at::empty(q.sizes(), q.options());
   if (q.scalar_type() == at::kFloat)
     attend<float>(in_rows(q), k, in_rows(v), offset, float(scale), out);
+  else if (tiles && multiplies_bfloat16_in_tiles())
+    causal_attention_in_tiles(in_rows(q), in_rows(k), in_rows(v), offset, float(scale), out);
   else
     attend<uint16_t>(in_rows(q), k, in_rows(v), offset, float(scale), out);
   return out;
 }
 
+bool bfloat16_tiles() { return multiplies_bfloat16_in_tiles(); }
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(gpt2_decl, m) {
   // Any strides: the kernel reads rows where they are (the views of one fused projection).
-  m.def("causal_attention(Tensor q, Tensor k, Tensor v, float scale, int offset=0) -> Tensor",
-        {at::Tag::flexible_layout});
+  // tiles: bfloat16 through the matrix tiles where the CPU has them (bfloat16_tiles()).
+  m.def("causal_attention(Tensor q, Tensor k, Tensor v, float scale, int offset=0, "
+        "bool tiles=True) -> Tensor", {at::Tag::flexible_layout});
+  m.def("bfloat16_tiles() -> bool", &bfloat16_tiles);
 }
 
 TORCH_LIBRARY_IMPL(gpt2_decl, CPU, m) { m.impl("causal_attention", &causal_attention); }

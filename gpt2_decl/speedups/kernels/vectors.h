@@ -89,6 +89,14 @@ inline void store(float value, float* at) { *at = value; }
 
 inline void store(float value, uint16_t* at) { *at = c10::BFloat16(value).x; }
 
+// Lanes rounded to bfloat16 (to nearest, ties to even; NaN stays NaN), as c10::BFloat16 does.
+inline Halves bfloat16_lanes(Lanes lanes) {
+  Words bits;
+  std::memcpy(&bits, &lanes, sizeof bits);
+  const Words rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  return __builtin_convertvector(lanes != lanes ? Words{} + 0x7FC0u : rounded, Halves);
+}
+
 // e^x lane by lane for x <= 0 (scores less the largest), as 2^k e^r with k = x / ln 2 rounded
 // and |r| <= ln 2 / 2, e^r by Cephes' polynomial (within a few units in the last place of
 // float32); below -87, where float32 runs out of normal numbers, as e^-87.
