@@ -13,7 +13,12 @@ from torch import nn
 from gpt2_decl.bench.measure import Timing, random_tokens, time_interleaved
 from gpt2_decl.core.compiling import compile as compile_model
 from gpt2_decl.core.counting import forward_flops
-from gpt2_decl.core.devices import ROOFLINE_MATMUL_SIZE, synchronize
+from gpt2_decl.core.devices import (
+    ROOFLINE_MATMUL_SIZE,
+    ROOFLINE_PRODUCTS,
+    roofline_products,
+    synchronize,
+)
 from gpt2_decl.core.model import GPT2
 from gpt2_decl.core.shapes import check_shapes
 from gpt2_decl.core.typecheck import is_typechecked, typechecked
@@ -35,7 +40,8 @@ class ForwardRow:
 
     @property
     def roofline_flops_per_s(self) -> float:
-        return 2 * ROOFLINE_MATMUL_SIZE**3 / (self.timings["roofline"].median_ms / 1e3)
+        return (2 * ROOFLINE_MATMUL_SIZE**3 * ROOFLINE_PRODUCTS
+                / (self.timings["roofline"].median_ms / 1e3))
 
     def tokens_per_s(self, name: str) -> float:
         return self.batch * self.seq / (self.timings[name].median_ms / 1e3)
@@ -88,6 +94,7 @@ def benchmark_forward(
     generator = torch.Generator().manual_seed(seed)
     a, b = (torch.randn(ROOFLINE_MATMUL_SIZE, ROOFLINE_MATMUL_SIZE, generator=generator)
             .to(device, dtype) for _ in range(2))
+    product = torch.empty_like(a)
     model.eval()
     for seq in seqs:
         with torch.no_grad():
@@ -117,7 +124,7 @@ def benchmark_forward(
                 reference_diff = (reference_logits.float() - model(tokens).float()).abs().max()
                 reference_diff = reference_diff.item()
                 del reference_logits
-            fns["roofline"] = partial(torch.matmul, a, b)
+            fns["roofline"] = partial(roofline_products, a, b, product)
             log(f"seq {seq}: timing {', '.join(fns)} in turn ({warmup} warm-up, {runs} runs)...")
             timings = time_interleaved(fns, device, runs=runs, warmup=warmup)
         yield ForwardRow(batch, seq, forward_flops(model.config, batch, seq), timings,
