@@ -23,6 +23,7 @@ from gpt2_decl.core.typecheck import is_typechecked, set_typechecked
 from gpt2_decl.speedups import (
     causal_attention,
     huge_pages,
+    row_blocks,
     row_kernels,
     sigmoid_gelu,
     wide_products,
@@ -30,6 +31,7 @@ from gpt2_decl.speedups import (
 from gpt2_decl.speedups.causal_attention import KernelAttention
 from gpt2_decl.speedups.cpu_decoding import choice_for
 from gpt2_decl.speedups.quantize import SCHEMES, quantize
+from gpt2_decl.speedups.row_blocks import RowBlocks
 from gpt2_decl.speedups.sigmoid_gelu import SigmoidGelu
 from gpt2_decl.speedups.wide_products import WideProducts
 
@@ -63,6 +65,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--wide-products", action=argparse.BooleanOptionalAction, default=True,
                         help="on a CPU, compile bfloat16 products of many rows in float32 where "
                         "timed faster (speedups.wide_products; default: on)")
+    parser.add_argument("--row-blocks", action=argparse.BooleanOptionalAction, default=True,
+                        help="on a CPU, compile products of many rows a block of rows at a "
+                        "time where timed faster (speedups.row_blocks; default: on)")
     parser.add_argument("--kernel-attention", action=argparse.BooleanOptionalAction,
                         default=True, help="on a CPU, compile causal attention through the C++ "
                         "kernel where timed faster (speedups.causal_attention; default: on)")
@@ -142,9 +147,13 @@ def run_forward(args: argparse.Namespace, model: GPT2) -> dict:
     batch = args.batch[0]
     print(f"{describe(model)}, batch {batch}, {model.dtype} on {model.device}")
     widening = args.wide_products and model.device.type == "cpu"
+    blocking = args.row_blocks and model.device.type == "cpu"
     attending = args.kernel_attention and model.device.type == "cpu"
     gelu = args.sigmoid_gelu and model.device.type == "cpu"
-    backend = WideProducts(mode=args.mode) if widening else None
+    # Products widened first: the blocks take those left as they were.
+    backend = RowBlocks(mode=args.mode) if blocking else None
+    if widening:
+        backend = WideProducts(then=backend, mode=args.mode)
     if attending:
         backend = KernelAttention(then=backend, mode=args.mode)
     if gelu:
@@ -163,6 +172,13 @@ def run_forward(args: argparse.Namespace, model: GPT2) -> dict:
     if widened:
         print("bfloat16 products of many rows in float32 where timed faster (rows x in x out):")
         print("  " + wide_products.describe(widened).replace("\n", "\n  "))
+    blocked = {key: times for key, times in row_blocks.timings().items()
+               if blocking and key[0] in {batch * seq for seq in args.seq}
+               and key[4] == model.dtype and key[5] == args.freeze}
+    if blocking:
+        print("products of many rows in blocks of rows where timed faster (rows x in x out x "
+              "block):")
+        print("  " + row_blocks.describe(blocked).replace("\n", "\n  "))
     attended = {shape: times for shape, times in causal_attention.timings().items()
                 if attending and shape[:3] in {(batch, model.config.n_head, seq)
                                                for seq in args.seq} and shape[4] == model.dtype}
@@ -186,6 +202,11 @@ def run_forward(args: argparse.Namespace, model: GPT2) -> dict:
                                "widened_ms": wide, "library_ms": library,
                                "widened": wide < library}
                               for shape, (wide, library) in widened.items()],
+            "row_blocks": [{"rows": key[0], "in_features": key[1],
+                            "out_features_timed": key[2], "block": key[3],
+                            "dtype": str(key[4]), "blocks_ms": blocks, "whole_ms": whole,
+                            "faster": blocks < whole}
+                           for key, (blocks, whole) in blocked.items()],
             "kernel_attention": [{"batch": shape[0], "heads": shape[1], "seq": shape[2],
                                   "d_head": shape[3], "dtype": str(shape[4]),
                                   "kernel_ms": kernel, "library_ms": library,

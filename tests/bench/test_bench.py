@@ -16,6 +16,7 @@ from gpt2_decl.speedups import (
     causal_attention,
     cpu_decoding,
     huge_pages,
+    row_blocks,
     row_kernels,
     sigmoid_gelu,
     wide_products,
@@ -135,6 +136,26 @@ def test_forward_bench_reports_causal_attention_through_the_kernel_or_not(tmp_pa
     main([*TINY_CLI, "--seq", "8", "--runs", "1", "--no-kernel-attention",
           "--no-typecheck-overhead", "--json", str(report_path)])
     assert json.loads(report_path.read_text())["kernel_attention"] == []
+
+
+def test_forward_bench_reports_products_in_blocks_of_rows_or_not(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(row_blocks, "_times", {})
+    monkeypatch.setattr(row_blocks, "BLOCK_ROWS", (4, 8))  # 8 rows make two blocks of 4
+    report_path = tmp_path / "bench.json"
+    main([*TINY_CLI, "--seq", "8", "--runs", "1", "--no-typecheck-overhead",
+          "--json", str(report_path)])
+    report = json.loads(report_path.read_text())
+    # GPT-2's four product shapes in a block, and the output head's (timed on 4096 rows).
+    assert {(entry["rows"], entry["in_features"], entry["out_features_timed"], entry["block"])
+            for entry in report["row_blocks"]} == {
+        (8, 64, 192, 4), (8, 64, 64, 4), (8, 64, 256, 4), (8, 256, 64, 4), (8, 64, 4096, 4)}
+    for entry in report["row_blocks"]:
+        assert entry["faster"] == (entry["blocks_ms"] < entry["whole_ms"])
+    assert "products of many rows in blocks of rows" in capsys.readouterr().out
+    torch._dynamo.reset()
+    main([*TINY_CLI, "--seq", "8", "--runs", "1", "--no-row-blocks",
+          "--no-typecheck-overhead", "--json", str(report_path)])
+    assert json.loads(report_path.read_text())["row_blocks"] == []
 
 
 def test_forward_bench_reports_gelu_through_a_sigmoid_or_not(tmp_path, monkeypatch, capsys):
