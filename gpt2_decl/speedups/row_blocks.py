@@ -10,10 +10,10 @@ where it was seen.
 `RowBlocks` is a torch.compile backend that makes the rewrite in the traced graph, for the
 `F.linear` products on the CPU with no gradient recorded, at each shape where timing on this
 machine finds a block size faster than the product as inductor makes it (with frozen weights,
-the library's product with the weight laid out once for it); then it hands the graph on (to
-inductor, or to another backend). The blocks are one call the graph makes
-(`gpt2_decl::row_blocks_linear`), so the weight stays one tensor, not a copy per block. The
-model's code and eager runs are untouched; use it as
+the library's product with the weight laid out once for it, as the blocks then take it too);
+then it hands the graph on (to inductor, or to another backend). The blocks are one call the
+graph makes (`gpt2_decl::row_blocks_linear`), so the weight is laid out once, not once per
+block. The model's code and eager runs are untouched; use it as
 
     gpt2_decl.compile(model, freeze=True, backend=RowBlocks())
     gpt2_decl.compile(model, freeze=True, backend=WideProducts(then=RowBlocks()))
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx
 from torch.fx.experimental.symbolic_shapes import optimization_hint
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+from torch.utils.weak import WeakIdKeyDictionary
 
 from gpt2_decl.speedups.wide_products import (
     RewriteThen,
@@ -50,13 +51,20 @@ PACKED_DTYPES = (torch.float32, torch.bfloat16)
 
 
 @torch.library.custom_op("gpt2_decl::row_blocks_linear", mutates_args=())
-def row_blocks_linear(x: Tensor, weight: Tensor, bias: Tensor | None, block: int) -> Tensor:
-    """`F.linear(x, weight, bias)`, `block` rows of x at a time, into one result."""
+def row_blocks_linear(x: Tensor, weight: Tensor, bias: Tensor | None, block: int,
+                      packed: bool = False) -> Tensor:
+    """`F.linear(x, weight, bias)`, `block` rows of x at a time, into one result; `packed`:
+    through the library's product with the weight laid out for it (`packs`), as inductor's
+    frozen graphs multiply."""
     rows = x.reshape(-1, x.shape[-1])
     out = rows.new_empty(rows.shape[0], weight.shape[0])
+    laid_out = _laid_out(weight, block) if packed else None
     for start in range(0, rows.shape[0], block):
         part = slice(start, start + block)
-        if bias is None:
+        if laid_out is not None:
+            out[part] = torch.ops.mkldnn._linear_pointwise(rows[part], laid_out, bias, "none",
+                                                           [], "")
+        elif bias is None:
             torch.mm(rows[part], weight.t(), out=out[part])
         else:
             torch.addmm(bias, rows[part], weight.t(), out=out[part])
@@ -64,8 +72,28 @@ def row_blocks_linear(x: Tensor, weight: Tensor, bias: Tensor | None, block: int
 
 
 @row_blocks_linear.register_fake
-def _(x: Tensor, weight: Tensor, bias: Tensor | None, block: int) -> Tensor:
+def _(x: Tensor, weight: Tensor, bias: Tensor | None, block: int, packed: bool = False
+      ) -> Tensor:
     return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def packs(dtype: torch.dtype) -> bool:
+    """Whether the library lays weights of `dtype` out for its product, as inductor's frozen
+    graphs do."""
+    return dtype in PACKED_DTYPES and torch.backends.mkldnn.is_available()
+
+
+# Each weight laid out for the library's product, with the weight's version when it was: a
+# frozen graph passes its weights, constants, to every call.
+_layouts: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _laid_out(weight: Tensor, block: int) -> Tensor:
+    found = _layouts.get(weight)
+    if found is None or found[0] != weight._version:
+        found = _layouts[weight] = (weight._version,
+                                    torch.ops.mkldnn._reorder_linear_weight(weight, block))
+    return found[1]
 
 
 @dataclass(frozen=True)
@@ -79,14 +107,16 @@ class RowBlocks(RewriteThen):
         shape = _cpu_product(node)
         if shape is None:
             return None
-        block = fastest_block(*shape, frozen=bool(torch._inductor.config.freezing))
+        frozen = bool(torch._inductor.config.freezing)
+        block = fastest_block(*shape, frozen=frozen)
         if block is None:
             return None
         # The op takes (x, weight, bias, block) in order, however F.linear was called.
         args, kwargs = node.args, node.kwargs
         weight = args[1] if len(args) > 1 else kwargs["weight"]
         bias = args[2] if len(args) > 2 else kwargs.get("bias")
-        node.args, node.kwargs = (args[0], weight, bias, block), {}
+        packed = frozen and packs(shape[3])
+        node.args, node.kwargs = (args[0], weight, bias, block, packed), {}
         return torch.ops.gpt2_decl.row_blocks_linear.default
 
 
@@ -108,9 +138,10 @@ def fastest_block(rows: int, in_features: int, out_features: int, dtype: torch.d
 
 def time_blocks(rows: int, in_features: int, out_features: int, block: int, dtype: torch.dtype,
                 frozen: bool) -> tuple[float, float]:
-    """Median milliseconds of the product in blocks of `block` rows and of the whole product as
-    inductor makes it, runs taken in turns, on random operands (at most TIMED_ROWS weight rows,
-    and the product's bias)."""
+    """Median milliseconds of the product in blocks of `block` rows and of the whole product,
+    both as inductor makes them (frozen: with the weight laid out for the library's product),
+    runs taken in turns, on random operands (at most TIMED_ROWS weight rows, and the product's
+    bias)."""
     out_features = min(out_features, TIMED_ROWS)
     key = (rows, in_features, out_features, block, dtype, frozen, torch.get_num_threads())
     if key not in _times:
@@ -118,17 +149,18 @@ def time_blocks(rows: int, in_features: int, out_features: int, block: int, dtyp
         x, weight = (torch.randn(size, generator=generator).to(dtype)
                      for size in ((rows, in_features), (out_features, in_features)))
         bias = torch.zeros(out_features, dtype=dtype)
-        _times[key] = medians_in_turns([lambda: row_blocks_linear(x, weight, bias, block),
-                                        _whole_product(x, weight, bias, frozen)], RUNS)
+        packed = frozen and packs(dtype)
+        _times[key] = medians_in_turns([lambda: row_blocks_linear(x, weight, bias, block, packed),
+                                        _whole_product(x, weight, bias, packed)], RUNS)
     return _times[key]
 
 
-def _whole_product(x: Tensor, weight: Tensor, bias: Tensor, frozen: bool) -> Callable:
+def _whole_product(x: Tensor, weight: Tensor, bias: Tensor, packed: bool) -> Callable:
     """The product as inductor makes it: in a frozen graph, with the weight laid out once for
     the library's product (where the library has one for the dtype); else as `F.linear`."""
-    if frozen and x.dtype in PACKED_DTYPES and torch.backends.mkldnn.is_available():
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight, x.shape[0])
-        return lambda: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    if packed:
+        laid_out = torch.ops.mkldnn._reorder_linear_weight(weight, x.shape[0])
+        return lambda: torch.ops.mkldnn._linear_pointwise(x, laid_out, bias, "none", [], "")
     return lambda: F.linear(x, weight, bias)
 
 

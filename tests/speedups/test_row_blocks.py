@@ -147,3 +147,40 @@ def test_the_blocked_product_is_what_f_linear_gives_in_bfloat16():
     for result in (row_blocks_linear(x, weight, bias, 256), F.linear(x, weight, bias)):
         # Summed in float32, rounded once to bfloat16.
         assert ((result.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-4).all()
+
+
+@pytest.mark.skipif(not row_blocks.packs(torch.float32), reason="no mkldnn products here")
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_blocks_through_the_laid_out_weight_make_the_whole_product(with_bias):
+    generator = torch.Generator().manual_seed(4)
+    x, weight, bias = (torch.randn(size, generator=generator)
+                       for size in ((3, 11, 48), (40, 48), (40,)))
+    bias = bias if with_bias else None
+    exact = x.double() @ weight.double().T + (0 if bias is None else bias.double())
+    result = row_blocks_linear(x, weight, bias, 4, True)
+    assert result.shape == (3, 11, 40)
+    assert (result.double() - exact).abs().max() <= 1e-5 * exact.abs().max()
+    with torch.no_grad():
+        weight.mul_(2)  # in place: laid out again, not multiplied as it was
+    exact = x.double() @ weight.double().T + (0 if bias is None else bias.double())
+    assert (row_blocks_linear(x, weight, bias, 4, True).double() - exact).abs().max() \
+        <= 1e-5 * exact.abs().max()
+
+
+def test_frozen_graphs_take_the_laid_out_weight_and_others_the_weight_as_it_is(blocks_timed_as):
+    model = GPT2(CONFIG).eval()
+    tokens = torch.randint(CONFIG.vocab_size, (2, 9))
+    blocks_timed_as({4: 1.0, 8: 2.0}, 3.0)
+    packed = []
+
+    def recording(graph_module, example_inputs):
+        RowBlocks().rewrite(graph_module)
+        packed.extend(node.args[4] for node in graph_module.graph.nodes
+                      if node.target is torch.ops.gpt2_decl.row_blocks_linear.default)
+        return graph_module.forward
+
+    for freeze in (False, True):
+        torch._dynamo.reset()
+        with torch.no_grad():
+            gpt2_decl.compile(model, freeze=freeze, backend=recording)(tokens)
+    assert packed == [False] * PRODUCTS + [row_blocks.packs(torch.float32)] * PRODUCTS
