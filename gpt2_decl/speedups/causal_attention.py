@@ -6,7 +6,10 @@ computes the masked part of the blocks on the causal diagonal before it drops it
 over the keys six query rows at a time, with the online softmax in registers, and stops at each
 row's own position: it computes only the scores a causal mask shows. It sums in float32
 (bfloat16 queries, keys and values widened as they are read, the output rounded back) and has
-no gradient.
+no gradient. Where the CPU multiplies bfloat16 in matrix tiles (AMX), bfloat16 attention goes
+through them instead (kernels/causal_attention_tiles.cpp): 32 queries at a time over blocks of
+64 keys up to the last one's position, the weights rounded to bfloat16 for the values' product
+as the library's attention rounds them.
 
 `KernelAttention` is a torch.compile backend that makes the rewrite in the traced graph, for
 causal attention with no mask, no dropout and no gradient recorded, float32 or bfloat16, d_head
