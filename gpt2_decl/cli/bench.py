@@ -22,6 +22,7 @@ from gpt2_decl.core.model import GPT2
 from gpt2_decl.core.typecheck import is_typechecked, set_typechecked
 from gpt2_decl.speedups import (
     causal_attention,
+    freed_memory,
     huge_pages,
     row_blocks,
     row_kernels,
@@ -74,6 +75,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--sigmoid-gelu", action=argparse.BooleanOptionalAction, default=True,
                         help="on a CPU, compile GELU through a sigmoid where timed faster "
                         "(speedups.sigmoid_gelu; default: on)")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="first have malloc keep large freed buffers for reuse, for the "
+                        "whole process: every model timed (speedups.freed_memory)")
     parser.add_argument("--compare", choices=["llama.cpp", "transformers"],
                         help="forward passes: also transformers' model compiled, on the same "
                         "weights; decoding: also llama.cpp on the same weights, F32 and BF16, "
@@ -119,8 +123,13 @@ def run(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     device = common.resolve_device(args.device)
     dtype = common.resolve_dtype(args.dtype, device)
+    kept = args.keep_freed_memory and freed_memory.keep_freed_memory()
+    if args.keep_freed_memory and not kept:
+        print("warning: --keep-freed-memory: this C library's malloc is not glibc's; nothing "
+              "changed", file=sys.stderr)
     model = load_model(args, device, dtype)
-    report = {**environment(device, dtype), "config": dataclasses.asdict(model.config)}
+    report = {**environment(device, dtype), "config": dataclasses.asdict(model.config),
+              "keep_freed_memory": kept}
     sizes = (f"decoding {args.prompt_len} + {args.new_tokens} tokens" if args.generate
              else f"with batch {args.batch[0]} at sequence lengths {args.seq}")
     with common.explained_out_of_memory(device, sizes):

@@ -3,6 +3,7 @@ end on tiny models, its figures checked against each other and by hand."""
 
 import json
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -69,6 +70,7 @@ def test_forward_bench_writes_json_with_every_figure_and_a_png(tmp_path, capsys)
     report = json.loads(report_path.read_text())
     assert report["dtype"] == "float32" and report["device"] == "cpu"
     assert report["torch"] == torch.__version__ and report["threads"] == 1
+    assert report["keep_freed_memory"] is False
     assert [row["seq"] for row in report["rows"]] == [8, 16]
     for row in report["rows"]:
         assert row["max_abs_diff"] < 1e-4
@@ -156,6 +158,18 @@ def test_forward_bench_reports_products_in_blocks_of_rows_or_not(tmp_path, monke
     main([*TINY_CLI, "--seq", "8", "--runs", "1", "--no-row-blocks",
           "--no-typecheck-overhead", "--json", str(report_path)])
     assert json.loads(report_path.read_text())["row_blocks"] == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc is Linux's")
+def test_forward_bench_keeps_freed_memory_when_asked(tmp_path):
+    # In a process of its own: the setting is the whole process's.
+    report_path = tmp_path / "bench.json"
+    subprocess.run([sys.executable, "-m", "gpt2_decl", *TINY_CLI, "--seq", "8", "--runs", "1",
+                    "--no-typecheck-overhead", "--no-row-blocks", "--no-kernel-attention",
+                    "--no-sigmoid-gelu", "--keep-freed-memory", "--json", str(report_path)],
+                   check=True, capture_output=True)
+    report = json.loads(report_path.read_text())
+    assert report["keep_freed_memory"] is True and report["rows"][0]["compiled_ms"] > 0
 
 
 def test_forward_bench_reports_gelu_through_a_sigmoid_or_not(tmp_path, monkeypatch, capsys):
