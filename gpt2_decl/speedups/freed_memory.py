@@ -6,7 +6,9 @@ forward pass of 1,024 tokens writes its logits, 103 MB in bfloat16 and 206 MB in
 such a mapping every call, and the kernel zeroes and maps each of its 4 KiB pages as they are
 first written: page faults, which the next call pays again. `keep_freed_memory()` tells malloc
 to serve large requests from its heap and to keep freed memory there (mallopt's
-M_MMAP_THRESHOLD and M_TRIM_THRESHOLD), so a buffer freed by one call is reused by the next.
+M_MMAP_THRESHOLD and M_TRIM_THRESHOLD), so a buffer freed by one call is reused by the next
+(from the second or third call on: a freed block hemmed in by a small live one does not fit an
+aligned request of its own size, which then takes fresh heap once).
 
 It is a setting of the whole process, for every allocation from then on, not of a model, and
 the memory it keeps is not given back to the system while the process lives: nothing here runs
