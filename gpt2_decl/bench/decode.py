@@ -4,11 +4,15 @@ and the read bandwidth is measured right after every run, so each run meets the 
 own moment (a shared machine's bandwidth drifts from minute to minute)."""
 
 import itertools
+import signal
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -71,10 +75,56 @@ def ways_of_decoding(model: GPT2, *, suffix: str = "", reference: bool = True,
     return ways
 
 
-def llama_cpp_ways(model: GPT2, directory: str, q8_0: bool = False) -> list[Way]:
+# A trial decode by llama.cpp in a process of its own (argv: GGUF path, n_ctx, threads, prompt
+# tokens, extra buffer types 1 or 0), so that a crash inside llama.cpp leaves the bench standing.
+LLAMA_TRIAL = """
+import sys
+from gpt2_decl.bench.decode import load_llama
+path, n_ctx, n_threads, prompt_tokens, extra = sys.argv[1:]
+llm = load_llama(path, int(n_ctx), int(n_threads), extra_buffers=extra == "1")
+for _, token in zip(range(4), llm.generate(list(range(int(prompt_tokens))), top_k=1, temp=0.0)):
+    pass
+"""
+
+
+def load_llama(path: str, n_ctx: int, n_threads: int, extra_buffers: bool = True):
+    """llama.cpp's model of a GGUF file; extra_buffers=False loads its weights into plain CPU
+    buffers, with none of its extra buffer types (AMX tiles, repacked weights)."""
+    import llama_cpp
+    import llama_cpp.llama_cpp as api
+
+    defaults = api.llama_model_default_params
+
+    def params_without_extra_buffers():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    with mock.patch.object(api, "llama_model_default_params",
+                           defaults if extra_buffers else params_without_extra_buffers):
+        return llama_cpp.Llama(path, n_ctx=n_ctx, verbose=False, n_threads=n_threads)
+
+
+def llama_trial_ends(path: Path, n_ctx: int, prompt_tokens: int, extra_buffers: bool) -> str:
+    """How a trial decode of `path` by llama.cpp ended in a process of its own: "" if it
+    decoded, else the signal or exit status that ended it."""
+    done = subprocess.run([sys.executable, "-c", LLAMA_TRIAL, str(path), str(n_ctx),
+                           str(torch.get_num_threads()), str(prompt_tokens),
+                           "1" if extra_buffers else "0"], capture_output=True)
+    if done.returncode == 0:
+        return ""
+    if done.returncode < 0:
+        return signal.Signals(-done.returncode).name
+    return f"exit status {done.returncode}"
+
+
+def llama_cpp_ways(model: GPT2, directory: str, q8_0: bool = False, prompt_tokens: int = 32
+                   ) -> list[Way]:
     """llama.cpp (llama-cpp-python) greedy decoding of the same weights, written as GGUF files
     in F32 and BF16 (and q8_0: F32 quantized by llama.cpp to Q8_0) into `directory`, on as many
-    threads as torch."""
+    threads as torch. Each file is first decoded in a process of its own, `prompt_tokens` and a
+    few more: where that crashes with llama.cpp's extra buffer types (its AMX products die on
+    some files) and decodes without them, the file is timed without them, and a line says so."""
     try:
         import llama_cpp
     except ImportError:
@@ -90,9 +140,19 @@ def llama_cpp_ways(model: GPT2, directory: str, q8_0: bool = False) -> list[Way]
         if llama_cpp.llama_model_quantize(str(files["F32"]).encode(),
                                           str(files["Q8_0"]).encode(), params) != 0:
             raise RuntimeError("llama.cpp could not quantize the F32 file to Q8_0")
+    n_ctx = model.config.n_ctx
+    prompt_tokens = min(prompt_tokens, n_ctx - 4)  # the trial's prompt and its four tokens fit
     for name, path in files.items():
-        llm = llama_cpp.Llama(str(path), n_ctx=model.config.n_ctx, verbose=False,
-                              n_threads=torch.get_num_threads())
+        extra_buffers = True
+        if ended := llama_trial_ends(path, n_ctx, prompt_tokens, extra_buffers=True):
+            if without := llama_trial_ends(path, n_ctx, prompt_tokens, extra_buffers=False):
+                raise RuntimeError(f"llama.cpp cannot decode its {name} file: a trial decode "
+                                   f"ended with {ended}, and without its extra buffer types "
+                                   f"with {without}")
+            extra_buffers = False
+            print(f"llama.cpp {name}: timed without llama.cpp's extra buffer types (AMX, "
+                  f"repacked weights): a trial decode with them ended with {ended}", flush=True)
+        llm = load_llama(str(path), n_ctx, torch.get_num_threads(), extra_buffers)
 
         def decode(prompt: Tensor, new: int, llm=llm) -> Tensor:
             llm.reset()

@@ -252,7 +252,8 @@ def run_decode(args: argparse.Namespace, model: GPT2) -> dict:
         ways += decode.ways_of_decoding(copied, suffix=f", {scheme}", reference=False,
                                         eager=False, huge_pages=on_huge_pages)
     gguf_files = tempfile.TemporaryDirectory()  # llama.cpp's copies of the weights, until the end
-    ways += decode.llama_cpp_ways(model, gguf_files.name, q8_0=bool(args.quantize)) \
+    ways += decode.llama_cpp_ways(model, gguf_files.name, q8_0=bool(args.quantize),
+                                  prompt_tokens=args.prompt_len) \
         if args.compare else []
     print(f"{describe(model)}, {model.dtype} on {model.device}, {args.prompt_len} + "
           f"{args.new_tokens} greedy tokens; huge pages: {on_huge_pages}")

@@ -331,6 +331,29 @@ def test_decode_bench_compares_int8_with_llama_cpp_q8_0(tmp_path):
         rows["llama.cpp F32"]["weight_bytes_per_token"] * 34 / 32 / 4, rel=1e-6)
 
 
+def test_a_trial_decode_by_llama_cpp_says_how_its_own_process_ended(tmp_path):
+    pytest.importorskip("gguf")
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    from gpt2_decl.core.config import GPT2Config
+    from gpt2_decl.core.model import GPT2
+    from gpt2_decl.storage.gguf import save_gguf
+
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(n_layer=1, n_head=2, d_model=32, n_ctx=64)).eval()
+    path = save_gguf(model, tmp_path / "model.gguf")
+    not_gguf = tmp_path / "not.gguf"
+    not_gguf.write_bytes(b"not a GGUF file")
+    for extra_buffers in (True, False):
+        assert decode.llama_trial_ends(path, 64, 8, extra_buffers) == ""
+        assert decode.llama_trial_ends(not_gguf, 64, 8, extra_buffers).startswith("exit status")
+    # Without extra buffer types, the float32 file still decodes to our greedy tokens.
+    prompt = torch.arange(8)[None]
+    ours = model.generate(prompt, 12, greedy=True)[0, 8:].tolist()
+    llm = decode.load_llama(str(path), 64, 2, extra_buffers=False)
+    assert [token for _, token in zip(range(12), llm.generate(prompt[0].tolist(), top_k=1,
+                                                               temp=0.0))] == ours
+
+
 def test_decode_bench_says_what_comparing_with_llama_cpp_needs(monkeypatch):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if it were not installed
     with pytest.raises(SystemExit, match="needs llama-cpp-python"):
