@@ -82,7 +82,8 @@ import sys
 from gpt2_decl.bench.decode import load_llama
 path, n_ctx, n_threads, prompt_tokens, extra = sys.argv[1:]
 llm = load_llama(path, int(n_ctx), int(n_threads), extra_buffers=extra == "1")
-for _, token in zip(range(4), llm.generate(list(range(int(prompt_tokens))), top_k=1, temp=0.0)):
+tokens = llm.generate(list(range(int(prompt_tokens))), top_k=1, temp=0.0)
+for _ in zip(range(4), tokens, strict=False):
     pass
 """
 
