@@ -1,7 +1,10 @@
 """Greedy decoding speed, batch 1, against the memory bound: a step reads every weight once,
 so tokens/s <= read bandwidth / bytes of weights. The ways of decoding take turns run by run,
 and the read bandwidth is measured right after every run, so each run meets the bound of its
-own moment (a shared machine's bandwidth drifts from minute to minute)."""
+own moment (a shared machine's bandwidth drifts from minute to minute). Each turn also times
+the prompt and first token alone, so that the tokens after it are reported on their own too,
+as llama.cpp's bench reports prompt processing apart from generation: a batch's prompt is a
+batch of prompts, and runs at the speed of arithmetic, not of reading weights."""
 
 import itertools
 import signal
@@ -205,13 +208,29 @@ def quantization_quality(model: GPT2, quantized: GPT2, tokens: np.ndarray, n_tok
     return agreement(model, quantized, batches)
 
 
+def after_first_rates(rows: int, new_tokens: int, times_ms: list[float],
+                      first_token_ms: list[float]) -> list[float | None]:
+    """Tokens/s after the first, run by run: the tokens of every row but the first of each,
+    over a whole run's time less the prompt and first token's of the same turn (None where
+    there are no such tokens, or where timing noise leaves no time for them)."""
+    return [rows * (new_tokens - 1) / ((whole - first) / 1e3)
+            if new_tokens > 1 and whole > first else None
+            for whole, first in zip(times_ms, first_token_ms, strict=True)]
+
+
+def median_or_none(values: list[float | None]) -> float | None:
+    known = [value for value in values if value is not None]
+    return statistics.median(known) if known else None
+
+
 def row(way: Way, times_ms: list[float], new_tokens: int, read_bandwidths: list[float],
-        warmup_s: float, same_tokens: bool) -> dict:
+        warmup_s: float, same_tokens: bool, first_token_ms: list[float]) -> dict:
     """A way's figures; each run is compared with the bound of the bandwidth read after it."""
     timing = Timing(tuple(times_ms))
     rates = [way.rows * new_tokens / (ms / 1e3) for ms in times_ms]
     bounds = [way.rows * bandwidth / way.weight_bytes for bandwidth in read_bandwidths]
     fractions = [rate / bound for rate, bound in zip(rates, bounds, strict=True)]
+    after_first = after_first_rates(way.rows, new_tokens, times_ms, first_token_ms)
     return {
         "name": way.name, "median_ms": timing.median_ms, "min_ms": timing.min_ms,
         "max_ms": timing.max_ms, "runs": len(rates),
@@ -219,25 +238,32 @@ def row(way: Way, times_ms: list[float], new_tokens: int, read_bandwidths: list[
         "weight_bytes_per_token": way.weight_bytes, "bound_tokens_per_s": statistics.median(bounds),
         "run_bound_tokens_per_s": bounds, "bound_fraction": statistics.median(fractions),
         "run_bound_fractions": fractions, "warmup_s": warmup_s, "same_tokens": same_tokens,
+        "first_token_ms": statistics.median(first_token_ms), "run_first_token_ms": first_token_ms,
+        "after_first_tokens_per_s": median_or_none(after_first),
+        "run_after_first_tokens_per_s": after_first,
     }
 
 
 def time_ways(ways: list[Way], prompt: Tensor, new_tokens: int, warmup: int, runs: int,
               bandwidth: ReadBandwidth) -> list[dict]:
     """Warm every way up (compiling what it compiles), then time them in turns, one run each
-    per turn, each run followed by a read-bandwidth measurement. A row's tokens are compared
-    with those of the first row of its dtype."""
+    per turn, each run after a run of the prompt and first token alone and followed by a
+    read-bandwidth measurement. A row's tokens are compared with those of the first row of its
+    dtype."""
     device = prompt.device
-    warmup_s, times, bandwidths, outputs = {}, {}, {}, {}
+    warmup_s, times, firsts_ms, bandwidths, outputs = {}, {}, {}, {}, {}
     for way in ways:
         start = time.perf_counter()
         for _ in range(max(warmup, 1)):
             way.decode(prompt, WARMUP_TOKENS)
         warmup_s[way.name] = time.perf_counter() - start
-        times[way.name], bandwidths[way.name] = [], []
+        times[way.name], firsts_ms[way.name], bandwidths[way.name] = [], [], []
     for turn in range(runs):
         print(f"timing turn {turn + 1}...", flush=True)
         for way in ways:
+            first = time_interleaved({"first": lambda way=way: way.decode(prompt, 1)}, device,
+                                     runs=1, warmup=0)["first"]
+            firsts_ms[way.name] += first.times_ms
             run = time_interleaved({"run": lambda way=way: outputs.update(
                 {way.name: way.decode(prompt, new_tokens)})}, device, runs=1, warmup=0)["run"]
             times[way.name] += run.times_ms
@@ -246,7 +272,7 @@ def time_ways(ways: list[Way], prompt: Tensor, new_tokens: int, warmup: int, run
     firsts: dict[torch.dtype, Tensor] = {}
     return [row(way, times[way.name], new_tokens, bandwidths[way.name], warmup_s[way.name],
                 torch.equal(outputs[way.name], firsts.setdefault(way.dtype, outputs[way.name])
-                            .repeat(way.rows, 1)))
+                            .repeat(way.rows, 1)), firsts_ms[way.name])
             for way in ways]
 
 
@@ -268,22 +294,36 @@ def quantized_speed_ratios(rows: list[dict], schemes: list[str], floats: dict[st
             for scheme in schemes}
 
 
-def turn_ratio(row: dict, other: dict) -> float:
-    """`row`'s tokens/s over `other`'s, turn by turn (median)."""
-    return statistics.median(
-        ours / theirs for ours, theirs in zip(row["run_tokens_per_s"], other["run_tokens_per_s"],
-                                              strict=True))
+def batch_speed_ratios(rows: list[dict]) -> dict[int, dict[str, float | None]]:
+    """Each compiled batch's tokens/s over compiled batch 1's, turn by turn (median): whole
+    runs, and the tokens after the first ("after_first"; None where no turn has them)."""
+    by_name = {row["name"]: row for row in rows}
+    single = by_name.get("compiled, cache")
+    return {row["rows"]: {"whole": turn_ratio(row, single),
+                          "after_first": turn_ratio(row, single, "run_after_first_tokens_per_s")}
+            for row in rows if single and row["name"] == f"compiled, cache, batch {row['rows']}"}
+
+
+def turn_ratio(row: dict, other: dict, key: str = "run_tokens_per_s") -> float | None:
+    """`row`'s tokens/s over `other`'s, turn by turn (median, over the turns both have)."""
+    return median_or_none([
+        ours / theirs if ours is not None and theirs is not None else None
+        for ours, theirs in zip(row[key], other[key], strict=True)])
 
 
 def format_table(rows: list[dict]) -> str:
     header = (f"{'decoding':<28} {'tokens/s':>9} {'bound':>7} {'of bound':>8} "
-              f"{'run ms [min-max]':>24} {'warm-up s':>9} {'same tokens':>11}")
+              f"{'run ms [min-max]':>24} {'first ms':>8} {'after first':>11} {'warm-up s':>9} "
+              f"{'same tokens':>11}")
     lines = [header, "-" * len(header)]
     for row in rows:
         spread = f"{row['median_ms']:,.0f} [{row['min_ms']:,.0f}-{row['max_ms']:,.0f}]"
+        after = row["after_first_tokens_per_s"]
         lines.append(
             f"{row['name']:<28} {row['tokens_per_s']:>9.1f} {row['bound_tokens_per_s']:>7.1f} "
-            f"{row['bound_fraction']:>8.0%} {spread:>24} {row['warmup_s']:>9.1f} "
+            f"{row['bound_fraction']:>8.0%} {spread:>24} {row['first_token_ms']:>8,.0f} "
+            f"{'-' if after is None else f'{after:.1f}':>11} {row['warmup_s']:>9.1f} "
             f"{'yes' if row['same_tokens'] else 'NO':>11}")
-    lines.append("bound: tokens/s reading the weights at the bandwidth read after each run")
+    lines.append("bound: tokens/s reading the weights at the bandwidth read after each run; "
+                 "first ms: the prompt and first token alone; after first: tokens/s of the rest")
     return "\n".join(lines)

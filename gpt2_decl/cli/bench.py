@@ -288,6 +288,11 @@ def run_decode(args: argparse.Namespace, model: GPT2) -> dict:
         print(f"{args.compare_dtype} / {args.dtype}, {name}: {ratio:.2f}x (median over turns)")
     floats = {args.dtype: ""} | (
         {args.compare_dtype: f", {args.compare_dtype}"} if args.compare_dtype else {})
+    batch_ratios = decode.batch_speed_ratios(rows)
+    for batch, ratio in batch_ratios.items():
+        after = "-" if ratio["after_first"] is None else f"{ratio['after_first']:.2f}x"
+        print(f"batch {batch} / batch 1, compiled, cache: {ratio['whole']:.2f}x whole runs, "
+              f"{after} after the first token (median over turns)")
     quantized_ratios = decode.quantized_speed_ratios(rows, args.quantize, floats)
     for scheme, over in quantized_ratios.items():
         for dtype, ratio in over.items():
@@ -303,7 +308,8 @@ def run_decode(args: argparse.Namespace, model: GPT2) -> dict:
             "quality": {scheme: dataclasses.asdict(found) for scheme, found in quality.items()},
             "new_tokens": args.new_tokens, "huge_pages": on_huge_pages, "cpu_decoding": rewrites,
             "rows": rows, "compare_dtype": args.compare_dtype,
-            "compare_dtype_speed_ratios": ratios, "quantized_speed_ratios": quantized_ratios}
+            "compare_dtype_speed_ratios": ratios, "quantized_speed_ratios": quantized_ratios,
+            "batch_speed_ratios": batch_ratios}
 
 
 def schemes(text: str) -> list[str]:

@@ -287,6 +287,25 @@ def test_quantized_speed_ratios_by_hand():
         "int8": {"f32": 3.0, "bf16": 1.5}}
 
 
+def test_tokens_after_the_first_by_hand():
+    # 2 rows, 5 new tokens: 8 tokens after the first of each row, in the time a whole run
+    # takes beyond its turn's prompt and first token; a turn with no such time has no rate.
+    assert decode.after_first_rates(2, 5, [500.0, 300.0, 100.0], [100.0, 140.0, 120.0]) == [
+        pytest.approx(8 / 0.4), pytest.approx(8 / 0.16), None]
+    assert decode.after_first_rates(1, 1, [50.0], [40.0]) == [None]
+
+
+def test_batch_speed_ratios_by_hand():
+    rows = [{"name": "compiled, cache", "rows": 1, "run_tokens_per_s": [10, 20, 30],
+             "run_after_first_tokens_per_s": [12, None, 30]},
+            {"name": "compiled, cache, batch 4", "rows": 4, "run_tokens_per_s": [30, 70, 60],
+             "run_after_first_tokens_per_s": [48, 100, 150]},
+            {"name": "eager, cache", "rows": 1, "run_tokens_per_s": [1, 1, 1],
+             "run_after_first_tokens_per_s": [1, 1, 1]}]
+    # whole: median of 3, 3.5, 2; after the first: of 4 and 5 (the second turn has none).
+    assert decode.batch_speed_ratios(rows) == {4: {"whole": 3.0, "after_first": 4.5}}
+
+
 def test_decode_bench_refuses_to_compare_a_dtype_with_itself():
     with pytest.raises(SystemExit, match="--compare-dtype float32 is already --dtype"):
         main([*TINY_DECODE, "--compare-dtype", "float32"])
@@ -296,13 +315,23 @@ def test_decode_bench_times_batches_against_their_bound(tmp_path):
     report_path = tmp_path / "decode.json"
     main([*TINY_DECODE, "--runs", "1", "--warmup", "0", "--batch", "1,3", "--json",
           str(report_path)])
-    rows = {row["name"]: row for row in json.loads(report_path.read_text())["rows"]}
+    report = json.loads(report_path.read_text())
+    rows = {row["name"]: row for row in report["rows"]}
     single, batched = rows["compiled, cache"], rows["compiled, cache, batch 3"]
     assert batched["rows"] == 3 and batched["same_tokens"]
     # Three rows per step: three times the tokens per run, and three times the bound.
     assert batched["tokens_per_s"] == pytest.approx(3 * 3 / (batched["median_ms"] / 1e3))
     assert batched["run_bound_tokens_per_s"][0] == pytest.approx(
         3 * single["run_bound_tokens_per_s"][0], rel=0.5)
+    # The prompt and first token timed alone, in each turn: the rest of a run is the other two
+    # tokens of each of the three rows.
+    assert 0 < batched["first_token_ms"] < batched["median_ms"] or \
+        batched["after_first_tokens_per_s"] is None
+    if batched["after_first_tokens_per_s"] is not None:
+        assert batched["after_first_tokens_per_s"] == pytest.approx(
+            3 * 2 / ((batched["median_ms"] - batched["first_token_ms"]) / 1e3))
+    ratios = report["batch_speed_ratios"]["3"]
+    assert ratios["whole"] == pytest.approx(batched["tokens_per_s"] / single["tokens_per_s"])
 
 
 def test_decode_bench_compares_llama_cpp_on_the_same_weights(tmp_path):
