@@ -1,5 +1,7 @@
 """gpt2_decl: GPT-2 written as shape-annotated, declarative PyTorch."""
 
+import importlib
+
 from gpt2_decl.core.compiling import CompiledGPT2, compile
 from gpt2_decl.core.config import GPT2Config
 from gpt2_decl.core.counting import ParameterCounts, count_parameters
@@ -9,10 +11,15 @@ from gpt2_decl.core.model import GPT2
 from gpt2_decl.core.shape_table import shape_table
 from gpt2_decl.core.shapes import ShapeCheck, check_shapes
 from gpt2_decl.core.typecheck import ShapeError, is_typechecked, set_typechecked, typechecked
-from gpt2_decl.speedups.quantize import quantize
-from gpt2_decl.storage.huggingface import CheckpointError
-from gpt2_decl.text.tokenizer import GPT2Tokenizer
-from gpt2_decl.training.loop import train
+
+# Loaded on first use: importing the model loads no tokenizer, storage, training or speed-up code.
+_ON_FIRST_USE = {
+    "CheckpointError": "gpt2_decl.storage.huggingface",
+    "GPT2Tokenizer": "gpt2_decl.text.tokenizer",
+    "quantize": "gpt2_decl.speedups.quantize",
+    "train": "gpt2_decl.training.loop",
+}
+_SUBPACKAGES = ("bench", "speedups", "storage", "text", "training")
 
 __all__ = [
     "GPT2",
@@ -35,3 +42,15 @@ __all__ = [
     "train",
     "typechecked",
 ]
+
+
+def __getattr__(name: str) -> object:
+    if name in _ON_FIRST_USE:
+        return getattr(importlib.import_module(_ON_FIRST_USE[name]), name)
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_ON_FIRST_USE, *_SUBPACKAGES})

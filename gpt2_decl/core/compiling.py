@@ -3,17 +3,36 @@
 import contextlib
 import weakref
 from collections.abc import Callable, Hashable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from gpt2_decl.core.counting import stored_tensors
 from gpt2_decl.core.inputs import check_tokens
 from gpt2_decl.core.kv_cache import KVCache
 from gpt2_decl.core.shapes import check_shapes
+from gpt2_decl.core.tensors import stored_tensors
 from gpt2_decl.core.typecheck import is_typechecked, shape_checked
+
+
+class SpeedPlan(Protocol):
+    """What compiling and generation ask of a speed-up plan (`gpt2_decl.speedups.Plan`): the core
+    calls these and imports none of the speed-up code."""
+
+    def check(self, model: nn.Module, batch: int | None = None, *, decoding: bool = False
+              ) -> None:
+        """Raise ValueError, in one line, if the plan was made for another kind of model, batch
+        or machine, or (`decoding`) for forward passes only."""
+
+    def compile_forward(self, model: nn.Module) -> "CompiledGPT2":
+        """`model` compiled for forward passes with the plan's speed-ups."""
+
+    def compile_decode_step(self, model: nn.Module) -> "CompiledGPT2":
+        """`model` compiled for one-token cached decoding steps with the plan's speed-ups."""
+
+    def prefill(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """Where a prompt runs eagerly before decoding, with the plan's speed-ups."""
 
 
 class CompiledGPT2:
@@ -30,8 +49,9 @@ class CompiledGPT2:
     # Graphs compiled so far by the backends `compile` hands out, in this process.
     compilations = 0
 
-    def __init__(self, model: nn.Module, backend: Callable, freeze: bool = False, **compile_kw):
-        self.model, self.freeze = model, freeze
+    def __init__(self, model: nn.Module, backend: Callable, freeze: bool = False,
+                 plan: SpeedPlan | None = None, **compile_kw):
+        self.model, self.freeze, self.plan = model, freeze, plan
         self.checked: set[tuple] = set()
         self.compiled = torch.compile(model, fullgraph=True, backend=backend, **compile_kw)
 
@@ -46,6 +66,8 @@ class CompiledGPT2:
     ) -> Float[Tensor, "batch seq_out vocab"]:
         model = self.model
         check_tokens(tokens, model.config, model.device, cache=cache, values=check_values)
+        if self.plan is not None:
+            self.plan.check(model, tokens.shape[0])
         checking = is_typechecked()
         signature = None  # what the checks key on; nothing is worked out with the mode off
         if checking:
@@ -93,8 +115,13 @@ def compile(
     dynamic: bool | None = None,
     backend: str | Callable = "inductor",
     options: dict[str, Any] | None = None,
+    plan: SpeedPlan | None = None,
 ) -> CompiledGPT2:
     """Compile `model` whole (`fullgraph=True`: a graph break is an error, never a slowdown).
+
+    Plain, it is torch.compile with inductor, the same graphs every run; `plan` (made by
+    `gpt2_decl.speedups.tune`, or loaded) compiles it with the plan's speed-ups instead, and
+    refuses a model, batch or machine the plan was not made for.
 
     mode: torch.compile's mode ("default", "reduce-overhead", "max-autotune", ...).
     freeze: inductor's weight freezing, which folds weights into the graph as constants for
@@ -106,6 +133,11 @@ def compile(
     backend, options: torch.compile's (options: inductor settings, on top of those of `mode`).
     Compiling the same model again with the same settings reuses the graphs compiled before.
     """
+    if plan is not None:
+        if (mode, freeze, dynamic, backend, options) != (None, False, None, "inductor", None):
+            raise ValueError("a plan compiles the model its own way: pass plan= alone")
+        plan.check(model)
+        return plan.compile_forward(model)
     if freeze:
         _check_unchanged_since_frozen(model)
     if backend == "inductor":
@@ -119,6 +151,15 @@ def compile(
         found = torch._dynamo.lookup_backend(backend) if isinstance(backend, str) else backend
         backend = _counted(found, lambda: found)
     return CompiledGPT2(model, backend, freeze, dynamic=dynamic)
+
+
+def compile_with(model: nn.Module, backend: Callable, *, freeze: bool, plan: SpeedPlan
+                 ) -> CompiledGPT2:
+    """`model` compiled with a speed-up plan's `backend` (a torch.compile backend function,
+    counted with the others), its calls checked against the plan."""
+    if freeze:
+        _check_unchanged_since_frozen(model)
+    return CompiledGPT2(model, _counted(backend, lambda: backend), freeze, plan)
 
 
 # The versions of each frozen model's weights (and of a quantized weight's inner tensors) when
@@ -136,11 +177,6 @@ def _check_unchanged_since_frozen(model: nn.Module) -> None:
             "this model's weights changed in place after a compiled step froze them "
             "(freeze=True); the frozen graphs would still use the old ones: compile a copy "
             "instead (copy.deepcopy(model))")
-
-
-def changed_since_frozen(model: nn.Module) -> bool:
-    """Whether `model`'s weights changed in place since it was first compiled frozen."""
-    return model in _frozen_versions and _frozen_versions[model] != _versions(model)
 
 
 def _versions(model: nn.Module) -> tuple[int, ...]:
@@ -171,16 +207,6 @@ def _inductor(options: dict[str, Any]) -> Callable:
     from torch._inductor.compile_fx import compile_fx
 
     def inductor(graph_module: torch.fx.GraphModule, example_inputs: list) -> Any:
-        return compile_fx(graph_module, example_inputs, config_patches=inductor_options(options))
+        return compile_fx(graph_module, example_inputs, config_patches=options)
 
     return inductor
-
-
-def inductor_options(options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """`options` for inductor, with the pass that keeps its integer products right on a CPU
-    (`inductor_passes.DenseIntProducts`) unless they name a post-grad pass of their own. Every
-    inductor compile of this project's, its compile backends' included, takes these."""
-    # Imported here: it imports inductor, which `import gpt2_decl` goes without (0.8 s).
-    from gpt2_decl.core.inductor_passes import DENSE_INT_PRODUCTS
-
-    return {"post_grad_custom_post_pass": DENSE_INT_PRODUCTS, **(options or {})}

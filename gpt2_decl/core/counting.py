@@ -1,10 +1,9 @@
 """What a GPT-2 holds and costs: parameter counts (with the tied output head counted once and
-twice), the tensors a parameter is stored in, and forward FLOPs."""
+twice) and forward FLOPs."""
 
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
 
 from gpt2_decl.core.config import GPT2Config
 from gpt2_decl.core.model import GPT2
@@ -58,22 +57,6 @@ def count_parameters(model_or_config: GPT2 | GPT2Config) -> ParameterCounts:
         parts=parts,
         per_block=sum(p.numel() for p in block.parameters()),
     )
-
-
-def inner_tensor_names(tensor: Tensor) -> list[str]:
-    """The attributes holding a tensor subclass's inner tensors (torchao's quantized weights:
-    "qdata", "scale", ...); none for a plain tensor."""
-    flatten = getattr(tensor, "__tensor_flatten__", None)
-    return list(flatten()[0]) if flatten is not None else []
-
-
-def stored_tensors(tensor: Tensor) -> list[Tensor]:
-    """The plain tensors holding `tensor`'s data: itself, or a subclass's inner tensors (found
-    recursively), whose bytes it takes and whose versions count its changes in place."""
-    names = inner_tensor_names(tensor)
-    if not names:
-        return [tensor]
-    return [stored for name in names for stored in stored_tensors(getattr(tensor, name))]
 
 
 # A multiply-add is 2 FLOPs: each parameter costs one per token.

@@ -108,33 +108,3 @@ def test_compiling_frozen_again_after_the_weights_changed_is_refused(tiny_config
         copied = copy.deepcopy(model)
         torch.testing.assert_close(compile_model(copied, freeze=True)(tokens), model(tokens),
                                    atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("rows", [1, 3])
-def test_integer_products_read_a_row_of_stride_zero_as_its_row(rows):
-    from gpt2_decl.core.inductor_passes import dense_int_mm
-
-    generator = torch.Generator().manual_seed(0)
-    a = torch.randint(-128, 128, (rows, 96), dtype=torch.int8, generator=generator)
-    b = torch.randint(-128, 128, (160, 96), dtype=torch.int8, generator=generator)
-    exact = a.long() @ b.long().T
-    # A single row as inductor passes it: any stride is right for an axis of size 1.
-    a_as_passed = a.as_strided(a.shape, (0, 1)) if rows == 1 else a
-    assert torch.equal(dense_int_mm(a_as_passed, b.T).long(), exact)
-
-
-def test_the_inductor_pass_makes_cpu_integer_products_dense_ones():
-    from torch.fx.experimental.proxy_tensor import make_fx
-
-    from gpt2_decl.core.compiling import inductor_options
-
-    a = torch.randint(-128, 128, (1, 64), dtype=torch.int8)
-    b = torch.randint(-128, 128, (32, 64), dtype=torch.int8)
-    graph = make_fx(lambda a, b: torch._int_mm(a, b.T))(a, b).graph
-    inductor_options()["post_grad_custom_post_pass"](graph)
-    targets = [node.target for node in graph.nodes]
-    assert torch.ops.gpt2_decl.int_mm.default in targets
-    assert torch.ops.aten._int_mm.default not in targets
-    # A pass of the caller's own is theirs to give.
-    assert inductor_options({"post_grad_custom_post_pass": None})[
-        "post_grad_custom_post_pass"] is None

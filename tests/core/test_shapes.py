@@ -138,7 +138,7 @@ def test_a_compiled_typechecked_model_names_a_corrupted_layer(name):
 
 def test_a_weight_corrupted_after_the_first_call_is_caught_on_recompilation():
     model = GPT2(TINY).eval()
-    compiled = gpt2_decl.compile(model)
+    compiled = gpt2_decl.compile(model, backend="eager")  # Dynamo's recompiling is what counts
     tokens = torch.randint(TINY.vocab_size, (2, 6))
     with gpt2_decl.typechecked(), torch.no_grad():
         compiled(tokens)
@@ -164,10 +164,10 @@ def test_the_compiled_decoding_step_is_checked_too():
     prompt = torch.randint(TINY.vocab_size, (1, 4))
     widen_mlp(model, 0)
     with gpt2_decl.typechecked(False):
-        model.generate(prompt, 2, greedy=True, compile=True)  # unchecked: it runs
+        model.generate(prompt, 2, greedy=True, compile="eager")  # unchecked: it runs
     torch._dynamo.reset()
     with gpt2_decl.typechecked(), pytest.raises(ShapeError, match="layers.mlp"):
-        model.generate(prompt, 2, greedy=True, compile=True)
+        model.generate(prompt, 2, greedy=True, compile="eager")
 
 
 # --- the table -------------------------------------------------------------------------------
