@@ -6,8 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-import gpt2_decl
-from gpt2_decl import GPT2, GPT2Config
+from gpt2_decl import GPT2
 
 
 def reference_logits(model: GPT2, tokens: torch.Tensor) -> torch.Tensor:
@@ -39,15 +38,6 @@ def reference_logits(model: GPT2, tokens: torch.Tensor) -> torch.Tensor:
         hidden = gelu_tanh(norm(x, block.ln_2) @ block.mlp.up.weight.T + block.mlp.up.bias)
         x = x + hidden @ block.mlp.down.weight.T + block.mlp.down.bias
     return norm(x, model.ln_f) @ model.token_embedding.weight.T
-
-
-def model_of_kind(config: GPT2Config, kind: str) -> GPT2:
-    """A model in eval mode in a dtype ("float32", "bfloat16") or quantized ("int8",
-    "int8-dynamic")."""
-    model = GPT2(config).eval()
-    if kind.startswith("int8"):
-        return gpt2_decl.quantize(model, kind)
-    return model.to(getattr(torch, kind))
 
 
 class ByteTokenizer:
@@ -115,46 +105,16 @@ def decode_around_an_int8_change(quantized: GPT2) -> Int8Change:
     return Int8Change(before, eager_before, decode(True), decode(False))
 
 
-def rewrites_in_trace(model: torch.nn.Module, rewrite, *args, **kwargs) -> int:
-    """How many nodes `rewrite` (a backend's rewrite: graph module -> count) rewrites in
-    `model`'s traced forward on these arguments."""
+def rewrites_in_trace(model: torch.nn.Module, backend, *args, **kwargs) -> dict[str, int]:
+    """What `backend` (a `GraphRewrite`) rewrites in `model`'s traced forward on these
+    arguments: how many calls each replacement took."""
     counts = []
 
     def counting_backend(graph_module, example_inputs):
-        counts.append(rewrite(graph_module))
+        counts.append(backend.rewrite(graph_module))
         return graph_module.forward
 
     torch._dynamo.reset()
     torch.compile(model, backend=counting_backend, fullgraph=True)(*args, **kwargs)
     [count] = counts
     return count
-
-
-def assert_compiled_gradients_are_eager(model: GPT2, backend, tokens: torch.Tensor) -> None:
-    """The gradients of a loss through `model` compiled with `backend` are eager's."""
-    torch._dynamo.reset()
-    gpt2_decl.compile(model, backend=backend)(tokens).square().mean().backward()
-    compiled = [parameter.grad.clone() for parameter in model.parameters()]
-    model.zero_grad()
-    model(tokens).square().mean().backward()
-    for ours, eager in zip(compiled, (parameter.grad for parameter in model.parameters()),
-                           strict=True):
-        assert torch.allclose(ours, eager, rtol=1e-4, atol=1e-6)
-
-
-def timing_says(monkeypatch, module, name: str):
-    """Replace `module.name`, a timing (what it times -> (ours ms, the other's ms)), by one that
-    says ours wins or loses; returns set_outcome(wins) -> the list of what it was asked, as
-    each call's arguments (one argument alone)."""
-
-    def set_outcome(wins: bool) -> list:
-        asked = []
-
-        def timing(*args):
-            asked.append(args[0] if len(args) == 1 else args)
-            return (1.0, 2.0) if wins else (2.0, 1.0)
-
-        monkeypatch.setattr(module, name, timing)
-        return asked
-
-    return set_outcome

@@ -1,18 +1,14 @@
-"""int8 for decoding, through torchao: each linear layer's matrix (the output head's too)
-becomes int8 with a float scale per output row, so a decoding step, which reads every weight
-once, reads a quarter of float32's bytes. Applied from outside, in place:
+"""Weight-only int8 for decoding, through torchao: each linear layer's matrix (the output head's
+too) becomes int8 with a float scale per output row, so a decoding step, which reads every
+weight once, reads a quarter of float32's bytes. Applied from outside, in place:
 
-    gpt2_decl.quantize(model, "int8")          # weight-only: products in float
-    gpt2_decl.quantize(model, "int8-dynamic")  # activations too: int8 products
+    gpt2_decl.quantize(model, "int8")
 
-"int8-dynamic" also rounds each row of a layer's input to int8 at run time (a scale per row,
-symmetric), as llama.cpp's Q8_0 does for its dot products, so the products are integer matrix
-products (torch's `_int_mm`); compiled CPU decoding freezes such weights (`CpuDecoding`).
-
-The token embedding stays in the model's dtype for the lookups of the input tokens, one row per
-token; the output head, tied to it in float, gets an int8 copy of its own. Compiled CPU decoding
-(`CpuDecoding`'s one-row products) reads weight-only int8 rows directly. Quantized models are for
-inference: they neither train nor save (save the float model; quantize after loading).
+Products stay in float (the weight dequantized); a plan's GEMV kernel reads the int8 rows as
+they are. The token embedding stays in the model's dtype for the lookups of the input tokens,
+one row per token; the output head, tied to it in float, gets an int8 copy of its own. Quantized
+models are for inference: they neither train nor save (save the float model; quantize after
+loading). See docs/quantization.md.
 """
 
 import logging
@@ -23,14 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gpt2_decl.core.counting import inner_tensor_names, stored_tensors
+from gpt2_decl.core.tensors import inner_tensor_names
 
-SCHEMES = ("int8", "int8-dynamic")
+SCHEMES = ("int8",)
 
 
 def quantize(model: nn.Module, scheme: str = "int8") -> nn.Module:
-    """Quantize `model`'s linear layers in place with torchao (`Int8WeightOnlyConfig`, or for
-    "int8-dynamic" `Int8DynamicActivationInt8WeightConfig`); returns the model, in eval mode."""
+    """Quantize `model`'s linear layers in place with torchao's `Int8WeightOnlyConfig`;
+    returns the model, in eval mode."""
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantization {scheme!r}; expected one of {', '.join(SCHEMES)}")
     if model.training:
@@ -43,8 +39,7 @@ def quantize(model: nn.Module, scheme: str = "int8") -> nn.Module:
     torchao = _torchao()
     # set_inductor_config=False: torchao would otherwise change inductor's settings for the
     # whole process, and so every other model compiled after this one.
-    config = (torchao.Int8WeightOnlyConfig if scheme == "int8" else
-              torchao.Int8DynamicActivationInt8WeightConfig)(set_inductor_config=False)
+    config = torchao.Int8WeightOnlyConfig(set_inductor_config=False)
     torchao.quantize_(model, config, filter_fn=lambda module, _: isinstance(module, nn.Linear))
     if not is_quantized(model):
         raise RuntimeError("this torchao did not give the int8 weights (qdata, scale per row) "
@@ -74,30 +69,22 @@ def is_quantized(model: nn.Module) -> bool:
     return any(int8_rows(parameter) is not None for parameter in model.parameters())
 
 
+def weights_kind(model: nn.Module) -> str:
+    """"float", or the quantization scheme of the model's weights ("int8")."""
+    return "int8" if is_quantized(model) else "float"
+
+
 def int8_rows(weight: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
-    """(qdata, scale, zero_point) of a torchao int8 weight, rows dequantizing as
+    """(qdata, scale, zero_point) of a torchao weight-only int8 weight, rows dequantizing as
     (qdata - zero_point) * scale; None for a plain tensor."""
     if "qdata" not in inner_tensor_names(weight) or weight.qdata.dtype != torch.int8:
         return None
     per_row = list(getattr(weight, "block_size", ())) == [1, weight.shape[-1]]
-    activations = getattr(weight, "act_quant_kwargs", None)
-    symmetric_rows = activations is None or (
-        type(activations.granularity).__name__ == "PerRow"
-        and activations.mapping_type.name == "SYMMETRIC")
-    if not per_row or not symmetric_rows or getattr(weight, "act_pre_scale", None) is not None:
-        raise ValueError("only int8 with one scale per row (and symmetric int8 activations per "
-                         "row, if any) is read here, as gpt2_decl.quantize makes it")
+    if not per_row or getattr(weight, "act_quant_kwargs", None) is not None \
+            or getattr(weight, "act_pre_scale", None) is not None:
+        raise ValueError("only weight-only int8 with one scale per row is read here, as "
+                         "gpt2_decl.quantize makes it")
     return weight.qdata, weight.scale, weight.zero_point
-
-
-def quantizes_activations(weight: Tensor) -> bool:
-    """Whether products with `weight` round their input to int8 first ("int8-dynamic")."""
-    return getattr(weight, "act_quant_kwargs", None) is not None
-
-
-def parameter_bytes(tensor: Tensor) -> int:
-    """Bytes a tensor holds in memory: a quantized one's inner tensors, not its nominal dtype."""
-    return sum(stored.nbytes for stored in stored_tensors(tensor))
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from gpt2_decl.core.config import END_OF_TEXT_ID, GPT2Config
 from gpt2_decl.core.devices import resolve_device
-from gpt2_decl.speedups.quantize import is_quantized
+from gpt2_decl.core.tensors import has_subclass_weights
 from gpt2_decl.storage.atomic import atomic_directory, carry_over, recover_directory
 
 CONFIG_FILE = "config.json"
@@ -445,7 +445,7 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> None:
 
 
 def refuse_quantized(model: nn.Module) -> None:
-    if is_quantized(model):
+    if has_subclass_weights(model):
         raise ValueError("a quantized model is not saved: save the float model, and quantize it "
                          "again after loading (quantizing takes seconds)")
 

@@ -2,11 +2,11 @@
 
 With the cache (the default) the prompt runs once, eagerly (prefill), and every later token is
 one step over a single token that reads the other tokens' keys and values from a `KVCache`. That
-step has the same shapes for every token, so compiled it is compiled once. Compiled on a CPU,
-the prompt's products go through the row kernel, or are widened to float32, and its attention
-through the causal kernel, where `choice_for` timed that faster. The loop never reads a
-tensor's value on the host except to stop early at `eos_id` (every token on a CPU, every
-`EOS_CHECK_EVERY` tokens on an accelerator), so a GPU runs the steps back to back.
+step has the same shapes for every token, so compiled it is compiled once. A speed-up plan
+(`gpt2_decl.speedups.tune`) compiles the step with its speed-ups and runs the prompt with them;
+generation calls the plan's methods and imports none of the speed-up code itself. The loop
+never reads a tensor's value on the host except to stop early at `eos_id` (every token on a
+CPU, every `EOS_CHECK_EVERY` tokens on an accelerator), so a GPU runs the steps back to back.
 """
 
 import contextlib
@@ -18,15 +18,11 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from gpt2_decl.core.compiling import changed_since_frozen
+from gpt2_decl.core.compiling import SpeedPlan
 from gpt2_decl.core.compiling import compile as compile_model
 from gpt2_decl.core.inputs import check_tokens
 from gpt2_decl.core.kv_cache import KVCache
 from gpt2_decl.core.typecheck import shape_checked
-from gpt2_decl.speedups.causal_attention import EagerKernelAttention
-from gpt2_decl.speedups.cpu_decoding import choice_for
-from gpt2_decl.speedups.row_kernels import KernelProducts
-from gpt2_decl.speedups.wide_products import WideLinear
 
 # Below this temperature, sampling is greedy: softmax(logits / t) is a point mass there to
 # float32's precision, and smaller t would overflow the division.
@@ -104,6 +100,7 @@ def stream(
     eos_id: int | None = None,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     compile: bool | str | Callable = False,
+    plan: SpeedPlan | None = None,
     use_cache: bool = True,
 ) -> Iterator[Int[Tensor, " batch"]]:
     """Yield the next token of every row, one column at a time, as soon as each is sampled.
@@ -122,9 +119,10 @@ def stream(
         eos_id may come first; `generate` drops them).
     generator: the torch.Generator to sample with (a seeded one makes the output reproducible),
         or one per row, so that each row draws what it would draw alone.
-    compile: compile the decode step: True (inductor; on a CPU with the `CpuDecoding` rewrites
-        that win on this machine, measured once per kind of model; on CUDA with CUDA graphs),
-        or a torch.compile backend.
+    compile: compile the decode step: True (inductor, the same way every run; on CUDA with
+        CUDA graphs), or a torch.compile backend.
+    plan: a speed-up plan for this model and batch (`gpt2_decl.speedups.tune`, or one loaded
+        from JSON): the step compiled, and the prompt run, with its speed-ups. Nothing is timed.
     use_cache: keep keys and values in a `KVCache` (fast) rather than rerun the whole context.
 
     The model runs in eval mode, without gradients, until the iterator is exhausted or closed;
@@ -150,10 +148,17 @@ def stream(
         raise ValueError(
             f"eos_id must be a token id in [0, {config.vocab_size}) or None, got {eos_id!r}"
         )
+    if plan is not None:
+        if compile not in (False, True) or not use_cache:
+            raise ValueError("a plan compiles the cached decode step its own way: drop compile="
+                             f"{compile!r}" if use_cache else "a plan is for decoding with the "
+                             "cache: drop use_cache=False")
+        plan.check(model, batch, decoding=True)
     sampling = dict(
         temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, generator=generator
     )
-    return _decode(model, tokens, start, max_new_tokens, eos_id, compile, use_cache, sampling)
+    return _decode(model, tokens, start, max_new_tokens, eos_id, compile, plan, use_cache,
+                   sampling)
 
 
 def prompt_batch(
@@ -218,6 +223,7 @@ def _decode(
     max_new_tokens: int,
     eos_id: int | None,
     compile: bool | str | Callable,
+    plan: SpeedPlan | None,
     use_cache: bool,
     sampling: dict,
 ) -> Iterator[Tensor]:
@@ -228,10 +234,10 @@ def _decode(
     model.eval()
     try:
         batch, seq = tokens.shape
-        step = decode_step(model, compile, use_cache, rows=batch)
+        step = decode_step(model, compile, use_cache, plan)
         cache = _take_cache(model, batch, seq + max_new_tokens, start) if use_cache else None
         if use_cache:
-            with prefill_speedups(model, compile, batch, seq):
+            with plan.prefill(model) if plan is not None else contextlib.nullcontext():
                 logits = model(tokens, cache, last_only=True, check_values=False)[:, -1]
         else:
             context = tokens
@@ -259,47 +265,23 @@ def _decode(
             _spare_caches[model] = cache
 
 
-def decode_step(model: nn.Module, compile: bool | str | Callable, use_cache: bool, rows: int = 1
-                ) -> Callable:
+def decode_step(model: nn.Module, compile: bool | str | Callable, use_cache: bool,
+                plan: SpeedPlan | None = None) -> Callable:
     """What computes each step's logits: the model itself, or the model compiled whole.
 
-    compile=True compiles the one-token cached step of `rows` rows for the device: on a CPU
-    with the rewrites of `CpuDecoding` that `choice_for` measured to win, on CUDA with CUDA
-    graphs (one launch per token); without the cache, or with another backend, it is a plain
-    compile. Compiled, it is checked as `gpt2_decl.compile` checks in typechecked mode.
+    compile=True compiles with inductor; the one-token cached step on CUDA with CUDA graphs
+    (one launch per token). Without the cache, or with another backend, it is a plain compile.
+    A plan compiles the step with its speed-ups. Compiled, the step is checked as
+    `gpt2_decl.compile` checks in typechecked mode.
     """
+    if plan is not None:
+        return plan.compile_decode_step(model)
     if compile is False:
         return model
-    if compile is True and use_cache and model.device.type == "cpu":
-        decoding = choice_for(model, rows).decoding
-        if decoding.freezes and changed_since_frozen(model):
-            # Weights that change (training) would need the frozen step compiled anew each time.
-            decoding = decoding.unfrozen()
-        return compile_model(model, backend=decoding.backend, freeze=decoding.freezes)
     if compile is True and use_cache and model.device.type == "cuda":
         return compile_model(model, mode="reduce-overhead")
     # Without the cache the context grows a token per step: dynamic after one change.
     return compile_model(model, backend="inductor" if compile is True else compile)
-
-
-def prefill_speedups(model: nn.Module, compile: bool | str | Callable, batch: int, seq: int
-                     ) -> contextlib.AbstractContextManager:
-    """Where a prompt of `batch` x `seq` tokens runs, for compiled decoding on a CPU: its
-    products through the row kernel, or widened to float32, where `choice_for` (as for the
-    steps of `batch` rows) timed that way the fastest at that many rows, and its attention
-    through the causal kernel where that timed faster at that length; else as the model runs
-    them. The output head's product of the last positions only is one of few rows."""
-    speedups = contextlib.ExitStack()
-    if compile is True and model.device.type == "cpu":
-        choice = choice_for(model, batch)
-        if choice.prefill_rows:
-            speedups.enter_context(KernelProducts(choice.prefill_rows))
-        if choice.prefill_rows < batch * seq <= choice.prefill_wide_rows:
-            speedups.enter_context(WideLinear(choice.prefill_wide_rows,
-                                              min_rows=choice.prefill_rows + 1))
-        if 0 < choice.prefill_attention_from <= seq:
-            speedups.enter_context(EagerKernelAttention())
-    return speedups
 
 
 # The cache of each model's last generation, kept for the next one of the same sizes (a cache
@@ -335,8 +317,8 @@ def generate(
     ends with its eos_id if it met it.
 
     `options` are `stream`'s (attention_mask, temperature, top_k, top_p, greedy, eos_id,
-    generator, compile, use_cache). The context never slides: a ValueError if the longest prompt
-    plus max_new_tokens exceeds n_ctx.
+    generator, compile, plan, use_cache). The context never slides: a ValueError if the longest
+    prompt plus max_new_tokens exceeds n_ctx.
     """
     eos_id = options.get("eos_id")
     columns = [token[:, None] for token in stream(model, tokens, max_new_tokens, **options)]

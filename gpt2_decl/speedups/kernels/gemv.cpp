@@ -26,17 +26,82 @@
 #include <cstring>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX512VNNI__)
 #include <immintrin.h>
 #endif
 
-#include "vectors.h"
-
 namespace {
 
-using namespace gpt2_decl_kernels;
+// Vectors of float32 lanes, in the compiler's vector extension (the machine's own vector
+// registers under -march=native), and how to add up the lanes of many.
+constexpr int64_t kLanes = 16;  // float32 lanes of a vector: 64 bytes, a cache line
+
+typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
+typedef uint32_t Words __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+
+// Two vectors of sums spread over Width lanes each (kLanes / Width sums a vector) folded into one
+// of sums over Width / 2 lanes: the first vector's sums, then the second's, the upper half of
+// each sum's lanes added to the lower. Lane `lane` of the result reads the lower half from
+// fold_source (of the two vectors side by side) and the upper half Width / 2 lanes on.
+template <int64_t Width>
+constexpr int fold_source(int64_t lane) {
+  constexpr int64_t kSums = kLanes / Width;
+  const int64_t j = lane / (Width / 2), i = lane % (Width / 2);
+  return int((j < kSums ? j * Width : kLanes + (j - kSums) * Width) + i);
+}
+
+template <int64_t Width, size_t... Lane>
+inline Lanes fold(Lanes first, Lanes second, std::index_sequence<Lane...>) {
+  return __builtin_shufflevector(first, second, fold_source<Width>(Lane)...) +
+         __builtin_shufflevector(first, second, (fold_source<Width>(Lane) + Width / 2)...);
+}
+
+template <int64_t Width>
+inline Lanes fold(Lanes first, Lanes second) {
+  return fold<Width>(first, second, std::make_index_sequence<kLanes>{});
+}
+
+// sums[i] = the sum of the lanes of vectors[i], for Count vectors (a power of two, at most
+// kLanes), folded pairwise: about two shuffles and an add a vector, not a lane at a time.
+template <int64_t Count, int64_t Width = kLanes>
+inline void sum_lanes(Lanes* vectors, float* sums) {
+  if constexpr (Width == 1) {
+    for (int64_t i = 0; i < Count; ++i) sums[i] = vectors[0][i];
+  } else if constexpr (Count * Width <= kLanes) {
+    // One vector holds them all: fold it with nothing.
+    Lanes folded[1] = {fold<Width>(vectors[0], Lanes{})};
+    sum_lanes<Count, Width / 2>(folded, sums);
+  } else {
+    constexpr int64_t kVectors = Count * Width / kLanes;
+    Lanes folded[kVectors / 2];
+    for (int64_t i = 0; i < kVectors / 2; ++i)
+      folded[i] = fold<Width>(vectors[2 * i], vectors[2 * i + 1]);
+    sum_lanes<Count, Width / 2>(folded, sums);
+  }
+}
+
+template <typename Vector, typename Element>
+inline Vector load(const Element* values) {
+  Vector vector;
+  std::memcpy(&vector, values, sizeof vector);
+  return vector;
+}
+
+inline Lanes as_lanes(Words words) {
+  Lanes lanes;
+  std::memcpy(&lanes, &words, sizeof lanes);
+  return lanes;
+}
+
+inline float bfloat16_value(uint16_t bits) {
+  const uint32_t wide = uint32_t(bits) << 16;
+  float value;
+  std::memcpy(&value, &wide, sizeof value);
+  return value;
+}
 
 constexpr int64_t kRows = 16;   // weight rows read together (a block), and prefetched ahead
 constexpr int64_t kCachedRows = 8;  // weight rows multiplied together by more than kChunk rows
@@ -259,7 +324,7 @@ at::Tensor float_rows(const at::Tensor& x) {
   return rows;
 }
 
-at::Tensor row_products(const at::Tensor& x, const at::Tensor& weight) {
+at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight) {
   const at::Tensor rows = float_rows(x);
   const int64_t K = rows.size(1);
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == K && weight.is_contiguous() &&
@@ -409,7 +474,7 @@ at::Tensor digit_products(const int8_t* w, const at::Tensor& rows, int64_t N,
 #endif
 
 // Rows dequantizing as (q - zero_point) * scale: scale * (x . q - zero_point * sum(x)).
-at::Tensor int8_row_products(const at::Tensor& x, const at::Tensor& qdata,
+at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& qdata,
                              const at::Tensor& scale, const at::Tensor& zero_point) {
   const at::Tensor rows = float_rows(x);
   const int64_t M = rows.size(0), K = rows.size(1), N = qdata.size(0);
@@ -453,7 +518,7 @@ at::Tensor int8_row_products(const at::Tensor& x, const at::Tensor& qdata,
 }  // namespace
 
 // How int8 products are done here: "digits" (VNNI) or "widened".
-std::string int8_products_way() {
+std::string int8_gemv_way() {
 #if defined(__AVX512VNNI__)
   return "digits";
 #else
@@ -462,12 +527,12 @@ std::string int8_products_way() {
 }
 
 TORCH_LIBRARY(gpt2_decl, m) {
-  m.def("row_products(Tensor x, Tensor weight) -> Tensor");
-  m.def("int8_row_products(Tensor x, Tensor qdata, Tensor scale, Tensor zero_point) -> Tensor");
-  m.def("int8_products_way() -> str", &int8_products_way);
+  m.def("gemv(Tensor x, Tensor weight) -> Tensor");
+  m.def("int8_gemv(Tensor x, Tensor qdata, Tensor scale, Tensor zero_point) -> Tensor");
+  m.def("int8_gemv_way() -> str", &int8_gemv_way);
 }
 
 TORCH_LIBRARY_IMPL(gpt2_decl, CPU, m) {
-  m.impl("row_products", &row_products);
-  m.impl("int8_row_products", &int8_row_products);
+  m.impl("gemv", &gemv);
+  m.impl("int8_gemv", &int8_gemv);
 }

@@ -1,0 +1,84 @@
+"""Graph rewrites: torch.compile backends that change some calls of the traced graph, then hand
+it to inductor. What to rewrite is decided before (by a plan), never timed inside a backend."""
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, fx
+from torch.fx.experimental.symbolic_shapes import optimization_hint
+
+
+@dataclass(frozen=True)
+class GraphRewrite:
+    """A torch.compile backend: each call of the traced graph that `replacement` gives a
+    replacement for calls it instead; then inductor compiles the graph with `options()`. Equal
+    rewrites are one backend to Dynamo, which then reuses their graphs."""
+
+    def __call__(self, graph_module: fx.GraphModule, example_inputs: list) -> Callable:
+        from torch._inductor.compile_fx import compile_fx
+
+        self.rewrite(graph_module)
+        return compile_fx(graph_module, example_inputs, config_patches=self.options())
+
+    def rewrite(self, graph_module: fx.GraphModule) -> dict[str, int]:
+        """Rewrite `graph_module` in place; how many calls each replacement took."""
+        counts: dict[str, int] = {}
+        for node in graph_module.graph.nodes:
+            target = self.replacement(node) if node.op == "call_function" else None
+            if target is not None:
+                node.target = target
+                name = getattr(target, "__name__", str(target))
+                counts[name] = counts.get(name, 0) + 1
+        graph_module.recompile()
+        return counts
+
+    def replacement(self, node: fx.Node) -> Callable | None:
+        """What the node is to call instead; None to leave it as it is."""
+        return None
+
+    def options(self) -> dict[str, Any]:
+        """Inductor settings for the rewritten graph."""
+        return {}
+
+
+def example_value(node: object) -> Tensor | None:
+    """The tensor a traced graph's node stood for while tracing; None for anything else."""
+    value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
+    return value if isinstance(value, Tensor) else None
+
+
+def linear_arguments(node: fx.Node) -> tuple[Tensor | None, Tensor | None]:
+    """The example input and weight of a traced `F.linear`, however they were passed."""
+    args, kwargs = node.args, node.kwargs
+    x = args[0] if args else kwargs.get("input")
+    weight = args[1] if len(args) > 1 else kwargs.get("weight")
+    return example_value(x), example_value(weight)
+
+
+def attention_options(node: fx.Node) -> tuple[object, object, object]:
+    """The `attn_mask`, `dropout_p` and `is_causal` of a traced
+    `F.scaled_dot_product_attention`, however they were passed."""
+    args, kwargs = node.args, node.kwargs
+    return (kwargs.get("attn_mask", args[3] if len(args) > 3 else None),
+            kwargs.get("dropout_p", args[4] if len(args) > 4 else 0.0),
+            kwargs.get("is_causal", args[5] if len(args) > 5 else False))
+
+
+def rows(x: Tensor) -> int:
+    """The rows of a product's input: every axis but the last, multiplied (a dynamic size
+    counts as its hint, or as many)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return math.prod(optimization_hint(size, fallback=1024) for size in x.shape[:-1])
+
+
+def on_cpu(*tensors: Tensor | None) -> bool:
+    return all(tensor is not None and tensor.device.type == "cpu" for tensor in tensors)
+
+
+def recording_gradient(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors)

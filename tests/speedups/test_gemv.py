@@ -1,0 +1,128 @@
+"""The C++ GEMV kernel: built wherever a compiler is found (a failure to build is a failure, not
+a skip), products within float32's rounding of float64's, and a one-line reason where it cannot
+be built."""
+
+import os
+import platform
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt2_decl.speedups import gemv
+
+pytestmark = pytest.mark.skipif(gemv.unavailable_reason() is not None,
+                                reason=f"{gemv.unavailable_reason()}")
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    gemv.load()  # raises KernelUnavailable (a failure) if a compiler is there but cannot build
+
+
+def float64_product(x, weight, bias=None):
+    wide_bias = None if bias is None else bias.double()
+    return F.linear(x.double(), weight.double(), wide_bias)
+
+
+# One row and a few; K and N not multiples of the kernel's vectors and blocks.
+@pytest.mark.parametrize("rows", [1, 3, 5, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_products_are_within_float32_rounding_of_float64(kernel, rows, dtype):
+    generator = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 1, 200, generator=generator).to(dtype)
+    weight = torch.randn(77, 200, generator=generator).to(dtype)
+    bias = torch.randn(77, generator=generator).to(dtype)
+    ours = gemv.gemv_linear(x, weight, bias)
+    assert ours.shape == (rows, 1, 77) and ours.dtype == dtype
+    expected = float64_product(x, weight, bias)
+    # Float32 sums of 200 products: well within 1e-4 relative; bfloat16 rounds the result.
+    tolerance = 1e-4 if dtype == torch.float32 else 8e-3
+    assert torch.allclose(ours.double(), expected, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("rows", [1, 6])
+def test_int8_rows_are_read_as_their_dequantized_values(kernel, tiny_model, rows):
+    pytest.importorskip("torchao", reason="int8 weights come from torchao")
+    from gpt2_decl.speedups.quantize import int8_rows, quantize
+
+    layer = quantize(tiny_model).blocks[0].mlp.up
+    qdata, scale, zero_point = int8_rows(layer.weight)
+    dequantized = ((qdata.double() - zero_point.double().reshape(-1, 1))
+                   * scale.double().reshape(-1, 1))
+    x = torch.randn(rows, layer.in_features, generator=torch.Generator().manual_seed(1))
+    ours = gemv.gemv_linear(x, layer.weight, layer.bias)
+    expected = F.linear(x.double(), dequantized, layer.bias.double())
+    assert torch.allclose(ours.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_it_reads_float32_bfloat16_and_int8_weights_only():
+    assert gemv.reads(torch.zeros(4, 4)) and gemv.reads(torch.zeros(4, 4, dtype=torch.bfloat16))
+    assert not gemv.reads(torch.zeros(4, 4, dtype=torch.float16))
+    assert not gemv.reads(torch.zeros(4))
+
+
+def test_no_compiler_is_one_line_saying_so(monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    reason = gemv.unavailable_reason()
+    assert reason == "no C++ compiler: $CXX='no-such-compiler' is not found"
+
+
+def test_another_architecture_is_one_line_saying_so(monkeypatch):
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert gemv.unavailable_reason() == ("the GEMV kernel is written for x86-64; this machine "
+                                         "is aarch64")
+
+
+def test_a_failed_build_is_one_line_naming_the_compiler(monkeypatch, tmp_path):
+    fake = tmp_path / "c++"
+    fake.write_text("#!/bin/sh\necho 'fatal: this compiler refuses' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CXX", str(fake))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    gemv.load.cache_clear()
+    try:
+        with pytest.raises(gemv.KernelUnavailable, match=f"did not build with {fake}") as error:
+            gemv.load()
+        assert "\n" not in str(error.value)
+    finally:
+        gemv.load.cache_clear()
+
+
+# The source compiles for each x86-64 level it meets (AVX2 only, AVX-512 with VNNI, AMX), with
+# each compiler here; compiling is all that is asked of another CPU's instructions.
+MARCHES = ("x86-64-v3", "icelake-server", "sapphirerapids")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compiler", ["g++", "clang++"])
+@pytest.mark.parametrize("march", MARCHES)
+def test_the_source_compiles_for_each_x86_level_with_each_compiler(compiler, march, tmp_path):
+    found = shutil.which(compiler)
+    if found is None:
+        pytest.skip(f"{compiler} is not installed")
+    from torch.utils.cpp_extension import include_paths
+
+    includes = [flag for path in include_paths() for flag in ("-I", path)]
+    openmp = [gemv.OPENMP] if gemv._has_openmp(found) else []
+    done = subprocess.run([found, "-std=c++17", "-fsyntax-only", f"-march={march}", *openmp,
+                           *includes, str(gemv.SOURCE)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_the_kernel_builds_with_clang_where_it_is_installed(tmp_path):
+    clang = shutil.which("clang++")
+    if clang is None:
+        pytest.skip("clang++ is not installed")
+    # In a process of its own: one process holds one build of the kernel's ops.
+    code = ("import torch; from gpt2_decl.speedups import gemv; gemv.load(); "
+            "x = torch.randn(2, 64); w = torch.randn(8, 64); "
+            "assert torch.allclose(gemv.gemv_linear(x, w), x @ w.T, atol=1e-4)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "CXX": clang, "XDG_CACHE_HOME": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-2000:]

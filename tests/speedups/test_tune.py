@@ -1,0 +1,134 @@
+"""`tune`: each speed-up timed against what it replaces and used only where it won, with the
+timings kept; what cannot be timed here said in the plan; and a real plan, saved, gives the same
+tokens in another process."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gpt2_decl import GPT2
+from gpt2_decl.core import timing
+from gpt2_decl.core.timing import Timing
+from gpt2_decl.speedups import PlanError, gemv, tune
+
+
+@pytest.fixture
+def timings(monkeypatch):
+    """Fake timing: set(ms) makes every way named like a key of `ms` (its first word) take
+    that many milliseconds; what was timed is recorded."""
+    timed: list[str] = []
+
+    def set_times(**ms: float) -> list[str]:
+        def fake(calls, device="cpu", *, runs, warmup=1):
+            timed.extend(calls)
+            return {name: Timing((ms[name.split()[0]],)) for name in calls}
+
+        monkeypatch.setattr(timing, "time_in_turns", fake)
+        return timed
+
+    return set_times
+
+
+def by_name(plan):
+    return {choice.name: choice for choice in plan.choices}
+
+
+@pytest.mark.parametrize("template, kernel, used", [
+    (5.0, 3.0, "gemv_kernel"),      # only the kernel beats the library's 4 ms
+    (2.0, 3.0, "gemm_template"),    # both do; the template is the faster
+    (6.0, 7.0, None),               # neither does
+])
+def test_the_fastest_way_of_the_steps_products_that_beats_the_library_is_used(
+        tiny_model, timings, template, kernel, used):
+    timings(library=4.0, gemm_template=template, gemv_kernel=kernel, upcast=1.0)
+    choices = by_name(tune(tiny_model, batch=2, seq=8))
+    assert [name for name in ("gemm_template", "gemv_kernel") if choices[name].used] == \
+        ([used] if used else [])
+    assert choices["gemm_template"].times_ms == {"gemm_template": template, "library": 4.0}
+    assert choices["gemv_kernel"].times_ms == {"gemv_kernel": kernel, "library": 4.0}
+
+
+def test_float32_weights_have_no_gemm_to_upcast_and_are_not_timed_for_it(tiny_model, timings):
+    timed = timings(library=4.0, gemm_template=5.0, gemv_kernel=5.0, upcast=1.0)
+    choices = by_name(tune(tiny_model, batch=1, seq=8))
+    assert not choices["upcast_products"].used and not choices["upcast_prompt"].used
+    assert "float32 weights" in choices["upcast_products"].note
+    assert not any(name.startswith("upcast block") for name in timed)
+    assert choices["upcast_attention"].used  # 1 ms against the library's 4
+
+
+def test_bfloat16_gemms_are_upcast_where_that_times_faster(tiny_config, timings):
+    model = GPT2(tiny_config).to(torch.bfloat16).eval()
+    timings(library=4.0, gemm_template=5.0, gemv_kernel=5.0, upcast=1.0)
+    choices = by_name(tune(model, batch=1, seq=8, decoding=False))
+    # Two blocks' products at 1 ms each and the head's: (2 + 1) ms against (2 + 1) x 4 ms.
+    assert choices["upcast_products"].used
+    assert choices["upcast_products"].times_ms == {"upcast": 3.0, "library": 12.0}
+    assert set(choices) == {"upcast_products"}  # forward passes only
+
+
+def test_without_a_compiler_the_kernel_is_left_out_in_one_line(tiny_model, timings,
+                                                              monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    gemv.load.cache_clear()
+    try:
+        timings(library=4.0, gemm_template=5.0, gemv_kernel=1.0, upcast=1.0)
+        kernel = by_name(tune(tiny_model, seq=8))["gemv_kernel"]
+    finally:
+        gemv.load.cache_clear()
+    assert not kernel.used and kernel.times_ms == {}
+    assert kernel.note == "no C++ compiler: $CXX='no-such-compiler' is not found"
+
+
+def test_tune_is_for_a_cpu_model_and_sizes_that_fit(tiny_config, tiny_model):
+    with torch.device("meta"):
+        model = GPT2(tiny_config)
+    with pytest.raises(PlanError, match="on the CPU; this one is on meta, where the CPU "
+                                        "speed-ups do not apply"):
+        tune(model)
+    with pytest.raises(ValueError, match="seq=33 is longer than the context of 32"):
+        tune(tiny_model, seq=33)
+    with pytest.raises(ValueError, match="batch must be a positive integer, got 0"):
+        tune(tiny_model, batch=0)
+
+
+# Tunes a plan in one process and generates with it and with a plain compile; the other
+# process loads the plan and does the same: the tokens must be equal.
+GENERATE = """
+import json, sys, torch
+from gpt2_decl import GPT2, GPT2Config
+from gpt2_decl.speedups import Plan, tune
+path, make = sys.argv[1], sys.argv[2] == "tune"
+model = GPT2(GPT2Config(vocab_size=97, n_ctx=32, d_model=48, n_layer=2, n_head=4, seed=1)).eval()
+if make:
+    tune(model, batch=2, seq=8, runs=1).save(path)
+plan = Plan.load(path)
+prompt = torch.randint(97, (2, 8), generator=torch.Generator().manual_seed(0))
+def sampled():
+    return dict(top_k=20, generator=[torch.Generator().manual_seed(row) for row in range(2)])
+print(json.dumps({"plain": model.generate(prompt, 12, compile=True, **sampled()).tolist(),
+                  "plan": model.generate(prompt, 12, plan=plan, **sampled()).tolist(),
+                  "eager": model.generate(prompt, 12, **sampled()).tolist(),
+                  "choices": [c.name for c in plan.choices]}))
+"""
+
+
+def test_a_tuned_plan_and_a_plain_compile_give_the_same_tokens_in_another_process(tmp_path):
+    path = str(tmp_path / "plan.json")
+
+    def run(make: str) -> dict:
+        done = subprocess.run([sys.executable, "-c", GENERATE, path, make], text=True,
+                              capture_output=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.splitlines()[-1])
+
+    first, second = run("tune"), run("load")
+    assert first == second
+    assert first["choices"] == ["upcast_products", "gemm_template", "gemv_kernel",
+                                "upcast_attention", "upcast_prompt"]
+    # Sampled with one seeded generator per row, compiled or not, plan or not: the same draws.
+    assert first["plain"] == first["eager"] and first["plan"] == first["eager"]

@@ -1,0 +1,53 @@
+"""bfloat16 GEMMs upcast to float32: within the library's rounding of the exact product, and
+rewritten only where they are GEMMs (two or more rows) of bfloat16 or int8 weights."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import rewrites_in_trace
+
+from gpt2_decl import GPT2
+from gpt2_decl.speedups.upcast import UpcastLinear, UpcastProducts, upcast_linear
+
+
+def test_an_upcast_product_rounds_once_as_the_library_does():
+    generator = torch.Generator().manual_seed(0)
+    x, weight, bias = (torch.randn(size, generator=generator).to(torch.bfloat16)
+                       for size in ((9, 300), (40, 300), (40,)))
+    exact = F.linear(x.double(), weight.double(), bias.double())
+    ours, library = upcast_linear(x, weight, bias), F.linear(x, weight, bias)
+    assert ours.dtype == torch.bfloat16
+    # One rounding of a float32 sum to bfloat16: within half a bfloat16 ulp (2^-8 relative).
+    assert ((ours.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-3).all()
+    assert (ours.double() - library.double()).abs().max() <= 2 * 2**-8 * exact.abs().max()
+
+
+@pytest.mark.parametrize("batch, seq, upcast", [(1, 1, 0), (1, 2, 9), (3, 1, 9)])
+def test_gemms_of_bfloat16_weights_are_upcast_and_gemvs_are_not(tiny_config, batch, seq, upcast):
+    model = GPT2(tiny_config).to(torch.bfloat16).eval()
+    tokens = torch.zeros(batch, seq, dtype=torch.long)
+    with torch.no_grad():
+        counts = rewrites_in_trace(model, UpcastProducts(), tokens)
+    # Four products a block, two blocks, and the head.
+    assert counts == ({"upcast_linear": upcast} if upcast else {})
+
+
+def test_float32_products_are_left_alone(tiny_model, tokens):
+    with torch.no_grad():
+        assert rewrites_in_trace(tiny_model, UpcastProducts(), tokens) == {}
+
+
+def test_eager_prompts_upcast_within_the_mode_and_gradients_stay_with_the_library(tiny_config):
+    model = GPT2(tiny_config).to(torch.bfloat16).eval()
+    tokens = torch.randint(tiny_config.vocab_size, (2, 7),
+                           generator=torch.Generator().manual_seed(1))
+    exact = GPT2(tiny_config).double().eval()(tokens)
+    with torch.no_grad(), UpcastLinear():
+        upcast = model(tokens).double()
+    with torch.no_grad():
+        library = model(tokens).double()
+    assert (upcast - exact).abs().max() <= 1.5 * (library - exact).abs().max() + 1e-2
+    with UpcastLinear():
+        loss = model(tokens).float().square().mean()
+    loss.backward()  # the library's product, which has a gradient
+    assert model.lm_head.weight.grad is not None
