@@ -24,7 +24,7 @@ import torch
 
 import gpt2_decl
 from gpt2_decl.bench.decode import weight_bytes_per_token
-from gpt2_decl.bench.measure import environment, random_tokens, time_interleaved
+from gpt2_decl.bench.measure import environment, random_tokens
 from gpt2_decl.core.counting import forward_flops, training_flops_per_token
 from gpt2_decl.core.devices import (
     ROOFLINE_PRODUCTS,
@@ -33,6 +33,7 @@ from gpt2_decl.core.devices import (
     roofline_products,
     synchronize,
 )
+from gpt2_decl.core.timing import time_in_turns
 from gpt2_decl.text.generation import stream
 from gpt2_decl.training.evaluation import next_token_loss
 
@@ -165,7 +166,7 @@ def forward(model: gpt2_decl.GPT2, sizes: Sizes, dtype: torch.dtype) -> dict:
             compile_s_of[name] = time.perf_counter() - start
             print(f"compiled ({name}) in {compile_s_of[name]:.1f} s", flush=True)
             runs[f"compiled_{name}"] = lambda variant=variant: variant(tokens)
-    timings = time_interleaved(runs, device, runs=sizes.runs, warmup=2)
+    timings = time_in_turns(runs, device, runs=sizes.runs, warmup=2)
     flops = forward_flops(model.config, batch, seq)
     roofline = 2 * sizes.matmul**3 * ROOFLINE_PRODUCTS / (timings["matmul"].median_ms / 1e3)
 
@@ -212,7 +213,7 @@ def training(model: gpt2_decl.GPT2, sizes: Sizes, dtype: torch.dtype) -> dict:
     step(next_token_loss)
     synchronize(device)
     sync_free = without_host_sync(device, step)
-    timings = time_interleaved({"step": step, "eager_loss": lambda: step(next_token_loss)},
+    timings = time_in_turns({"step": step, "eager_loss": lambda: step(next_token_loss)},
                                device, runs=sizes.runs, warmup=0)
     timing = timings["step"]
     tokens_per_s = batch * seq / (timing.median_ms / 1e3)
@@ -247,7 +248,7 @@ def copy_bandwidth(device: torch.device, runs: int) -> float:
     source = torch.ones(2**28 if device.type == "cuda" else 2**24, dtype=torch.uint8,
                         device=device)
     target = torch.empty_like(source)
-    timing = time_interleaved({"copy": lambda: target.copy_(source)}, device, runs=runs,
+    timing = time_in_turns({"copy": lambda: target.copy_(source)}, device, runs=runs,
                               warmup=2)["copy"]
     return 2 * source.numel() / (timing.median_ms / 1e3)
 
@@ -281,7 +282,7 @@ def decode(model: gpt2_decl.GPT2, sizes: Sizes, dtype: torch.dtype) -> dict:
     next(steps), next(steps)  # the prompt's pass and the first step: checks and compiling
     sync_free = without_host_sync(device, lambda: [next(steps) for _ in range(new - 4)])
     allocated = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
-    timings = time_interleaved({"ours": ours_generate, "transformers": reference_generate},
+    timings = time_in_turns({"ours": ours_generate, "transformers": reference_generate},
                                device, runs=max(3, sizes.runs // 2), warmup=1)
     same_in_dtype = torch.equal(ours_generate(), reference_generate())
     grown = (torch.cuda.memory_allocated(device) - allocated) if allocated is not None else None
@@ -326,7 +327,7 @@ def decode_batch(model: gpt2_decl.GPT2, sizes: Sizes, dtype: torch.dtype) -> dic
     for batch in (1, sizes.decode_batch):
         prompt = random_tokens(model.config.vocab_size, batch, sizes.prompt, device, 3)
         ours.generate(prompt, sizes.new_tokens, greedy=True, compile=True)  # compile, warm up
-        timing = time_interleaved(
+        timing = time_in_turns(
             {"run": lambda prompt=prompt: ours.generate(prompt, sizes.new_tokens, greedy=True,
                                                         compile=True)},
             device, runs=3, warmup=0)["run"]

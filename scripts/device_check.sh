@@ -44,7 +44,9 @@ echo "--- cuda tests"
 # In parallel where pytest-xdist is there: most of their time is compiling, on the CPU.
 parallel=()
 "$python" -c "import xdist" 2>/dev/null && parallel=(-n 4)
-timeout "${TESTS_TIMEOUT:-300}" "$python" -m pytest -q -rs "${parallel[@]}" -m cuda tests/cuda 2>&1 \
+# The project's own pytest options (-n auto) are left out: this image may have no pytest-xdist.
+timeout "${TESTS_TIMEOUT:-300}" "$python" -m pytest -o addopts="" -q -rs "${parallel[@]}" -m cuda \
+    tests/cuda 2>&1 \
     | tee "$out/cuda_tests.txt"
 tests=${PIPESTATUS[0]}
 

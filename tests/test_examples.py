@@ -3,6 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -28,6 +30,7 @@ def test_forward_example_runs_gpt2_small_end_to_end():
     assert "eager forward" in out
 
 
+@pytest.mark.slow
 def test_forward_example_compiled_in_bfloat16():
     out = run_forward(
         "--preset", "small", "--seq", "4", "--batch", "1", "--dtype", "bfloat16", "--compile"

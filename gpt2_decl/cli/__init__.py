@@ -5,10 +5,11 @@ import importlib
 import importlib.metadata
 import sys
 
+from gpt2_decl.speedups.gemv import KernelUnavailable
 from gpt2_decl.storage.lock import DirectoryInUseError
 
 # Each module defines add_parser(subparsers), which registers its subcommand and its handler.
-SUBCOMMAND_MODULES = ("summary", "bench", "generate", "train", "export")
+SUBCOMMAND_MODULES = ("summary", "bench", "tune", "generate", "train", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Errors that name what is wrong with the input: shown as one line, without a traceback.
-CLEAR_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ImportError, DirectoryInUseError)
+CLEAR_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ImportError, DirectoryInUseError,
+                KernelUnavailable)
 
 
 def main(argv: list[str] | None = None) -> int:

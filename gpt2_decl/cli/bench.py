@@ -1,5 +1,6 @@
 """`gpt2-decl bench`: compiled vs eager forward passes over sequence lengths, or, with
-`--generate`, decoding speed against the memory bound."""
+`--generate`, decoding speed against the memory bound; with `--tune`, also with a speed-up plan
+tuned in the run, each beside the others in turns."""
 
 import argparse
 import copy
@@ -15,38 +16,30 @@ from pathlib import Path
 import torch
 
 from gpt2_decl.bench import decode, forward
-from gpt2_decl.bench.measure import ReadBandwidth, environment, random_tokens, transformers_copy
+from gpt2_decl.bench.engines import transformers_copy
+from gpt2_decl.bench.measure import ReadBandwidth, environment, random_tokens
 from gpt2_decl.cli import common
-from gpt2_decl.core.config import DTYPES, GPT2Config
+from gpt2_decl.core.config import DTYPES
 from gpt2_decl.core.model import GPT2
 from gpt2_decl.core.typecheck import is_typechecked, set_typechecked
-from gpt2_decl.speedups import (
-    causal_attention,
-    freed_memory,
-    huge_pages,
-    row_blocks,
-    row_kernels,
-    sigmoid_gelu,
-    wide_products,
-)
-from gpt2_decl.speedups.causal_attention import KernelAttention
-from gpt2_decl.speedups.cpu_decoding import choice_for
+from gpt2_decl.speedups import tune
+from gpt2_decl.speedups.freed_memory import keep_freed_memory
 from gpt2_decl.speedups.quantize import SCHEMES, quantize
-from gpt2_decl.speedups.row_blocks import RowBlocks
-from gpt2_decl.speedups.sigmoid_gelu import SigmoidGelu
-from gpt2_decl.speedups.wide_products import WideProducts
 
 SIZE_OVERRIDES = ("n_layer", "n_head", "d_model")
 STDLIB_JSON = Path(sysconfig.get_paths()["stdlib"]) / "json"
 # torch.compile's modes (named here: asking inductor for them would import it, for seconds).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# Our rows compared with llama.cpp's files: (its file type, our dtype or scheme).
+LLAMA_PAIRS = (("F32", "float32"), ("BF16", "bfloat16"), ("Q8_0", "int8"))
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "bench", help="time compiled vs eager forward passes (or decoding, with --generate)",
         description="Eager against compiled forward passes at each sequence length; with "
-        "--generate, decoding tokens/s against the memory bound. See the README's method.")
+        "--generate, decoding tokens/s against the memory bound; with --tune, also compiled "
+        "with a speed-up plan tuned here. See docs/benchmarks.md.")
     common.add_model_arguments(parser)
     positive, at_least_0 = common.positive_int, common.non_negative_int
     for name, text in (("n_layer", "blocks"), ("n_head", "heads"), ("d_model", "width")):
@@ -60,24 +53,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--runs", type=positive, default=5, help="timed runs (default: 5)")
     parser.add_argument("--warmup", type=at_least_0, default=1, help="untimed runs first")
     parser.add_argument("--mode", default="default", choices=COMPILE_MODES,
-                        help="torch.compile mode (default: default)")
-    parser.add_argument("--freeze", action=argparse.BooleanOptionalAction, default=True,
-                        help="inductor weight freezing (pre-packed weights; default: on)")
-    parser.add_argument("--wide-products", action=argparse.BooleanOptionalAction, default=True,
-                        help="on a CPU, compile bfloat16 products of many rows in float32 where "
-                        "timed faster (speedups.wide_products; default: on)")
-    parser.add_argument("--row-blocks", action=argparse.BooleanOptionalAction, default=True,
-                        help="on a CPU, compile products of many rows a block of rows at a "
-                        "time where timed faster (speedups.row_blocks; default: on)")
-    parser.add_argument("--kernel-attention", action=argparse.BooleanOptionalAction,
-                        default=True, help="on a CPU, compile causal attention through the C++ "
-                        "kernel where timed faster (speedups.causal_attention; default: on)")
-    parser.add_argument("--sigmoid-gelu", action=argparse.BooleanOptionalAction, default=True,
-                        help="on a CPU, compile GELU through a sigmoid where timed faster "
-                        "(speedups.sigmoid_gelu; default: on)")
+                        help="torch.compile mode of the plain compiled model (default: default)")
+    parser.add_argument("--freeze", action="store_true",
+                        help="compile the plain model with inductor's weight freezing")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="first have malloc keep large freed buffers for reuse, for the "
                         "whole process: every model timed (speedups.freed_memory)")
+    parser.add_argument("--tune", action="store_true",
+                        help="also time the model compiled with a speed-up plan tuned here, for "
+                        "each sequence length (forward) or batch and kind of model (decoding)")
     parser.add_argument("--compare", choices=["llama.cpp", "transformers"],
                         help="forward passes: also transformers' model compiled, on the same "
                         "weights; decoding: also llama.cpp on the same weights, F32 and BF16, "
@@ -92,17 +76,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     decoding.add_argument("--new-tokens", type=positive, default=128, help="default: 128")
     decoding.add_argument("--checkpoint", metavar="DIR", help="weights to load (default: random)")
     decoding.add_argument("--compare-dtype", choices=sorted(DTYPES),
-                          help="also decode with the cache in this dtype, in turns")
-    decoding.add_argument("--huge-pages", action="store_true",
-                          help="move the weights into transparent huge pages first (CPU)")
+                          help="also decode with the weights in this dtype, in turns")
     decoding.add_argument("--quantize", type=schemes, default=[], metavar="SCHEMES",
-                          help=f"also decode quantized copies ({', '.join(SCHEMES)}; a list: "
-                          "int8,int8-dynamic) in turns, and measure their agreement with the "
-                          "model on --quality-data")
+                          help=f"also decode quantized copies ({', '.join(SCHEMES)}) in turns, "
+                          "and measure their agreement with the model on --quality-data")
     decoding.add_argument("--quality-data", type=Path, default=STDLIB_JSON, metavar="PATH",
                           help="text for --quantize's agreement (default: the standard "
                           "library's json package sources)")
     parser.set_defaults(handler=run)
+
+
+def schemes(text: str) -> list[str]:
+    """An argparse type: a comma-separated list of quantization schemes."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [name for name in names if name not in SCHEMES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"expected schemes among {', '.join(SCHEMES)}, got {text!r}")
+    return list(dict.fromkeys(names))
 
 
 def run(args: argparse.Namespace) -> None:
@@ -116,6 +107,8 @@ def run(args: argparse.Namespace) -> None:
     if args.compare == "transformers" and args.generate:
         raise SystemExit("error: --compare transformers is for forward passes; decoding always "
                          "times transformers' generate")
+    if args.checkpoint and not args.generate:
+        raise SystemExit("error: --checkpoint is for --generate (weights do not change speed)")
     if args.threads:
         if args.threads > (os.cpu_count() or args.threads):
             print(f"warning: --threads {args.threads} is more than this machine's "
@@ -123,11 +116,14 @@ def run(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     device = common.resolve_device(args.device)
     dtype = common.resolve_dtype(args.dtype, device)
-    kept = args.keep_freed_memory and freed_memory.keep_freed_memory()
+    if args.tune and device.type != "cpu":
+        raise SystemExit(f"error: --tune makes a plan of CPU speed-ups; the model is on {device}")
+    kept = args.keep_freed_memory and keep_freed_memory()
     if args.keep_freed_memory and not kept:
         print("warning: --keep-freed-memory: this C library's malloc is not glibc's; nothing "
               "changed", file=sys.stderr)
-    model = load_model(args, device, dtype)
+    overrides = {name: getattr(args, name) for name in SIZE_OVERRIDES if getattr(args, name)}
+    model = common.load_model(args, device, dtype, overrides)
     report = {**environment(device, dtype), "config": dataclasses.asdict(model.config),
               "keep_freed_memory": kept}
     sizes = (f"decoding {args.prompt_len} + {args.new_tokens} tokens" if args.generate
@@ -139,91 +135,24 @@ def run(args: argparse.Namespace) -> None:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
 
 
-def load_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> GPT2:
-    if args.checkpoint:
-        if not args.generate:
-            raise SystemExit("error: --checkpoint is for --generate (weights do not change speed)")
-        return GPT2.from_pretrained(args.checkpoint, dtype=dtype, device=device)
-    overrides = {name: getattr(args, name) for name in SIZE_OVERRIDES if getattr(args, name)}
-    config = GPT2Config.from_preset(args.preset, seed=args.seed, **overrides)
-    return GPT2(config).to(device=device, dtype=dtype).eval()
-
-
 def run_forward(args: argparse.Namespace, model: GPT2) -> dict:
     too_long = [seq for seq in args.seq if seq > model.config.n_ctx]
     if too_long:
         raise SystemExit(f"error: --seq {too_long} longer than the context of {model.config.n_ctx}")
     batch = args.batch[0]
     print(f"{describe(model)}, batch {batch}, {model.dtype} on {model.device}")
-    widening = args.wide_products and model.device.type == "cpu"
-    blocking = args.row_blocks and model.device.type == "cpu"
-    attending = args.kernel_attention and model.device.type == "cpu"
-    gelu = args.sigmoid_gelu and model.device.type == "cpu"
-    # Products widened first: the blocks take those left as they were.
-    backend = RowBlocks(mode=args.mode) if blocking else None
-    if widening:
-        backend = WideProducts(then=backend, mode=args.mode)
-    if attending:
-        backend = KernelAttention(then=backend, mode=args.mode)
-    if gelu:
-        backend = SigmoidGelu(then=backend, mode=args.mode)
     reference = transformers_copy(model) if args.compare == "transformers" else None
+    planner = (lambda seq: tune(model, batch=batch, seq=seq, decoding=False)) \
+        if args.tune else None
     rows = list(forward.benchmark_forward(
         model, args.seq, batch=batch, runs=args.runs, warmup=args.warmup, mode=args.mode,
-        freeze=args.freeze, backend=backend or "inductor",
-        typecheck_overhead=args.typecheck_overhead, reference=reference, seed=args.seed,
-        log=lambda message: print(message, flush=True)))
+        freeze=args.freeze, tune=planner, typecheck_overhead=args.typecheck_overhead,
+        reference=reference, seed=args.seed, log=lambda message: print(message, flush=True)))
     print("\n" + forward.format_table(rows))
-    # This run's products (a process may have timed others before).
-    widened = {shape: times for shape, times in wide_products.timings().items()
-               if widening and shape[0] in {batch * seq for seq in args.seq}
-               and shape[3] == model.dtype}
-    if widened:
-        print("bfloat16 products of many rows in float32 where timed faster (rows x in x out):")
-        print("  " + wide_products.describe(widened).replace("\n", "\n  "))
-    blocked = {key: times for key, times in row_blocks.timings().items()
-               if blocking and key[0] in {batch * seq for seq in args.seq}
-               and key[4] == model.dtype and key[5] == args.freeze}
-    if blocking:
-        print("products of many rows in blocks of rows where timed faster (rows x in x out x "
-              "block):")
-        print("  " + row_blocks.describe(blocked).replace("\n", "\n  "))
-    attended = {shape: times for shape, times in causal_attention.timings().items()
-                if attending and shape[:3] in {(batch, model.config.n_head, seq)
-                                               for seq in args.seq} and shape[4] == model.dtype}
-    if attending:
-        print("causal attention through the C++ kernel where timed faster (batch x heads x seq x "
-              "d_head):")
-        print("  " + (causal_attention.describe(attended) if attended else
-                      f"none timed ({row_kernels.load() or 'no shape the kernel does'})"
-                      ).replace("\n", "\n  "))
-    gelus = {key: times for key, times in sigmoid_gelu.timings().items()
-             if gelu and key[-2] == model.dtype}
-    if gelu:
-        print("GELU through a sigmoid where timed faster (elements timed):")
-        print("  " + sigmoid_gelu.describe(gelus))
     if args.plot:
         plot(rows, args.plot, title=f"{describe(model)}, batch {batch}, {model.dtype}")
     return {"preset": args.preset, "batch": batch, "compile_mode": args.mode,
-            "freeze": args.freeze, "rows": [row.to_dict() for row in rows],
-            "wide_products": [{"rows": shape[0], "in_features": shape[1],
-                               "out_features_timed": shape[2], "dtype": str(shape[3]),
-                               "widened_ms": wide, "library_ms": library,
-                               "widened": wide < library}
-                              for shape, (wide, library) in widened.items()],
-            "row_blocks": [{"rows": key[0], "in_features": key[1],
-                            "out_features_timed": key[2], "block": key[3],
-                            "dtype": str(key[4]), "blocks_ms": blocks, "whole_ms": whole,
-                            "faster": blocks < whole}
-                           for key, (blocks, whole) in blocked.items()],
-            "kernel_attention": [{"batch": shape[0], "heads": shape[1], "seq": shape[2],
-                                  "d_head": shape[3], "dtype": str(shape[4]),
-                                  "kernel_ms": kernel, "library_ms": library,
-                                  "used": kernel < library}
-                                 for shape, (kernel, library) in attended.items()],
-            "sigmoid_gelu": [{"dtype": str(key[-2]), "sigmoid_ms": ours, "tanh_ms": tanh,
-                              "used": ours < tanh}
-                             for key, (ours, tanh) in gelus.items()],
+            "freeze": args.freeze, "tune": args.tune, "rows": [row.to_dict() for row in rows],
             "roofline_flops_per_s": statistics.median(r.roofline_flops_per_s for r in rows)}
 
 
@@ -234,92 +163,98 @@ def run_decode(args: argparse.Namespace, model: GPT2) -> dict:
                          f"{args.new_tokens} exceed the context of {config.n_ctx}")
     if args.compare_dtype == args.dtype:
         raise SystemExit(f"error: --compare-dtype {args.compare_dtype} is already --dtype")
-    if args.huge_pages and not huge_pages.available():  # a clear error, before any work
-        raise SystemExit("error: --huge-pages: this system gives no transparent huge pages")
-    on_huge_pages = args.huge_pages and model.device.type == "cpu"
-    ways = decode.ways_of_decoding(model, huge_pages=on_huge_pages, batches=args.batch)
-    if args.compare_dtype:
-        other = copy.deepcopy(model).to(DTYPES[args.compare_dtype])  # the same weights, rounded
-        ways += decode.ways_of_decoding(other, suffix=f", {args.compare_dtype}", reference=False,
-                                        huge_pages=on_huge_pages)
     if args.quantize:
         try:  # the text first: a bad path fails before minutes of timing
             quality_tokens = decode.quality_tokens(args.quality_data, config)
         except (ValueError, OSError) as error:
             raise SystemExit(f"error: {error}") from None
-    quantized = {scheme: quantize(copy.deepcopy(model), scheme) for scheme in args.quantize}
-    for scheme, copied in quantized.items():  # compiled only: eager int8 is slow on a CPU
-        ways += decode.ways_of_decoding(copied, suffix=f", {scheme}", reference=False,
-                                        eager=False, huge_pages=on_huge_pages)
+    # Each kind of model decoded, by the suffix of its rows' names: the weights rounded to
+    # another dtype, or quantized.
+    kinds = {"": model}
+    if args.compare_dtype:
+        kinds[f", {args.compare_dtype}"] = copy.deepcopy(model).to(DTYPES[args.compare_dtype])
+    for scheme in args.quantize:
+        kinds[f", {scheme}"] = quantize(copy.deepcopy(model), scheme)
+    plans = {}
+    if args.tune:
+        print("tuning a plan for each kind of model and batch...", flush=True)
+        for suffix, kind in kinds.items():
+            for rows in args.batch:
+                plan = plans[(suffix, rows)] = tune(kind, batch=rows, seq=args.prompt_len)
+                print(plan.describe(), flush=True)
+    ways = []
+    for suffix, kind in kinds.items():
+        ways += decode.ways_of_decoding(
+            kind, suffix=suffix, reference=not suffix, eager=not suffix,
+            batches=args.batch if not suffix else [1],
+            plans={rows: plan for (of, rows), plan in plans.items() if of == suffix})
     gguf_files = tempfile.TemporaryDirectory()  # llama.cpp's copies of the weights, until the end
-    ways += decode.llama_cpp_ways(model, gguf_files.name, q8_0=bool(args.quantize),
-                                  prompt_tokens=args.prompt_len) \
-        if args.compare else []
+    if args.compare:
+        ways += decode.llama_cpp_ways(model, gguf_files.name, q8_0=bool(args.quantize),
+                                      prompt_tokens=args.prompt_len)
     print(f"{describe(model)}, {model.dtype} on {model.device}, {args.prompt_len} + "
-          f"{args.new_tokens} greedy tokens; huge pages: {on_huge_pages}")
-    rewrites = {}
-    if model.device.type == "cpu":  # measured before any timing, for each kind of model timed
-        print("choosing the rewrites of compiled CPU decoding by timing them...", flush=True)
-        timed = [(args.dtype, model)]
-        timed += [(args.compare_dtype, other)] if args.compare_dtype else []
-        timed += list(quantized.items())
-        timed = [(name, kind, 1) for name, kind in timed]
-        timed += [(f"{args.dtype}, batch {rows}", model, rows) for rows in args.batch if rows > 1]
-        for name, kind, rows in timed:
-            choice = choice_for(kind, rows)
-            rewrites[name] = {"used": choice.decoding.names(), "times_ms": choice.times_ms,
-                              "kernel_prefill_rows": choice.prefill_rows,
-                              "wide_prefill_rows": choice.prefill_wide_rows,
-                              "prefill_times_ms": choice.prefill_times_ms,
-                              "kernel_prefill_attention_from": choice.prefill_attention_from,
-                              "prefill_attention_times_ms": choice.prefill_attention_times_ms}
-            print(f"  {name}: {choice.describe()}")
-        if "int8" in rewrites:
-            way = rewrites["int8"]["int8_products"] = row_kernels.int8_products_way()
-            print(f"  int8 products in the kernel: {way} (digits: the input rows as int8 digits, "
-                  "integer products; widened: the weights widened to float32)")
+          f"{args.new_tokens} greedy tokens")
     prompt = random_tokens(config.vocab_size, 1, args.prompt_len, model.device, args.seed)
-    bandwidth = ReadBandwidth(model.device, in_huge_pages=on_huge_pages)
+    bandwidth = ReadBandwidth(model.device)
     with gguf_files:
         rows = decode.time_ways(ways, prompt, args.new_tokens, args.warmup, args.runs, bandwidth)
     print("\n" + decode.format_table(rows))
-    ratios = decode.speed_ratios(rows, f", {args.compare_dtype}") if args.compare_dtype else {}
-    for name, ratio in ratios.items():
-        print(f"{args.compare_dtype} / {args.dtype}, {name}: {ratio:.2f}x (median over turns)")
-    floats = {args.dtype: ""} | (
-        {args.compare_dtype: f", {args.compare_dtype}"} if args.compare_dtype else {})
-    batch_ratios = decode.batch_speed_ratios(rows)
-    for batch, ratio in batch_ratios.items():
-        after = "-" if ratio["after_first"] is None else f"{ratio['after_first']:.2f}x"
-        print(f"batch {batch} / batch 1, compiled, cache: {ratio['whole']:.2f}x whole runs, "
-              f"{after} after the first token (median over turns)")
-    quantized_ratios = decode.quantized_speed_ratios(rows, args.quantize, floats)
-    for scheme, over in quantized_ratios.items():
-        for dtype, ratio in over.items():
-            print(f"{scheme} / {dtype}, compiled, cache: {ratio:.2f}x (median over turns)")
+    ratios = speed_ratios(rows, args, kinds)
+    for line in ratios["lines"]:
+        print(line)
     quality = {}
-    for scheme, copied in quantized.items():
-        found = quality[scheme] = decode.quantization_quality(model, copied, quality_tokens)
+    for scheme in args.quantize:
+        found = quality[scheme] = decode.quantization_quality(model, kinds[f", {scheme}"],
+                                                              quality_tokens)
         print(f"{scheme} against {args.dtype} on {found.tokens:,} tokens of {args.quality_data}: "
               f"top-1 agreement {found.top1:.2%}, loss {found.loss:.4f} against "
               f"{found.reference_loss:.4f} ({found.loss_increase:+.4f})")
     return {"checkpoint": args.checkpoint, "prompt_len": args.prompt_len,
-            "quantize": args.quantize,
+            "new_tokens": args.new_tokens, "quantize": args.quantize,
+            "compare_dtype": args.compare_dtype, "rows": rows,
             "quality": {scheme: dataclasses.asdict(found) for scheme, found in quality.items()},
-            "new_tokens": args.new_tokens, "huge_pages": on_huge_pages, "cpu_decoding": rewrites,
-            "rows": rows, "compare_dtype": args.compare_dtype,
-            "compare_dtype_speed_ratios": ratios, "quantized_speed_ratios": quantized_ratios,
-            "batch_speed_ratios": batch_ratios}
+            "plans": {f"{suffix.removeprefix(', ') or args.dtype}, batch {rows}": plan.to_dict()
+                      for (suffix, rows), plan in plans.items()},
+            "speed_ratios": ratios["figures"]}
 
 
-def schemes(text: str) -> list[str]:
-    """An argparse type: a comma-separated list of quantization schemes."""
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = [name for name in names if name not in SCHEMES]
-    if not names or unknown:
-        raise argparse.ArgumentTypeError(
-            f"expected schemes among {', '.join(SCHEMES)}, got {text!r}")
-    return list(dict.fromkeys(names))
+def speed_ratios(rows: list[dict], args: argparse.Namespace, kinds: dict) -> dict:
+    """The ratios the decode bench reports, turn by turn: each kind of model over the first,
+    each batch over batch 1, tuned over plain, and ours over llama.cpp's file of its kind."""
+    figures, lines = {}, []
+
+    def add(label: str, name: str, other: str, key: str = "run_tokens_per_s") -> None:
+        ratio = decode.ratio_by_name(rows, name, other, key)
+        if ratio is not None:
+            figures[label] = ratio
+            lines.append(f"{label}: {ratio:.2f}x (median over turns)")
+
+    variants = ["compiled, cache"] + (["compiled, cache, tuned"] if args.tune else [])
+    for variant in variants:
+        for suffix in kinds:
+            if suffix:
+                label = f"{variant}{suffix} / {args.dtype}"
+                add(label, variant + suffix, variant)
+                if figures.get(label, 1.0) < 1.0:
+                    lines.append(f"note: on this CPU, {variant}{suffix} decodes slower than the "
+                                 f"{args.dtype} model it came from ({figures[label]:.2f}x)")
+        for batch in args.batch:
+            if batch > 1:
+                add(f"{variant}, batch {batch} / batch 1", f"{variant}, batch {batch}", variant)
+                add(f"{variant}, batch {batch} / batch 1, after the first token",
+                    f"{variant}, batch {batch}", variant, "run_after_first_tokens_per_s")
+    for suffix in kinds:
+        if args.tune:
+            add(f"tuned / plain{suffix or ', ' + args.dtype}", f"compiled, cache, tuned{suffix}",
+                f"compiled, cache{suffix}")
+    ours = {args.dtype: "", args.compare_dtype: f", {args.compare_dtype}",
+            **{scheme: f", {scheme}" for scheme in args.quantize}}
+    for file_type, kind in LLAMA_PAIRS:
+        if kind in ours:
+            best = variants[-1]
+            add(f"{best}{ours[kind] or ', ' + kind} / llama.cpp {file_type}", best + ours[kind],
+                f"llama.cpp {file_type}")
+    return {"figures": figures, "lines": lines}
 
 
 def describe(model: GPT2) -> str:

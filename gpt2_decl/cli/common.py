@@ -2,12 +2,14 @@
 
 import argparse
 import contextlib
+import sys
 from collections.abc import Callable, Iterator
 
 import torch
 
 from gpt2_decl.core import devices
 from gpt2_decl.core.config import DTYPES, GPT2Config
+from gpt2_decl.core.model import GPT2
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, preset: bool = True) -> None:
@@ -123,3 +125,34 @@ def positive_ints(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
+
+
+def load_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
+               overrides: dict | None = None) -> GPT2:
+    """The model of --checkpoint DIR, or of --preset with random weights from --seed (saying
+    so on standard error), on `device` in `dtype`, in eval mode."""
+    if getattr(args, "checkpoint", None):
+        return GPT2.from_pretrained(args.checkpoint, dtype=dtype, device=device)
+    print(f"note: no --checkpoint given, so the weights are RANDOM (GPT-2 {args.preset}, seed "
+          f"{args.seed})", file=sys.stderr)
+    config = GPT2Config.from_preset(args.preset, seed=args.seed, **(overrides or {}))
+    return GPT2(config).to(device=device, dtype=dtype).eval()
+
+
+def add_quantize_argument(parser: argparse.ArgumentParser) -> None:
+    from gpt2_decl.speedups.quantize import SCHEMES
+
+    parser.add_argument("--quantize", choices=SCHEMES,
+                        help="weight-only int8 weights for decoding (needs torchao)")
+
+
+def quantized(model: GPT2, scheme: str | None) -> GPT2:
+    """`model` quantized in place with `scheme` (None: as it is), or a one-line error."""
+    if scheme is None:
+        return model
+    from gpt2_decl.speedups.quantize import quantize
+
+    try:
+        return quantize(model, scheme)
+    except (ValueError, ImportError) as error:
+        raise SystemExit(f"error: --quantize: {error}") from None

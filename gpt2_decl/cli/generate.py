@@ -9,17 +9,18 @@ from pathlib import Path
 
 import torch
 
-import gpt2_decl
 from gpt2_decl.cli.common import (
     add_model_arguments,
+    add_quantize_argument,
     explained_out_of_memory,
+    load_model,
+    quantized,
     resolve_device,
     resolve_dtype,
 )
-from gpt2_decl.core.config import GPT2Config
 from gpt2_decl.core.model import GPT2
-from gpt2_decl.speedups import huge_pages
-from gpt2_decl.speedups.quantize import SCHEMES, quantize
+from gpt2_decl.core.typecheck import is_typechecked, set_typechecked
+from gpt2_decl.speedups.plan import Plan
 from gpt2_decl.text.generation import generate, stream
 from gpt2_decl.text.tokenizer import GPT2Tokenizer
 
@@ -67,17 +68,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--compile", action="store_true", help="compile the decode step (slow start, fast tokens)"
     )
-    parser.add_argument("--huge-pages", action="store_true",
-                        help="move the weights into transparent huge pages first (Linux CPU)")
-    parser.add_argument("--quantize", choices=SCHEMES,
-                        help="int8 weights for decoding (needs torchao): int8 (weight-only) or "
-                        "int8-dynamic (inputs to each product rounded to int8 too; fastest "
-                        "with --compile on a CPU)")
+    parser.add_argument("--plan", type=Path, metavar="PATH",
+                        help="compile the decode step with the CPU speed-ups of this plan "
+                        "(from gpt2-decl tune, for the same model, --quantize and batch)")
+    add_quantize_argument(parser)
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> None:
-    gpt2_decl.set_typechecked(args.typecheck or gpt2_decl.is_typechecked())
+    set_typechecked(args.typecheck or is_typechecked())
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     texts = read_prompts(args)
@@ -87,17 +86,10 @@ def run(args: argparse.Namespace) -> None:
         if not ids:
             where = f"prompt {index + 1}" if len(prompts) > 1 else "the prompt"
             raise SystemExit(f"error: {where} is empty; give at least one character of text")
-    model = load_model(args, device, dtype)
-    if args.quantize:
-        try:
-            quantize(model, args.quantize)
-        except (ValueError, ImportError) as error:
-            raise SystemExit(f"error: --quantize: {error}") from None
-    if args.huge_pages and not huge_pages.move_parameters(model):
-        raise SystemExit("error: --huge-pages: this system gives no transparent huge pages to "
-                         "a CPU model")
+    plan = Plan.load(args.plan) if args.plan else None
+    model = quantized(load_model(args, device, dtype), args.quantize)
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   greedy=args.greedy, eos_id=tokenizer.eot_id, compile=args.compile,
+                   greedy=args.greedy, eos_id=tokenizer.eot_id, compile=args.compile, plan=plan,
                    generator=[torch.Generator(device=device).manual_seed(args.seed + row)
                               for row in range(len(prompts))])
     what = f"generating {args.max_new_tokens} tokens after {max(map(len, prompts))}"
@@ -190,15 +182,3 @@ def speed_line(times: list[float]) -> str:
         rate = steady / (times[-1] - startup_s)
         line += f"; {rate:.1f} tokens/s after the first {STARTUP_TOKENS}"
     return line + "]"
-
-
-def load_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> GPT2:
-    if args.checkpoint:
-        return GPT2.from_pretrained(args.checkpoint, dtype=dtype, device=device)
-    print(
-        f"note: no --checkpoint given, so the weights are RANDOM (GPT-2 {args.preset}, seed "
-        f"{args.seed}): the text will be gibberish",
-        file=sys.stderr,
-    )
-    model = GPT2(GPT2Config.from_preset(args.preset, seed=args.seed))
-    return model.to(device=device, dtype=dtype).eval()

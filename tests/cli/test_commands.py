@@ -1,4 +1,5 @@
-"""The `gpt2-decl` command's own behaviour: version, prompts from files, warnings."""
+"""The `gpt2-decl` command's own behaviour: version, prompts from files, warnings, int8 and
+speed-up plans from `tune` to `generate --plan`."""
 
 import io
 
@@ -7,7 +8,8 @@ import torch
 
 from gpt2_decl import GPT2, GPT2Config, GPT2Tokenizer
 from gpt2_decl.cli import main
-from gpt2_decl.speedups import huge_pages
+from gpt2_decl.speedups.machine import this_machine
+from gpt2_decl.speedups.plan import DECODING_CHOICES, Choice, Plan, describe_model
 
 TINY = GPT2Config(n_ctx=64, d_model=32, n_layer=1, n_head=2, init_std=0.2)
 
@@ -126,22 +128,43 @@ def test_running_out_of_memory_while_compiling_is_explained_too():
         raise ValueError("unrelated")
 
 
-@pytest.mark.parametrize(("scheme", "huge"), [("int8", False), ("int8-dynamic", False),
-                                              ("int8", True)])
-def test_generate_decodes_with_int8_weights(checkpoint, capsys, scheme, huge):
+def test_generate_decodes_with_int8_weights(checkpoint, capsys):
     pytest.importorskip("torchao")
     from gpt2_decl import quantize
 
-    if huge and not huge_pages.available():
-        pytest.skip("no transparent huge pages on this system")
-
     tokenizer = GPT2Tokenizer()
-    model = quantize(GPT2.from_pretrained(checkpoint), scheme)
-    # int8-dynamic's compiled step rounds as its eager one only up to near-ties: compare
-    # with the library's compiled decoding, which the command must give.
-    tokens = model.generate(torch.tensor([tokenizer.encode("Hi")]), 4, greedy=True,
-                            compile=scheme == "int8-dynamic")
+    model = quantize(GPT2.from_pretrained(checkpoint))
+    tokens = model.generate(torch.tensor([tokenizer.encode("Hi")]), 4, greedy=True)
     main(["generate", "--prompt", "Hi", "--checkpoint", str(checkpoint), "--max-new-tokens", "4",
-          "--greedy", "--device", "cpu", "--quantize", scheme, "--compile",
-          *(["--huge-pages"] if huge else [])])
+          "--greedy", "--device", "cpu", "--quantize", "int8", "--compile"])
     assert capsys.readouterr().out == tokenizer.decode(tokens[0].tolist()) + "\n"
+
+
+def test_tune_writes_a_plan_that_generate_takes(checkpoint, tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    main(["tune", "--checkpoint", str(checkpoint), "--seq", "8", "--no-decoding", "--out",
+          str(plan)])
+    out = capsys.readouterr().out
+    assert "speed-up plan for GPT-2 n_layer=1" in out and f"wrote {plan}" in out
+    with pytest.raises(SystemExit, match="tuned for forward passes only"):
+        main(["generate", "--prompt", "Hi", "--checkpoint", str(checkpoint), "--plan", str(plan)])
+    # A plan for decoding, as tune makes one: the GEMM template for the step's products.
+    model = GPT2.from_pretrained(checkpoint)
+    choices = tuple(Choice(name, name == "gemm_template") for name in DECODING_CHOICES)
+    Plan(describe_model(model), 1, 8, this_machine(), choices).save(plan)
+    main(["generate", "--prompt", "Hi", "--checkpoint", str(checkpoint), "--max-new-tokens", "4",
+          "--greedy", "--device", "cpu", "--plan", str(plan)])
+    assert capsys.readouterr().out == expected_text("Hi", checkpoint)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{}", "is not a speed-up plan"),
+    (None, "cannot read the plan"),
+])
+def test_generate_refuses_a_bad_plan_in_one_line(checkpoint, tmp_path, content, message):
+    plan = tmp_path / "plan.json"
+    if content is not None:
+        plan.write_text(content)
+    with pytest.raises(SystemExit) as exited:
+        main(["generate", "--prompt", "Hi", "--checkpoint", str(checkpoint), "--plan", str(plan)])
+    assert message in str(exited.value.code) and "\n" not in str(exited.value.code)
