@@ -2,6 +2,7 @@
 
 import importlib
 
+from gpt2_decl.core.activations import ActivationCache, Patch
 from gpt2_decl.core.compiling import CompiledGPT2, compile
 from gpt2_decl.core.config import GPT2Config
 from gpt2_decl.core.counting import ParameterCounts, count_parameters
@@ -19,10 +20,12 @@ _ON_FIRST_USE = {
     "quantize": "gpt2_decl.speedups.quantize",
     "train": "gpt2_decl.training.loop",
 }
-_SUBPACKAGES = ("bench", "speedups", "storage", "text", "training")
+_SUBPACKAGES = ("bench", "interpret", "speedups", "storage", "text", "training")
 
 __all__ = [
     "GPT2",
+    "ActivationCache",
+    "Patch",
     "CheckpointError",
     "CompiledGPT2",
     "GPT2Config",

@@ -2,13 +2,15 @@
 
 import contextlib
 import weakref
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any, Protocol
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from gpt2_decl.core import activations
+from gpt2_decl.core.activations import ActivationCache, NameSpec, Taps
 from gpt2_decl.core.inputs import check_tokens
 from gpt2_decl.core.kv_cache import KVCache
 from gpt2_decl.core.shapes import check_shapes
@@ -63,6 +65,7 @@ class CompiledGPT2:
         *,
         last_only: bool = False,
         check_values: bool = True,
+        taps: Taps | None = None,
     ) -> Float[Tensor, "batch seq_out vocab"]:
         model = self.model
         check_tokens(tokens, model.config, model.device, cache=cache, values=check_values)
@@ -82,7 +85,8 @@ class CompiledGPT2:
         freezing = torch._inductor.config.patch(freezing=True) if self.freeze else None
         try:
             with freezing or contextlib.nullcontext():
-                logits = self.compiled(tokens, cache, last_only=last_only, check_values=False)
+                logits = self.compiled(tokens, cache, last_only=last_only, check_values=False,
+                                       taps=taps)
         except torch._dynamo.exc.FailOnRecompileLimitHit:
             raise RuntimeError(
                 f"this process compiled the model more than {torch._dynamo.config.recompile_limit}"
@@ -96,6 +100,16 @@ class CompiledGPT2:
         if checking and CompiledGPT2.compilations != compilations:
             self._check(signature)
         return logits
+
+    def run_with_cache(self, tokens: Tensor, names: NameSpec = None, *,
+                       patches: Mapping | None = None, **options) -> tuple[Tensor, ActivationCache]:
+        """`GPT2.run_with_cache` through the compiled graph: what is captured are outputs of it,
+        the patches' tensors inputs (new values or positions compile nothing new)."""
+        return activations.run(self.model, self, tokens, names, patches, **options)
+
+    def run_with_patches(self, tokens: Tensor, patches: Mapping, **options) -> Tensor:
+        """`GPT2.run_with_patches` through the compiled graph."""
+        return activations.run(self.model, self, tokens, (), patches, **options)[0]
 
     def _check(self, signature: tuple) -> None:
         (batch, seq), cache_len, last_only, training, grad = signature[:5]

@@ -59,3 +59,20 @@ def check_tokens(
             f"the cache has room for {cache.room()} more of its {cache.max_len} positions, "
             f"not {seq}"
         )
+
+
+def left_padding_start(mask: Tensor, tokens: Tensor) -> Tensor | None:
+    """Each row's first real token's column, from an attention mask that pads on the left (None
+    when no row is padded). Read on the host, once per call."""
+    if not isinstance(mask, Tensor) or mask.shape != tokens.shape:
+        shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"attention_mask must have the tokens' shape {tuple(tokens.shape)}, "
+                         f"got {shape}")
+    real = mask.to(device="cpu", dtype=torch.bool)
+    start = (~real).long().sum(-1)
+    columns = torch.arange(real.shape[1])
+    if not torch.equal(real, columns[None, :] >= start[:, None]):
+        raise ValueError("attention_mask must pad on the left: each row is zeros, then ones")
+    if bool((start == real.shape[1]).any()):
+        raise ValueError("attention_mask has a row of zeros: every prompt needs a token")
+    return start.to(tokens.device) if bool(start.any()) else None

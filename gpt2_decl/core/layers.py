@@ -5,8 +5,10 @@ weights travel together as one NamedTuple, in torch's (out_features, in_features
 `F.linear` expects.
 """
 
+import math
 from typing import NamedTuple
 
+import torch
 import torch.nn.functional as F
 from einops import rearrange
 from jaxtyping import Bool, Float, Int
@@ -39,13 +41,15 @@ class MLPWeights(NamedTuple):
 
 
 @shape_checked
-def embed(
+def embeddings(
     tokens: Int[Tensor, "batch seq"],
     positions: Int[Tensor, "#batch seq"],
     token_embedding: Float[Tensor, "vocab d_model"],
     position_embedding: Float[Tensor, "n_ctx d_model"],
-) -> Float[Tensor, "batch seq d_model"]:
-    return F.embedding(tokens, token_embedding) + F.embedding(positions, position_embedding)
+) -> tuple[Float[Tensor, "batch seq d_model"], Float[Tensor, "#batch seq d_model"]]:
+    """The tokens' rows of the token embedding and the positions' rows of the position
+    embedding (their sum enters the first block)."""
+    return F.embedding(tokens, token_embedding), F.embedding(positions, position_embedding)
 
 
 @shape_checked
@@ -87,6 +91,38 @@ def attend(
 
 
 @shape_checked
+def attention_scores(
+    q: Float[Tensor, "batch head seq d_head"],
+    keys: Float[Tensor, "batch head kv_seq d_head"],
+    visible: Bool[Tensor, "#batch 1 seq kv_seq"] | None,
+) -> Float[Tensor, "batch head seq kv_seq"]:
+    """Each query's dot product with every key, scaled by 1/sqrt(d_head); -inf where the key is
+    hidden (`visible`, or with no mask, the keys after the query's own position)."""
+    scores = q @ keys.mT / math.sqrt(q.shape[-1])
+    if visible is None:
+        seq, kv_seq = scores.shape[-2:]
+        visible = torch.ones(seq, kv_seq, dtype=torch.bool, device=q.device).tril(kv_seq - seq)
+    return scores.masked_fill(~visible, float("-inf"))
+
+
+@shape_checked
+def attention_pattern(
+    scores: Float[Tensor, "batch head seq kv_seq"], dropout: float = 0.0
+) -> Float[Tensor, "batch head seq kv_seq"]:
+    """How much each query attends to each key: the softmax of its scores."""
+    return maybe_dropout(scores.softmax(-1), dropout)
+
+
+@shape_checked
+def weighted_values(
+    pattern: Float[Tensor, "batch head seq kv_seq"],
+    values: Float[Tensor, "batch head kv_seq d_head"],
+) -> Float[Tensor, "batch head seq d_head"]:
+    """Each head's output: the values weighted by its pattern (what `attend` gives at once)."""
+    return pattern @ values
+
+
+@shape_checked
 def merge_heads(
     heads: Float[Tensor, "batch head seq d_head"],
     weights: AttentionWeights,
@@ -98,10 +134,17 @@ def merge_heads(
 
 
 @shape_checked
-def mlp(
-    x: Float[Tensor, "batch seq d_model"], weights: MLPWeights, dropout: float = 0.0
+def mlp_up(x: Float[Tensor, "batch seq d_model"], weights: MLPWeights
+           ) -> Float[Tensor, "batch seq 4*d_model"]:
+    """Into the MLP's hidden layer, before GELU."""
+    return linear(x, weights.w_up, weights.b_up)
+
+
+@shape_checked
+def mlp_down(
+    hidden: Float[Tensor, "batch seq 4*d_model"], weights: MLPWeights, dropout: float = 0.0
 ) -> Float[Tensor, "batch seq d_model"]:
-    hidden = gelu(linear(x, weights.w_up, weights.b_up))
+    """Out of the MLP's hidden layer, after GELU, back to the residual stream's width."""
     return maybe_dropout(linear(hidden, weights.w_down, weights.b_down), dropout)
 
 

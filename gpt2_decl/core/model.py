@@ -2,12 +2,14 @@
 
 import math
 import os
+from collections.abc import Callable, Mapping
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
-from gpt2_decl.core import layers
+from gpt2_decl.core import activations, layers
+from gpt2_decl.core.activations import ActivationCache, NameSpec, Taps, plain_site
 from gpt2_decl.core.config import GPT2Config
 from gpt2_decl.core.inputs import check_tokens
 from gpt2_decl.core.kv_cache import KVCache
@@ -68,19 +70,31 @@ class Block(nn.Module):
         visible: Bool[Tensor, "#batch 1 seq kv_seq"] | None = None,
         cache: KVCache | None = None,
         slots: Int[Tensor, " seq"] | None = None,
+        taps: Taps | None = None,
     ) -> Float[Tensor, "batch seq d_model"]:
         """`visible`: which keys each position attends to (None: causal over `resid_pre` itself).
-        With a `cache`, the keys are the cached ones, with these tokens' own written at `slots`."""
+        With a `cache`, the keys are the cached ones, with these tokens' own written at `slots`.
+        With `taps`, each named activation passes through its site (captured, patched)."""
         eps, n_head, dropout = self.config.layer_norm_eps, self.config.n_head, self.dropout
-        attn_in = layers.layer_norm(resid_pre, self.ln_1.weights(), eps)
+        site = plain_site if taps is None else taps.sites(self.index)
+        resid_pre = site("resid_pre", resid_pre)
+        attn_in = site("attn_in", layers.layer_norm(resid_pre, self.ln_1.weights(), eps))
         q, k, v = layers.qkv_heads(attn_in, self.attn.weights(), n_head)
+        q, k, v = site("q", q), site("k", k), site("v", v)
         keys, values = (k, v) if cache is None else cache.update(self.index, slots, k, v)
-        heads = layers.attend(q, keys, values, visible, dropout)
-        attn_out = layers.merge_heads(heads, self.attn.weights(), dropout)
-        resid_mid = resid_pre + attn_out
-        mlp_in = layers.layer_norm(resid_mid, self.ln_2.weights(), eps)
-        mlp_out = layers.mlp(mlp_in, self.mlp.weights(), dropout)
-        return resid_mid + mlp_out
+        if taps is not None and taps.explicit_attention(self.index):
+            scores = site("scores", layers.attention_scores(q, keys, visible))
+            pattern = site("pattern", layers.attention_pattern(scores, dropout))
+            z = site("z", layers.weighted_values(pattern, values))
+        else:
+            z = site("z", layers.attend(q, keys, values, visible, dropout))
+        attn_out = site("attn_out", layers.merge_heads(z, self.attn.weights(), dropout))
+        resid_mid = site("resid_mid", resid_pre + attn_out)
+        mlp_in = site("mlp_in", layers.layer_norm(resid_mid, self.ln_2.weights(), eps))
+        mlp_pre = site("mlp_pre", layers.mlp_up(mlp_in, self.mlp.weights()))
+        mlp_post = site("mlp_post", layers.gelu(mlp_pre))
+        mlp_out = site("mlp_out", layers.mlp_down(mlp_post, self.mlp.weights(), dropout))
+        return site("resid_post", resid_mid + mlp_out)
 
     @property
     def dropout(self) -> float:
@@ -117,13 +131,16 @@ class GPT2(nn.Module):
         *,
         last_only: bool = False,
         check_values: bool = True,
+        taps: Taps | None = None,
     ) -> Float[Tensor, "batch seq_out vocab"]:
         """Next-token logits for every position of `tokens` (seq_out = seq), or for the last
         one only with `last_only` (seq_out = 1): all that generating the next token needs, and
         the output head, the largest matrix, then multiplies one position instead of all.
 
         With a `cache`, `tokens` continue the cached ones: attention reads the earlier keys and
-        values from the cache and adds these tokens' own.
+        values from the cache and adds these tokens' own. With `taps`, every named activation
+        passes through its site, where it is captured or patched (`run_with_cache`,
+        `run_with_patches`).
         check_values: also check what needs the tensors' values (ids inside the vocabulary, room
             in the cache). On an accelerator that waits for the device; loops that feed ids
             already checked (training, generation) pass False.
@@ -140,26 +157,37 @@ class GPT2(nn.Module):
             slots = cache.reserve(seq)
             # One mask for every layer.
             positions, visible = cache.positions(slots), cache.visible(slots)
-        resid = self.embed(tokens, positions)
+        site = plain_site if taps is None else taps.site
+        resid = self.embed(tokens, positions, site)
         for block in self.blocks:
-            resid = block(resid, visible, cache, slots)
-        return self.unembed(resid[:, -1:] if last_only else resid)
+            resid = block(resid, visible, cache, slots, taps)
+        return self.unembed(resid[:, -1:] if last_only else resid, site)
 
     @shape_checked
     def embed(
-        self, tokens: Int[Tensor, "batch seq"], positions: Int[Tensor, "#batch seq"]
+        self,
+        tokens: Int[Tensor, "batch seq"],
+        positions: Int[Tensor, "#batch seq"],
+        site: Callable[[str, Tensor], Tensor] = plain_site,
     ) -> Float[Tensor, "batch seq d_model"]:
-        embedded = layers.embed(
-            tokens, positions, self.token_embedding.weight, self.position_embedding.weight
-        )
-        return layers.maybe_dropout(embedded, self.config.dropout if self.training else 0.0)
+        embed, pos_embed = layers.embeddings(tokens, positions, self.token_embedding.weight,
+                                             self.position_embedding.weight)
+        embed = site("embed", embed)
+        # Rows at the same positions share one embedding of them, seen as the batch's (a view).
+        pos_embed = site("pos_embed", pos_embed.expand_as(embed))
+        return layers.maybe_dropout(embed + pos_embed, self.config.dropout if self.training
+                                    else 0.0)
 
     @shape_checked
     def unembed(
-        self, resid: Float[Tensor, "batch seq d_model"]
+        self,
+        resid: Float[Tensor, "batch seq d_model"],
+        site: Callable[[str, Tensor], Tensor] = plain_site,
     ) -> Float[Tensor, "batch seq vocab"]:
-        normed = layers.layer_norm(resid, self.ln_f.weights(), self.config.layer_norm_eps)
-        return layers.unembed(normed, self.lm_head.weight)
+        resid_final = site("resid_final", resid)
+        ln_final = site("ln_final", layers.layer_norm(resid_final, self.ln_f.weights(),
+                                                      self.config.layer_norm_eps))
+        return site("logits", layers.unembed(ln_final, self.lm_head.weight))
 
     @property
     def device(self) -> torch.device:
@@ -192,6 +220,29 @@ class GPT2(nn.Module):
                 parameter.fill_(1.0)
             else:
                 parameter.zero_()
+
+    # Looking inside: capture and patch the named activations (core.activations).
+
+    def run_with_cache(
+        self, tokens: Tensor, names: NameSpec = None, *, patches: Mapping | None = None,
+        **options,
+    ) -> tuple[Tensor, ActivationCache]:
+        """The logits, and the activations `names` names (None: all; a name, a glob such as
+        "blocks.*.resid_post", a list, or a predicate), from one forward pass.
+
+        patches: {name: patch} put in on the way (see `run_with_patches`).
+        options: attention_mask (left-padded rows, each given the activations it has alone),
+            cache (continue a KVCache), positions (keep only these positions of each capture),
+            dtype and device (of the captures), gradients (captures that `cache.grad` reads
+            after a backward pass through the logits).
+        """
+        return activations.run(self, self, tokens, names, patches, **options)
+
+    def run_with_patches(self, tokens: Tensor, patches: Mapping, **options) -> Tensor:
+        """The logits of a forward pass with activations patched, {name: patch}: a tensor of
+        the activation's shape (it replaces it), a function of the activation, or a
+        `gpt2_decl.Patch` (a value put in at some positions and heads only)."""
+        return activations.run(self, self, tokens, (), patches, **options)[0]
 
     # Convenience forwards to the modules that load, save and generate (none imports this one).
 

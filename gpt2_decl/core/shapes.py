@@ -14,16 +14,19 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from gpt2_decl.core.activations import Taps, all_names
 from gpt2_decl.core.kv_cache import KVCache
 from gpt2_decl.core.typecheck import CheckedCall, ShapeError, recording, typechecked
 
 
 @dataclass(frozen=True)
 class ShapeCheck:
-    """What `check_shapes` found: every checked call, in order, and the time it took."""
+    """What `check_shapes` found: every checked call, in order, the time it took, and (when
+    asked) every named activation's shape."""
 
     calls: list[CheckedCall]
     seconds: float
+    activations: dict[str, tuple[int, ...]] | None = None
 
     @property
     def axes(self) -> dict[str, set]:
@@ -43,6 +46,7 @@ def check_shapes(
     cache: bool | int = False,
     training: bool = False,
     last_only: bool = False,
+    activations: bool = False,
 ) -> ShapeCheck:
     """Check every annotated shape of `model` (a GPT2, real or built on the meta device) for a
     [batch, seq] input, on the meta device.
@@ -51,6 +55,8 @@ def check_shapes(
         checks one pass of `seq` tokens into a cache of that many positions.
     training: in training mode, with the backward pass: every gradient's shape must be its
         parameter's.
+    activations: also capture every named activation of the (first) pass, which computes
+        attention explicitly then, and give their shapes.
     Raises `ShapeError` naming the function and argument, as typechecked mode does, and
     ValueError for an impossible batch or seq.
     """
@@ -78,17 +84,24 @@ def check_shapes(
             kv = None if cache_len is None else KVCache(config, batch, cache_len,
                                                         dtype=model.dtype, device="meta")
             losses = []
+            taps = Taps(capture=frozenset(all_names(config))) if activations else None
+            captured = taps.captured if taps is not None else {}
             for pass_seq in _passes(seq, cache is True):
                 tokens = torch.zeros(batch, pass_seq, dtype=torch.long, device="meta")
                 arguments = (tokens,) if kv is None else (tokens, kv)
                 logits = functional_call(model, stand_ins, arguments,
-                                         {"last_only": last_only, "check_values": False})
+                                         {"last_only": last_only, "check_values": False,
+                                          "taps": taps})
+                taps = None  # the first pass's activations
                 losses.append(logits.float().logsumexp(-1).mean())
             if training:
                 _check_gradients(sum(losses), stand_ins)
     finally:
         model.train(was_training)
-    return ShapeCheck(calls, time.perf_counter() - start)
+    shapes = None
+    if activations:
+        shapes = {name: tuple(value.shape) for name, value in captured.items()}
+    return ShapeCheck(calls, time.perf_counter() - start, shapes)
 
 
 def _passes(seq: int, prompt_then_step: bool) -> Iterator[int]:

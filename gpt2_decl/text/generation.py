@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from gpt2_decl.core.compiling import SpeedPlan
 from gpt2_decl.core.compiling import compile as compile_model
-from gpt2_decl.core.inputs import check_tokens
+from gpt2_decl.core.inputs import check_tokens, left_padding_start
 from gpt2_decl.core.kv_cache import KVCache
 from gpt2_decl.core.typecheck import shape_checked
 
@@ -172,7 +172,7 @@ def prompt_batch(
     if isinstance(tokens, Tensor):
         if attention_mask is None:
             return tokens, None
-        return tokens, _start_of_left_padding(attention_mask, tokens)
+        return tokens, left_padding_start(attention_mask, tokens)
     if attention_mask is not None:
         raise ValueError("attention_mask goes with a padded tensor of prompts; a list of "
                          "prompts of different lengths needs none")
@@ -196,23 +196,6 @@ def prompt_batch(
     if all(len(ids) == longest for ids in rows):
         return padded, None
     return padded, torch.tensor([longest - len(ids) for ids in rows], device=device)
-
-
-def _start_of_left_padding(mask: Tensor, tokens: Tensor) -> Tensor | None:
-    """Each row's first real token's column, from an attention mask that pads on the left (None
-    when no row is padded). Read on the host, once per generation."""
-    if not isinstance(mask, Tensor) or mask.shape != tokens.shape:
-        shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
-        raise ValueError(f"attention_mask must have the tokens' shape {tuple(tokens.shape)}, "
-                         f"got {shape}")
-    real = mask.to(device="cpu", dtype=torch.bool)
-    start = (~real).long().sum(-1)
-    columns = torch.arange(real.shape[1])
-    if not torch.equal(real, columns[None, :] >= start[:, None]):
-        raise ValueError("attention_mask must pad on the left: each row is zeros, then ones")
-    if bool((start == real.shape[1]).any()):
-        raise ValueError("attention_mask has a row of zeros: every prompt needs a token")
-    return start.to(tokens.device) if bool(start.any()) else None
 
 
 @torch.no_grad()

@@ -69,16 +69,29 @@ def test_mlp_is_the_tanh_gelu_between_two_projections():
     hidden = x @ w_up.T + b_up
     gelu = 0.5 * hidden * (1 + torch.tanh(math.sqrt(2 / math.pi) * (hidden + 0.044715 * hidden**3)))
     expected = gelu @ w_down.T + b_down
-    result = layers.mlp(x, layers.MLPWeights(w_up, b_up, w_down, b_down))
+    weights = layers.MLPWeights(w_up, b_up, w_down, b_down)
+    result = layers.mlp_down(layers.gelu(layers.mlp_up(x, weights)), weights)
     torch.testing.assert_close(result, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_embed_adds_the_token_and_position_rows():
+def test_embeddings_are_the_rows_of_the_tokens_and_the_positions():
     tokens = torch.tensor([[2, 0]])
     token_embedding, position_embedding = randn(3, 4), randn(5, 4)
-    result = layers.embed(tokens, torch.tensor([3, 4]), token_embedding, position_embedding)
-    torch.testing.assert_close(result[0, 0], token_embedding[2] + position_embedding[3])
-    torch.testing.assert_close(result[0, 1], token_embedding[0] + position_embedding[4])
+    embedded, positioned = layers.embeddings(tokens, torch.tensor([[3, 4]]), token_embedding,
+                                             position_embedding)
+    torch.testing.assert_close(embedded[0], token_embedding[[2, 0]])
+    torch.testing.assert_close(positioned[0], position_embedding[[3, 4]])
+
+
+def test_explicit_attention_is_the_fused_kernels_attention():
+    q, keys, values = randn(1, 2, 5, 8), randn(1, 2, 7, 8), randn(1, 2, 7, 8)
+    visible = torch.ones(5, 7, dtype=torch.bool).tril(2)[None, None]
+    pattern = layers.attention_pattern(layers.attention_scores(q, keys, visible))
+    explicit = layers.weighted_values(pattern, values)
+    torch.testing.assert_close(explicit, layers.attend(q, keys, values, visible))
+    causal = layers.attention_pattern(layers.attention_scores(q, keys[:, :, :5], None))
+    torch.testing.assert_close(layers.weighted_values(causal, values[:, :, :5]),
+                               layers.attend(q, keys[:, :, :5], values[:, :, :5], None))
 
 
 def test_the_layers_file_holds_the_maths_only():

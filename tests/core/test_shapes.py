@@ -25,7 +25,7 @@ def widen_mlp(model: GPT2, block: int, extra: int = 8) -> None:
 CORRUPTIONS = {
     "a wider MLP": (
         lambda m: widen_mlp(m, 1),
-        "layers.mlp(): argument 'weights.w_up' expected Float[Tensor, '4*d_model d_model'], "
+        "layers.mlp_up(): argument 'weights.w_up' expected Float[Tensor, '4*d_model d_model'], "
         "got float32[200, 48]: the dimension size 200 does not equal the existing value of "
         "4*d_model=192"),
     "a qkv bias too short": (
@@ -40,7 +40,8 @@ CORRUPTIONS = {
         "layers.qkv_heads(): argument 'weights.w_out' expected Float[Tensor, 'd_model d_model']"),
     "a narrower position embedding": (
         lambda m: setattr(m.position_embedding, "weight", nn.Parameter(torch.zeros(32, 40))),
-        "layers.embed(): argument 'position_embedding' expected Float[Tensor, 'n_ctx d_model']"),
+        "layers.embeddings(): argument 'position_embedding' expected "
+        "Float[Tensor, 'n_ctx d_model']"),
 }
 
 
@@ -101,8 +102,8 @@ def test_the_backward_check_finds_a_gradient_of_the_wrong_shape():
     model = GPT2(TINY)
     original = model.embed
 
-    def embed(tokens, positions):
-        return Broken.apply(original(tokens, positions))
+    def embed(tokens, positions, site):
+        return Broken.apply(original(tokens, positions, site))
 
     model.embed = embed
     with pytest.raises(ShapeError, match="backward pass: .*invalid gradient"):
@@ -166,7 +167,7 @@ def test_the_compiled_decoding_step_is_checked_too():
     with gpt2_decl.typechecked(False):
         model.generate(prompt, 2, greedy=True, compile="eager")  # unchecked: it runs
     torch._dynamo.reset()
-    with gpt2_decl.typechecked(), pytest.raises(ShapeError, match="layers.mlp"):
+    with gpt2_decl.typechecked(), pytest.raises(ShapeError, match="layers.mlp_up"):
         model.generate(prompt, 2, greedy=True, compile="eager")
 
 
@@ -189,27 +190,30 @@ def hooked_shapes(model: GPT2, batch: int, seq: int) -> dict[str, tuple]:
 ])
 def test_the_table_shows_the_shapes_of_a_real_forward_pass(config, batch, seq):
     table = shape_table(config, batch, seq)
-    rows = {line[:32].strip(): line[47:].split() for line in table.splitlines()[3:]}
+    rows = {line[:24].strip(): line[24:].split() for line in table.splitlines()[3:] if line}
 
     def sizes(row):
         return tuple(int(part.split("=")[1]) for part in rows[row] if "=" in part)
 
     real = hooked_shapes(GPT2(config), batch, seq)
-    d_model, heads = config.d_model, (batch, config.n_head, seq, config.d_model // config.n_head)
+    d_model, d_head = config.d_model, config.d_model // config.n_head
     for block in range(config.n_layer):
-        assert sizes(f"block {block} residual") == tuple(real[block])
-        assert sizes(f"block {block} attention in") == (batch, seq, d_model)
-        assert sizes(f"block {block} queries, keys, values") == heads
-        assert sizes(f"block {block} attention out") == (batch, seq, d_model)
-        assert sizes(f"block {block} MLP hidden") == (batch, seq, 4 * d_model)
+        assert sizes(f"blocks.{block}.resid_post") == tuple(real[block])
+        assert sizes(f"blocks.{block}.attn_in") == (batch, seq, d_model)
+        for name in ("q", "k", "v", "z"):
+            assert sizes(f"blocks.{block}.{name}") == (batch, config.n_head, seq, d_head)
+        assert sizes(f"blocks.{block}.pattern") == (batch, config.n_head, seq, seq)
+        assert sizes(f"blocks.{block}.mlp_post") == (batch, seq, 4 * d_model)
     assert sizes("logits") == tuple(real["logits"])
-    assert sizes("embed") == sizes("final norm") == (batch, seq, d_model)
+    assert sizes("embed") == sizes("ln_final") == (batch, seq, d_model)
+    assert len(rows) == 2 + 15 * config.n_layer + 3 + 1  # and the total's line
 
 
 def test_the_table_of_small_names_its_axes_and_counts(capsys):
     table = shape_table(GPT2Config.from_preset("small"), batch=2, seq=128)
-    assert "embed                           embed          batch=2 seq=128 d_model=768" in table
-    assert "block 11 MLP hidden" in table and "batch=2 seq=128 d_mlp=3072" in table
+    assert "embed                   batch=2 seq=128 d_model=768" in table
+    assert "blocks.11.mlp_post      batch=2 seq=128 d_mlp=3072" in table
+    assert "blocks.3.pattern        batch=2 head=12 seq=128 kv_seq=128" in table
     assert "124,439,808 parameters (163,037,184 counted untied" in table
 
 
@@ -218,9 +222,9 @@ def test_the_table_of_small_names_its_axes_and_counts(capsys):
 
 @pytest.mark.parametrize(("flags", "expected"), [
     (["--preset", "medium", "--batch", "2", "--seq", "16"],
-     ["block 23 MLP hidden", "batch=2 seq=16 d_mlp=4096", "354,823,168 parameters"]),
+     ["blocks.23.mlp_pre", "batch=2 seq=16 d_mlp=4096", "354,823,168 parameters"]),
     (["--n-layer", "2", "--n-head", "4", "--d-model", "64", "--n-ctx", "32"],
-     ["block 1 residual", "batch=1 seq=32 d_model=64", "batch=1 head=4 seq=32 d_head=16"]),
+     ["blocks.1.resid_post", "batch=1 seq=32 d_model=64", "batch=1 head=4 seq=32 d_head=16"]),
 ])
 def test_summary_shapes_for_presets_and_custom_sizes(flags, expected, capsys):
     main(["summary", "--shapes", *flags])
@@ -233,8 +237,7 @@ def test_summary_shapes_of_a_checkpoint_reads_its_headers_only(tmp_path, capsys)
     config = GPT2Config(vocab_size=300, n_ctx=40, d_model=32, n_layer=2, n_head=2)
     GPT2(config).save_pretrained(tmp_path)
     main(["summary", "--shapes", "--checkpoint", str(tmp_path), "--seq", "40"])
-    assert "logits                          unembed        batch=1 seq=40 vocab=300" in \
-        capsys.readouterr().out
+    assert "logits                  batch=1 seq=40 vocab=300" in capsys.readouterr().out
     # The tensors' data is never read: a checkpoint whose data is garbage still tabulates...
     file = tmp_path / "model.safetensors"
     data = bytearray(file.read_bytes())

@@ -47,10 +47,10 @@ def test_wrong_rank_raises_shape_error_with_the_reason(tiny_model):
 def test_disagreeing_axis_names_the_weight_the_axis_and_the_bound_values():
     args = mlp_args(b_down=torch.randn(40))
     with typechecked(), pytest.raises(ShapeError) as caught:
-        layers.mlp(**args)
+        layers.mlp_up(**args)
     message = str(caught.value)
     assert "\n" not in message
-    assert message.startswith("gpt2_decl.core.layers.mlp(): argument 'weights.b_down'")
+    assert message.startswith("gpt2_decl.core.layers.mlp_up(): argument 'weights.b_down'")
     assert "expected Float[Tensor, 'd_model'], got float32[40]" in message
     assert (
         "the size of dimension d_model is 40 which does not equal the existing value of 48"
@@ -95,7 +95,7 @@ def test_a_bad_result_is_caught_too():
 
 def test_silent_when_off(tiny_model):
     args = mlp_args(b_down=torch.randn(1))  # broadcasts, so torch itself does not object
-    out = layers.mlp(**args)
+    out = layers.mlp_down(layers.gelu(layers.mlp_up(**args)), args["weights"])
     assert out.shape == (2, 5, 48)
     with pytest.raises(TypeError) as caught:  # the boundary check, not typechecked mode
         tiny_model(torch.zeros(2, 3))
