@@ -9,7 +9,7 @@ from gpt2_decl.speedups.gemv import KernelUnavailable
 from gpt2_decl.storage.lock import DirectoryInUseError
 
 # Each module defines add_parser(subparsers), which registers its subcommand and its handler.
-SUBCOMMAND_MODULES = ("summary", "bench", "tune", "generate", "train", "export")
+SUBCOMMAND_MODULES = ("summary", "bench", "tune", "generate", "inspect", "train", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from gpt2_decl.bench import decode, forward
+from gpt2_decl.bench import capture, decode, forward
 from gpt2_decl.bench.engines import transformers_copy
 from gpt2_decl.bench.measure import ReadBandwidth, environment, random_tokens
 from gpt2_decl.cli import common
@@ -62,10 +62,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tune", action="store_true",
                         help="also time the model compiled with a speed-up plan tuned here, for "
                         "each sequence length (forward) or batch and kind of model (decoding)")
-    parser.add_argument("--compare", choices=["llama.cpp", "transformers"],
+    parser.add_argument("--compare", choices=["llama.cpp", "transformers", "transformer_lens"],
                         help="forward passes: also transformers' model compiled, on the same "
                         "weights; decoding: also llama.cpp on the same weights, F32 and BF16, "
-                        "and Q8_0 with --quantize (needs llama-cpp-python and gguf)")
+                        "and Q8_0 with --quantize (needs llama-cpp-python and gguf); capture: "
+                        "also TransformerLens' run_with_cache (needs transformer_lens)")
+    parser.add_argument("--capture", action="store_true",
+                        help="time capturing activations instead: compiled capture of more and "
+                        "more names beside the plain forward, at the largest --seq")
     parser.add_argument("--typecheck-overhead", action=argparse.BooleanOptionalAction,
                         default=True, help="also time eager with typechecked mode on")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the figures as JSON")
@@ -107,6 +111,12 @@ def run(args: argparse.Namespace) -> None:
     if args.compare == "transformers" and args.generate:
         raise SystemExit("error: --compare transformers is for forward passes; decoding always "
                          "times transformers' generate")
+    if args.capture and args.generate:
+        raise SystemExit("error: --capture times forward passes, not decoding: drop one")
+    if args.compare == "transformer_lens" and not args.capture:
+        raise SystemExit("error: --compare transformer_lens is for --capture")
+    if args.capture and args.compare not in (None, "transformer_lens"):
+        raise SystemExit(f"error: --capture compares with transformer_lens, not {args.compare}")
     if args.checkpoint and not args.generate:
         raise SystemExit("error: --checkpoint is for --generate (weights do not change speed)")
     if args.threads:
@@ -128,8 +138,9 @@ def run(args: argparse.Namespace) -> None:
               "keep_freed_memory": kept}
     sizes = (f"decoding {args.prompt_len} + {args.new_tokens} tokens" if args.generate
              else f"with batch {args.batch[0]} at sequence lengths {args.seq}")
+    runner = run_decode if args.generate else run_capture if args.capture else run_forward
     with common.explained_out_of_memory(device, sizes):
-        report |= run_decode(args, model) if args.generate else run_forward(args, model)
+        report |= runner(args, model)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
@@ -154,6 +165,33 @@ def run_forward(args: argparse.Namespace, model: GPT2) -> dict:
     return {"preset": args.preset, "batch": batch, "compile_mode": args.mode,
             "freeze": args.freeze, "tune": args.tune, "rows": [row.to_dict() for row in rows],
             "roofline_flops_per_s": statistics.median(r.roofline_flops_per_s for r in rows)}
+
+
+def run_capture(args: argparse.Namespace, model: GPT2) -> dict:
+    seq, batch = max(args.seq), args.batch[0]
+    if seq > model.config.n_ctx:
+        raise SystemExit(f"error: --seq {seq} longer than the context of {model.config.n_ctx}")
+    print(f"{describe(model)}, batch {batch}, {seq} tokens, {model.dtype} on {model.device}")
+    lens = capture.transformer_lens_copy(model) if args.compare == "transformer_lens" else None
+    tokens = random_tokens(model.config.vocab_size, batch, seq, model.device, args.seed)
+    rows = capture.benchmark_capture(model, tokens, runs=args.runs, warmup=args.warmup,
+                                     lens=lens, log=lambda message: print(message, flush=True))
+    print("\n" + capture.format_table(rows))
+    figures = {}
+    for ours in ("compiled, everything", "eager, everything"):
+        ratio = capture.turn_ratio(rows, ours, "TransformerLens, everything")
+        if ratio is not None:
+            figures[f"{ours} over TransformerLens"] = ratio
+            print(f"{ours}: {ratio:.2f}x faster than TransformerLens' run_with_cache "
+                  "(median over turns)")
+    for way in ("resid_post", "all but patterns", "everything"):
+        figures[f"compiled, {way} / plain"] = 1 / capture.turn_ratio(
+            rows, f"compiled, {way}", "compiled, plain")
+    return {"batch": batch, "seq": seq, "speed_ratios": figures,
+            "rows": [{"name": row.name, "median_ms": row.timing.median_ms,
+                      "runs_ms": list(row.timing.times_ms), "captured": row.captured,
+                      "captured_bytes": row.captured_bytes, "peak_bytes": row.peak_bytes}
+                     for row in rows]}
 
 
 def run_decode(args: argparse.Namespace, model: GPT2) -> dict:

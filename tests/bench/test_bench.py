@@ -222,3 +222,24 @@ def test_a_trial_decode_by_llama_cpp_says_how_its_own_process_ended(tmp_path):
     ours = model.generate(prompt, 12, greedy=True)[0, 8:].tolist()
     llm = engines.load_llama(str(path), 64, 2)
     assert list(itertools.islice(llm.generate(prompt[0].tolist(), top_k=1, temp=0.0), 12)) == ours
+
+
+def test_capture_bench_times_each_way_and_counts_what_it_captured(tmp_path, capsys):
+    report_path = tmp_path / "capture.json"
+    main([*TINY_CLI, "--capture", "--seq", "8", "--runs", "1", "--json", str(report_path)])
+    rows = {row["name"]: row for row in json.loads(report_path.read_text())["rows"]}
+    assert list(rows) == ["compiled, plain", "compiled, resid_post", "compiled, all but patterns",
+                          "compiled, everything", "eager, everything"]
+    # By hand: 2 blocks of 15 names, 5 of the model's; 2 of each block's are the patterns.
+    counts = {name: row["captured"] for name, row in rows.items()}
+    assert counts == {"compiled, plain": 0, "compiled, resid_post": 2,
+                      "compiled, all but patterns": 31, "compiled, everything": 35,
+                      "eager, everything": 35}
+    assert rows["compiled, resid_post"]["captured_bytes"] == 2 * 8 * 64 * 4  # float32
+    assert all(row["median_ms"] > 0 for row in rows.values())
+    assert "over plain" in capsys.readouterr().out
+
+
+def test_transformer_lens_is_for_capture():
+    with pytest.raises(SystemExit, match="--compare transformer_lens is for --capture"):
+        main([*TINY_CLI, "--compare", "transformer_lens"])
