@@ -4,6 +4,8 @@ applied without timing anything, the same way every time."""
 import dataclasses
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -155,3 +157,39 @@ def test_planned_generation_equals_eager_and_times_nothing(tiny_model, used, no_
     eager = tiny_model.generate(prompt, 6, greedy=True)
     planned = tiny_model.generate(prompt, 6, greedy=True, plan=plan_for(tiny_model, 2, used))
     assert torch.equal(planned, eager)
+
+
+# Loads a saved plan in a fresh process and generates with it and with a plain compile.
+GENERATE = """
+import json, sys, torch
+from gpt2_decl import GPT2, GPT2Config
+from gpt2_decl.speedups import Plan
+model = GPT2(GPT2Config(**json.loads(sys.argv[2]))).eval()
+prompt = torch.randint(model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+def sampled():
+    return dict(top_k=20, generator=[torch.Generator().manual_seed(row) for row in range(2)])
+print(json.dumps({"plain": model.generate(prompt, 12, compile=True, **sampled()).tolist(),
+                  "plan": model.generate(prompt, 12, plan=Plan.load(sys.argv[1]),
+                                         **sampled()).tolist()}))
+"""
+
+
+def test_a_saved_plan_and_a_plain_compile_give_the_same_tokens_in_another_process(tmp_path):
+    settings = dict(vocab_size=97, n_ctx=32, d_model=48, n_layer=2, n_head=4, seed=1)
+    model = GPT2(gpt2_decl.GPT2Config(**settings)).eval()
+    path = tmp_path / "plan.json"
+    plan_for(model, 2, ("gemv_kernel", "upcast_attention")).save(path)
+    prompt = torch.randint(97, (2, 8), generator=torch.Generator().manual_seed(0))
+
+    def sampled():
+        return dict(top_k=20, generator=[torch.Generator().manual_seed(row) for row in range(2)])
+
+    here = {"plain": model.generate(prompt, 12, compile=True, **sampled()).tolist(),
+            "plan": model.generate(prompt, 12, plan=Plan.load(path), **sampled()).tolist()}
+    done = subprocess.run([sys.executable, "-c", GENERATE, str(path), json.dumps(settings)],
+                          text=True, capture_output=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == here
+    # Sampled with one seeded generator per row, compiled or not, plan or not: the same draws.
+    eager = model.generate(prompt, 12, **sampled()).tolist()
+    assert here["plain"] == eager and here["plan"] == eager
