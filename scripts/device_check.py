@@ -1,7 +1,8 @@
 """The benchmarks of the device check, each measured side by side in one run: forward passes
 against our eager model, transformers compiled and a matmul roofline; a compiled training step
 (MFU); batch-1 decoding against transformers' `generate` and the memory bound; batch-64
-decoding. Written as JSON and Markdown into --out; the short table is printed last.
+decoding; capturing activations against the plain forward and TransformerLens (where its wheel
+was carried). Written as JSON and Markdown into --out; the short table is printed last.
 
     python scripts/device_check.py --out DIR            # on a GPU: GPT-2 small, full sizes
     python scripts/device_check.py --device cpu --out DIR   # tiny sizes, to prove it runs
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 import gpt2_decl
+from gpt2_decl.bench import capture as bench_capture
 from gpt2_decl.bench.decode import weight_bytes_per_token
 from gpt2_decl.bench.measure import environment, random_tokens
 from gpt2_decl.core.counting import forward_flops, training_flops_per_token
@@ -377,6 +379,29 @@ def ddp(model: gpt2_decl.GPT2, sizes: Sizes, dtype: torch.dtype) -> dict:
     return result
 
 
+@torch.no_grad()
+def capture(model: gpt2_decl.GPT2, sizes: Sizes, dtype: torch.dtype) -> dict:
+    """Capturing activations, compiled, beside the plain compiled forward, at the forward
+    part's sizes; and TransformerLens' run_with_cache on the same weights where installed."""
+    ours = gpt2_decl.GPT2(model.config).to(device=model.device, dtype=dtype).eval()
+    ours.load_state_dict(model.state_dict())
+    batch, seq = sizes.forward
+    tokens = random_tokens(model.config.vocab_size, batch, seq, model.device, 0)
+    lens = bench_capture.transformer_lens_copy(ours)
+    rows = bench_capture.benchmark_capture(ours, tokens, runs=sizes.runs, warmup=2, lens=lens)
+    print(bench_capture.format_table(rows))
+    result = {"batch": batch, "seq": seq,
+              **{f"{row.name} ms": row.timing.median_ms for row in rows},
+              **{f"{row.name} peak MB": None if row.peak_bytes is None else
+                 row.peak_bytes / 2**20 for row in rows}}
+    for way in ("resid_post", "all but patterns", "everything"):
+        result[f"{way} over plain"] = 1 / bench_capture.turn_ratio(rows, f"compiled, {way}",
+                                                                   "compiled, plain")
+    result["over TransformerLens"] = bench_capture.turn_ratio(rows, "compiled, everything",
+                                                              "TransformerLens, everything")
+    return result
+
+
 def markdown(report: dict) -> str:
     """The short table: each figure beside its target."""
     rows = [("| figure | measured | target on a GPU |", "|---|---|---|")]
@@ -389,7 +414,7 @@ def markdown(report: dict) -> str:
         rows.append((f"| {name} | {value} | {target} |",))
 
     for part, figures in (("forward", f), ("training", t), ("decode", d), ("batch decode", b),
-                          ("ddp", report.get("ddp", {}))):
+                          ("capture", report.get("capture", {})), ("ddp", report.get("ddp", {}))):
         for problem in ("error", "skipped"):
             if problem in figures:
                 row(part, f"{problem}: {figures[problem][:80]}")
@@ -411,6 +436,14 @@ def markdown(report: dict) -> str:
     row("decoding, share of the memory bound", d.get("bound_fraction"))
     row("decoding without host syncs", d.get("sync_free"), "True")
     row(f"decoding batch {b.get('batch')}, tokens/s", b.get("tokens_per_s"))
+    c = report.get("capture", {})
+    row("capture of every resid_post, over the plain compiled forward",
+        c.get("resid_post over plain"), "<= 1.05x")
+    row("capture of every name but patterns, over plain", c.get("all but patterns over plain"),
+        "<= 1.3x")
+    row("capture of everything, over plain", c.get("everything over plain"), "<= 1.6x")
+    row("compiled capture of everything over TransformerLens", c.get("over TransformerLens"),
+        ">= 5x")
     ddp_part = report.get("ddp", {})
     if "ran" in ddp_part:
         row("torchrun, 2 processes (NCCL)", "ran" if ddp_part["ran"] else
@@ -421,7 +454,7 @@ def markdown(report: dict) -> str:
 
 
 PARTS = {"forward": forward, "training": training, "decode": decode,
-         "decode_batch": decode_batch, "ddp": ddp}
+         "decode_batch": decode_batch, "capture": capture, "ddp": ddp}
 
 if __name__ == "__main__":
     sys.exit(main())
