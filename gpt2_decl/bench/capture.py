@@ -106,23 +106,24 @@ def turn_ratio(rows: list[CaptureRow], name: str, other: str) -> float | None:
 
 
 def transformer_lens_copy(model: nn.Module) -> nn.Module | None:
-    """TransformerLens' `HookedTransformer` with `model`'s weights (GPT-2's architecture), or
-    None, said, where TransformerLens is not installed."""
+    """TransformerLens' `TransformerBridge` over transformers' GPT-2 with `model`'s weights, or
+    None, said, where TransformerLens (4.x) is not installed. Its tokenizer is a word-level
+    stand-in of the same vocabulary size: the bench passes token ids."""
     try:
-        from transformer_lens import HookedTransformer, HookedTransformerConfig
-        from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
+        from tokenizers import Tokenizer, models
+        from transformer_lens.model_bridge import TransformerBridge
+        from transformers import PreTrainedTokenizerFast
     except ImportError:
-        print("TransformerLens is not installed (pip install transformer_lens): no row for it")
+        print("TransformerLens 4 is not installed (pip install transformer_lens): no row for it")
         return None
     from gpt2_decl.bench.engines import transformers_copy
 
-    config = model.config
-    lens_config = HookedTransformerConfig(
-        n_layers=config.n_layer, d_model=config.d_model, d_head=config.d_head,
-        n_heads=config.n_head, d_mlp=config.d_mlp, d_vocab=config.vocab_size,
-        n_ctx=config.n_ctx, act_fn="gelu_new", normalization_type="LN", dtype=model.dtype,
-        eps=config.layer_norm_eps, device=str(model.device))
-    lens = HookedTransformer(lens_config)
-    lens.load_state_dict(convert_gpt2_weights(transformers_copy(model), lens_config),
-                         strict=False)
+    words = Tokenizer(models.WordLevel({f"t{i}": i for i in range(model.config.vocab_size)},
+                                       unk_token="t0"))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, bos_token="t0", eos_token="t0",
+                                        unk_token="t0", pad_token="t0", add_bos_token=True,
+                                        name_or_path="gpt2_decl")
+    lens = TransformerBridge.boot_transformers("gpt2", hf_model=transformers_copy(model),
+                                               tokenizer=tokenizer, device=str(model.device),
+                                               dtype=model.dtype)
     return lens.eval()

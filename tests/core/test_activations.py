@@ -98,6 +98,32 @@ def test_transformer_lens_names_are_aliases_of_ours(model, tokens):
     assert cache["blocks.1.attn.hook_pattern"] is cache["blocks.1.pattern"]
 
 
+def test_each_alias_holds_what_transformer_lens_captures_under_that_name(model, tokens):
+    pytest.importorskip("transformer_lens.model_bridge")
+    from gpt2_decl.bench.capture import transformer_lens_copy
+
+    with torch.no_grad():
+        lens_logits, lens_cache = transformer_lens_copy(model).run_with_cache(tokens)
+        logits, cache = model.run_with_cache(tokens)
+    assert (logits - lens_logits).abs().max() <= 1e-5
+    compared = 0
+    for name in lens_cache:
+        if not name.startswith(("hook_", "blocks.", "ln_final.")):
+            continue
+        try:
+            ours = cache[name]
+        except KeyError:
+            continue
+        theirs = lens_cache[name]
+        if ours.shape != theirs.shape:  # q, k, v, z: TransformerLens puts the head after seq
+            theirs = theirs.transpose(1, 2)
+        masked = ours == -math.inf  # scores: TransformerLens masks with the dtype's lowest
+        assert (theirs[masked] <= torch.finfo(theirs.dtype).min / 2).all(), name
+        assert (ours[~masked] - theirs[~masked]).abs().max() <= 1e-5, name
+        compared += 1
+    assert compared >= 30
+
+
 def test_the_cache_stacks_accumulates_and_splits_by_head(model, tokens):
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens)
