@@ -38,8 +38,11 @@ fi
 "$python" -c "import transformer_lens" 2>/dev/null || "$python" -m pip install -q --no-index \
     --no-deps --find-links "$wheels" transformer_lens fancy-einsum typeguard \
     transformers-stream-generator >/dev/null 2>&1 || true
-# The project itself, against the torch that is there (no dependency resolution, no network).
-if ! "$python" -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>"$out/install.log"; then
+# The project itself, against the torch that is there (no dependency resolution, no network),
+# unless this working tree is what Python imports already (CI installs it first).
+if "$python" -c "import gpt2_decl, os, sys; sys.exit(not gpt2_decl.__file__.startswith(os.getcwd() + os.sep))" 2>/dev/null; then
+    :
+elif ! "$python" -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>"$out/install.log"; then
     echo "note: pip could not install the project (see $out/install.log); using PYTHONPATH"
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
