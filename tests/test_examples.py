@@ -53,3 +53,20 @@ def test_forward_example_refuses_an_empty_prompt():
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == (
         "error: --prompt is empty; give at least one character of text")
+
+
+@pytest.mark.slow
+def test_the_induction_heads_example_finds_heads_whose_ablation_undoes_the_repeat(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "induction_heads.py"),
+                             "--out", str(tmp_path)], capture_output=True, text=True,
+                            timeout=900, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    first, repeat = (float(part) for part in out.split("loss on the first copy ")[1]
+                     .split(" (chance")[0:1] + out.split(", on the repeat ")[1].split()[0:1])
+    assert repeat < first / 4  # the repeat is predicted
+    assert "induction heads (score >= 0.3): block 1 head" in out
+    ablated = float(out.split("with the induction heads zeroed:")[1].split("on the repeat ")[1]
+                    .split()[0])
+    assert ablated > 3 * repeat  # ablating them brings the repeat's loss back up
+    assert (tmp_path / "head-scores.png").exists() and (tmp_path / "patterns.png").exists()
