@@ -128,6 +128,7 @@ def test_running_out_of_memory_while_compiling_is_explained_too():
         raise ValueError("unrelated")
 
 
+@pytest.mark.slow
 def test_generate_decodes_with_int8_weights(checkpoint, capsys):
     pytest.importorskip("torchao")
     from gpt2_decl import quantize

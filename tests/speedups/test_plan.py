@@ -174,6 +174,7 @@ print(json.dumps({"plain": model.generate(prompt, 12, compile=True, **sampled())
 """
 
 
+@pytest.mark.slow
 def test_a_saved_plan_and_a_plain_compile_give_the_same_tokens_in_another_process(tmp_path):
     settings = dict(vocab_size=97, n_ctx=32, d_model=48, n_layer=2, n_head=4, seed=1)
     model = GPT2(gpt2_decl.GPT2Config(**settings)).eval()

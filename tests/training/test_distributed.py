@@ -16,6 +16,7 @@ TINY = dict(n_layer=1, n_head=2, d_model=16, n_ctx=16, steps=4, grad_accum=2, lr
             warmup_steps=1, eval_every=2, eval_batches=2, seed=5)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     data, cache = tmp_path / "text.txt", tmp_path / "cache"
     data.write_text(TEXT)
