@@ -40,6 +40,12 @@ def main() -> None:
     gpt2_decl.set_typechecked(args.typecheck or gpt2_decl.is_typechecked())
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    ids = None
+    if args.prompt is not None:  # refused before any weights are made
+        tokenizer = gpt2_decl.GPT2Tokenizer()
+        ids = tokenizer.encode(args.prompt)
+        if not ids:
+            raise SystemExit("error: --prompt is empty; give at least one character of text")
 
     if args.checkpoint:
         model = gpt2_decl.GPT2.from_pretrained(args.checkpoint, dtype=dtype, device=device)
@@ -52,11 +58,7 @@ def main() -> None:
     config = model.config
     counts = gpt2_decl.count_parameters(model)
 
-    if args.prompt is not None:
-        tokenizer = gpt2_decl.GPT2Tokenizer()
-        ids = tokenizer.encode(args.prompt)
-        if not ids:
-            raise SystemExit("error: --prompt is empty; give at least one character of text")
+    if ids is not None:
         tokens = torch.tensor([ids], device=device)
     else:
         generator = torch.Generator().manual_seed(args.seed)
