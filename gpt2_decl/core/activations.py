@@ -19,7 +19,9 @@ import torch
 from torch import Tensor
 
 from gpt2_decl.core.config import GPT2Config
-from gpt2_decl.core.typecheck import ShapeError
+from gpt2_decl.core.inputs import check_tokens, left_padding_start
+from gpt2_decl.core.kv_cache import KVCache
+from gpt2_decl.core.typecheck import ShapeError, is_typechecked
 
 BLOCK_SITES = {
     "resid_pre": "batch seq d_model",       # the residual stream into the block
@@ -279,15 +281,8 @@ def _axis_mask(name: str, what: str, chosen: object, axes: list[str], shape: tup
                              f"{list(chosen.shape)}")
         picked = chosen.to(device)
     else:
-        if isinstance(chosen, slice):
-            indices = list(range(size))[chosen]
-        elif isinstance(chosen, int) and not isinstance(chosen, bool):
-            indices = [chosen]
-        elif isinstance(chosen, Tensor) and not chosen.dtype.is_floating_point:
-            indices = chosen.flatten().tolist()
-        elif isinstance(chosen, Iterable) and not isinstance(chosen, str | bytes):
-            indices = list(chosen)
-        else:
+        indices = _indices(chosen, size)
+        if indices is None:
             raise TypeError(f"patch of {name}: {what} must be an int, a list, a slice or "
                             f"booleans, got {type(chosen).__name__}")
         bad = [index for index in indices if not isinstance(index, int)
@@ -313,17 +308,27 @@ def _dtype(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _indices(chosen: object, size: int) -> list | None:
+    """The indices an int, a slice, an integer tensor or a list picks along an axis of
+    `size` (not yet checked against it), or None for anything else."""
+    if isinstance(chosen, slice):
+        return list(range(size))[chosen]
+    if isinstance(chosen, int) and not isinstance(chosen, bool):
+        return [chosen]
+    if isinstance(chosen, Tensor) and not chosen.dtype.is_floating_point:
+        return chosen.flatten().tolist()
+    if isinstance(chosen, Iterable) and not isinstance(chosen, str | bytes):
+        return list(chosen)
+    return None
+
+
 def positions_index(positions: object, seq: int, device: torch.device) -> Tensor:
     """The sequence positions to keep of what is captured, as an index tensor."""
-    if isinstance(positions, int) and not isinstance(positions, bool):
-        positions = [positions]
-    if isinstance(positions, slice):
-        indices = list(range(seq))[positions]
-    elif isinstance(positions, Iterable) and not isinstance(positions, str | bytes):
-        indices = [int(index) for index in positions]
-    else:
+    indices = _indices(positions, seq)
+    if indices is None:
         raise TypeError(f"positions must be an int, a list or a slice, got "
                         f"{type(positions).__name__}")
+    indices = [int(index) for index in indices]
     if not indices or any(not -seq <= index < seq for index in indices):
         raise ValueError(f"positions {positions!r} pick no position, or one out of range, of a "
                          f"sequence of {seq}")
@@ -408,10 +413,6 @@ def run(
     activations `names` captured (kept in `dtype`, on `device`, at `positions` only) and
     `patches` put in: see `GPT2.run_with_cache`. Bad names or patches are refused in one line,
     before any work."""
-    from gpt2_decl.core.inputs import check_tokens, left_padding_start
-    from gpt2_decl.core.kv_cache import KVCache
-    from gpt2_decl.core.typecheck import is_typechecked
-
     config = model.config
     if last_only:
         raise ValueError("capture and patching run every position: drop last_only (keep only "
