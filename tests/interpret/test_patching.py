@@ -52,8 +52,7 @@ def test_a_position_sweep_equals_the_same_patches_one_at_a_time(model, prompts):
 
 def test_a_head_sweep_compiled_equals_the_same_patches_one_at_a_time(model, prompts):
     clean, corrupted = prompts
-    # 8 patched runs in batches of 4: one compile serves both.
-    swept = patch_sweep(model, clean, corrupted, "z", logit_difference, per="head", batch=4,
+    swept = patch_sweep(model, clean, corrupted, "z", logit_difference, per="head", batch=3,
                         runner=gpt2_decl.compile(model))
     assert swept.shape == (2, 4)
     with torch.no_grad():
