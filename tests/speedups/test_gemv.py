@@ -126,3 +126,42 @@ def test_the_kernel_builds_with_clang_where_it_is_installed(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, "CXX": clang, "XDG_CACHE_HOME": str(tmp_path)})
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def int8_weight(rows, columns, generator):
+    qdata = torch.randint(-128, 128, (rows, columns), dtype=torch.int8, generator=generator)
+    scale = torch.rand(rows, generator=generator) / 100
+    zero_point = torch.randint(-3, 4, (rows,), dtype=torch.int8, generator=generator)
+    return qdata, scale, zero_point
+
+
+# Where the kernel splits rows into two int8 digits of at most L = 127 (VNNI), each element it
+# reads is off by at most max|x| / (2 L * 2 L); where it widens, by nothing. (One digit alone
+# would be off by 2 L times more, which the bound does not allow.)
+DIGIT_LIMITS = {"digits": 127, "widened": None}
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("columns", [200, 768])
+def test_int8_products_are_within_the_stated_error_of_the_digits(kernel, rows, columns):
+    generator = torch.Generator().manual_seed(columns + rows)
+    qdata, scale, zero_point = int8_weight(45, columns, generator)
+    x = torch.randn(rows, columns, generator=generator) * 3
+    ours = torch.ops.gpt2_decl.int8_gemv(x, qdata, scale, zero_point).double()
+    dequantized = (qdata.double() - zero_point.double()[:, None]) * scale.double()[:, None]
+    exact = x.double() @ dequantized.T
+    limit = DIGIT_LIMITS[torch.ops.gpt2_decl.int8_gemv_way()]
+    per_element = 0.0 if limit is None else x.abs().amax(1, keepdim=True).double() / (4 * limit**2)
+    weights_read = (qdata.double() * scale.double()[:, None]).abs().sum(1)
+    bound = per_element * weights_read + 1e-5 * (x.double().abs() @ dequantized.abs().T) + 1e-6
+    assert ((ours - exact).abs() <= bound).all()
+
+
+def test_a_nan_or_infinity_in_a_row_makes_its_int8_products_nan(kernel):
+    generator = torch.Generator().manual_seed(0)
+    qdata, scale, zero_point = int8_weight(40, 96, generator)
+    x = torch.randn(3, 96, generator=generator)
+    x[0, 5], x[2, 90] = float("nan"), float("inf")
+    ours = torch.ops.gpt2_decl.int8_gemv(x, qdata, scale, zero_point)
+    assert ours[0].isnan().all() and not ours[2].isfinite().any()
+    assert ours[1].isfinite().all()

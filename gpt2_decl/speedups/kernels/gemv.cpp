@@ -29,15 +29,20 @@
 #include <utility>
 #include <vector>
 
-#if defined(__AVX512VNNI__)
 #include <immintrin.h>
-#endif
 
 namespace {
 
-// Vectors of float32 lanes, in the compiler's vector extension (the machine's own vector
-// registers under -march=native), and how to add up the lanes of many.
-constexpr int64_t kLanes = 16;  // float32 lanes of a vector: 64 bytes, a cache line
+// Vectors of float32 lanes, in the compiler's vector extension, each one of the machine's own
+// vector registers under -march=native (a vector wider than a register is kept in pieces that the
+// compiler moves through memory), and how to add up the lanes of many.
+#if defined(__AVX512F__)
+constexpr int64_t kLanes = 16;      // a zmm register: 64 bytes, a cache line
+constexpr int64_t kRegisters = 32;  // vector registers, for sums, inputs and widened weights
+#else
+constexpr int64_t kLanes = 8;       // a ymm register (AVX2): half a cache line
+constexpr int64_t kRegisters = 16;
+#endif
 
 typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
 typedef uint32_t Words __attribute__((vector_size(kLanes * sizeof(uint32_t))));
@@ -131,8 +136,9 @@ struct Float32Rows : WeightRows<float, 1> {
 };
 
 // bfloat16, read as pairs: a pair's low half shifted up is its even element and its high half,
-// masked, its odd one; so x is prepared as the even elements of each 32, then the odd ones. A
-// step is two cache lines of a row (one alone streamed slower).
+// masked, its odd one; so x is prepared as the even elements of each 2 * kLanes, then the odd
+// ones. A step is four vectors' worth: a cache line of a row in ymm registers, two in zmm ones
+// (one alone streamed slower there).
 struct BFloat16Rows : WeightRows<uint16_t, 4> {
   void widen(int64_t n, int64_t s, Lanes* parts) const {
     for (int64_t half = 0; half < 2; ++half) {
@@ -151,13 +157,23 @@ struct BFloat16Rows : WeightRows<uint16_t, 4> {
   }
 };
 
-// int8 (scaled after the sum): a step is a cache line of 64, as four vectors.
+// int8 (scaled after the sum): a step is four vectors' worth, 64 weights (a cache line) in zmm
+// registers, 32 in ymm ones.
 struct Int8Rows : WeightRows<int8_t, 4> {
   void widen(int64_t n, int64_t s, Lanes* parts) const {
     const int8_t* weights = step(n, s);
+#if defined(__AVX2__) && !defined(__AVX512F__)
+    // A vector is a ymm register: 8 weights sign-extended and converted, in two instructions.
+    for (int64_t p = 0; p < 4; ++p) {
+      const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(weights + p * kLanes));
+      const __m256 widened = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+      std::memcpy(&parts[p], &widened, sizeof(Lanes));
+    }
+#else
     float widened[4 * kLanes];  // a plain loop: compilers vectorize it better than a vector cast
     for (int64_t i = 0; i < 4 * kLanes; ++i) widened[i] = float(weights[i]);
     for (int64_t p = 0; p < 4; ++p) parts[p] = load<Lanes>(widened + p * kLanes);
+#endif
   }
   float value(int64_t n, int64_t k) const { return float(w[n * K + k]); }
 };
@@ -181,9 +197,11 @@ struct Ahead {
 };
 
 // Weight rows per pass over a chunk of input rows: as many as leave the chunk's sums, its input
-// vectors and a row's widened weights in the 32 vector registers (int8 widens in more).
+// vectors and a row's widened weights in the vector registers (int8 widens in more); and per
+// pass over one input row, whose sums may take half of them.
 template <typename Weights>
-constexpr int64_t kPassRows = std::is_same_v<Weights, Int8Rows> ? 2 : 4;
+constexpr int64_t kPassRows = std::is_same_v<Weights, Int8Rows> ? kRegisters / 16 : kRegisters / 8;
+constexpr int64_t kOneRowPassRows = kRegisters / 2;
 
 // sums[m][r] = x[m] . w[n0 + r] over the whole steps, for Chunk input rows m (prepared, row
 // stride K) and Rows weight rows r, prefetching the rows kRows further on if asked, and what
@@ -236,8 +254,10 @@ void group_products(const Weights& weights, int64_t n0, int64_t rows, const floa
         for (int64_t r = 0; r < kPass; ++r) y[(m + c) * stride + part + r] = sums[c * kPass + r];
     }
   for (; m < M; ++m) {
-    if (steps > 0)
-      dot_steps<1, Rows>(weights, prepared + m * K, steps, n0, prefetch && m == 0, sums, ahead);
+    constexpr int64_t kOnePass = std::min(Rows, kOneRowPassRows);
+    for (int64_t part = 0; steps > 0 && part < Rows; part += kOnePass)
+      dot_steps<1, kOnePass>(weights, prepared + m * K, steps, n0 + part, prefetch && m == 0,
+                             sums + part, ahead);
     for (int64_t r = 0; r < rows; ++r) y[m * stride + r] = steps > 0 ? sums[r] : 0.0f;
   }
   for (int64_t c = 0; c < M; ++c)
