@@ -152,12 +152,12 @@ def test_int8_products_are_within_the_stated_error_of_the_digits(kernel, rows, c
     exact = x.double() @ dequantized.T
     limit = DIGIT_LIMITS[torch.ops.gpt2_decl.int8_gemv_way()]
     per_element = 0.0 if limit is None else x.abs().amax(1, keepdim=True).double() / (4 * limit**2)
-    weights_read = (qdata.double() * scale.double()[:, None]).abs().sum(1)
-    bound = per_element * weights_read + 1e-5 * (x.double().abs() @ dequantized.abs().T) + 1e-6
+    rounding = 1e-5 * (x.double().abs() @ dequantized.abs().T) + 1e-6  # float32 sums
+    bound = per_element * dequantized.abs().sum(1) + rounding
     assert ((ours - exact).abs() <= bound).all()
 
 
-def test_a_nan_or_infinity_in_a_row_makes_its_int8_products_nan(kernel):
+def test_a_nan_or_infinity_in_a_row_leaves_none_of_its_int8_products_finite(kernel):
     generator = torch.Generator().manual_seed(0)
     qdata, scale, zero_point = int8_weight(40, 96, generator)
     x = torch.randn(3, 96, generator=generator)
