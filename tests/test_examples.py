@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -62,11 +63,11 @@ def test_the_induction_heads_example_finds_heads_whose_ablation_undoes_the_repea
                             timeout=900, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    first, repeat = (float(part) for part in out.split("loss on the first copy ")[1]
-                     .split(" (chance")[0:1] + out.split(", on the repeat ")[1].split()[0:1])
+    trained = re.search(r"^loss on the first copy ([\d.]+) .*, on the repeat ([\d.]+)$", out, re.M)
+    first, repeat = float(trained[1]), float(trained[2])
     assert repeat < first / 4  # the repeat is predicted
     assert "induction heads (score >= 0.3): block 1 head" in out
-    ablated = float(out.split("with the induction heads zeroed:")[1].split("on the repeat ")[1]
-                    .split()[0])
+    ablated = float(re.search(r"^with the induction heads zeroed: .*, on the repeat ([\d.]+)$",
+                              out, re.M)[1])
     assert ablated > 3 * repeat  # ablating them brings the repeat's loss back up
     assert (tmp_path / "head-scores.png").exists() and (tmp_path / "patterns.png").exists()

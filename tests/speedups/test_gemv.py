@@ -149,7 +149,7 @@ def test_int8_products_are_within_the_stated_error_of_the_digits(kernel, rows, c
     x = torch.randn(rows, columns, generator=generator) * 3
     ours = torch.ops.gpt2_decl.int8_gemv(x, qdata, scale, zero_point).double()
     dequantized = (qdata.double() - zero_point.double()[:, None]) * scale.double()[:, None]
-    exact = x.double() @ dequantized.T
+    exact = float64_product(x, dequantized)
     limit = DIGIT_LIMITS[torch.ops.gpt2_decl.int8_gemv_way()]
     per_element = 0.0 if limit is None else x.abs().amax(1, keepdim=True).double() / (4 * limit**2)
     rounding = 1e-5 * (x.double().abs() @ dequantized.abs().T) + 1e-6  # float32 sums
