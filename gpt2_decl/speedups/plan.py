@@ -17,6 +17,7 @@ from gpt2_decl.core.compiling import CompiledGPT2, compile_with
 from gpt2_decl.speedups import gemv
 from gpt2_decl.speedups.decoding import DecodeStep
 from gpt2_decl.speedups.machine import this_machine
+from gpt2_decl.speedups.padded_vocab import PaddedVocab
 from gpt2_decl.speedups.quantize import weights_kind
 from gpt2_decl.speedups.rewrites import GraphRewrite
 from gpt2_decl.speedups.upcast import UpcastLinear, UpcastProducts
@@ -25,9 +26,10 @@ from gpt2_decl.storage.atomic import atomic_write
 FORMAT = "gpt2_decl speed-up plan"
 VERSION = 1
 # The speed-ups a plan chooses among (docs/cpu-speedups.md): forward passes' GEMMs upcast to
-# float32; a decoding step's products through inductor's C++ GEMM template or the GEMV kernel,
-# its attention upcast; the prompt's GEMMs upcast.
-FORWARD_CHOICES = ("upcast_products",)
+# float32 and their output head's vocabulary padded; a decoding step's products through
+# inductor's C++ GEMM template or the GEMV kernel, its attention upcast; the prompt's GEMMs
+# upcast.
+FORWARD_CHOICES = ("upcast_products", "padded_vocab")
 DECODING_CHOICES = ("gemm_template", "gemv_kernel", "upcast_attention", "upcast_prompt")
 
 
@@ -107,9 +109,11 @@ class Plan:
 
     def compile_forward(self, model: nn.Module) -> CompiledGPT2:
         """`model` compiled for forward passes, its weights frozen into the graph (inference
-        only, as `gpt2_decl.compile(freeze=True)`), its GEMMs upcast where the plan says."""
+        only, as `gpt2_decl.compile(freeze=True)`), its GEMMs upcast and its output head's
+        vocabulary padded where the plan says."""
         self.check(model)
-        backend = UpcastProducts() if self.used("upcast_products") else GraphRewrite()
+        products = UpcastProducts() if self.used("upcast_products") else GraphRewrite()
+        backend = PaddedVocab(products) if self.used("padded_vocab") else products
         return compile_with(model, backend, freeze=True, plan=self)
 
     def compile_decode_step(self, model: nn.Module) -> CompiledGPT2:

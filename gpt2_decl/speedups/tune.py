@@ -16,6 +16,7 @@ from gpt2_decl.core import timing
 from gpt2_decl.speedups import gemv
 from gpt2_decl.speedups.decoding import DecodeStep
 from gpt2_decl.speedups.machine import this_machine
+from gpt2_decl.speedups.padded_vocab import padded_rows, pads
 from gpt2_decl.speedups.plan import Choice, Plan, PlanError, describe_model
 from gpt2_decl.speedups.quantize import int8_rows
 from gpt2_decl.speedups.upcast import upcast_linear, upcast_weight, upcasts
@@ -47,7 +48,8 @@ def tune(model: nn.Module, *, batch: int = 1, seq: int = 128, decoding: bool = T
     model.eval()
     try:
         with torch.no_grad():
-            choices = [_upcast_products(model, batch * seq, runs)]
+            upcast = _upcast_products(model, batch * seq, runs)
+            choices = [upcast, _padded_vocab(model, batch * seq, runs, upcast.used)]
             if decoding:
                 choices += _step_products(model, batch, runs)
                 choices.append(_upcast_attention(model, batch, runs))
@@ -121,6 +123,23 @@ def _upcast_products(model: nn.Module, rows: int, runs: int) -> Choice:
             x.float(), w, None if b is None else b.float()).to(x.dtype)),
         "library": (_identity, F.linear)}, runs)
     return Choice("upcast_products", times["upcast"] < times["library"], times)
+
+
+def _padded_vocab(model: nn.Module, rows: int, runs: int, upcast: bool) -> Choice:
+    """The output head's GEMM with its vocabulary padded (and, with frozen weights, padded
+    once) against the library's, at `rows` rows, in float32 where the plan upcasts."""
+    weight = model.lm_head.weight
+    x = torch.randn(rows, model.config.d_model, generator=torch.Generator().manual_seed(0))
+    if not pads(x.to(model.dtype), weight, None):
+        return Choice("padded_vocab", False, note=f"{_weights(model)} weights of "
+                      f"{weight.shape[0]} rows, {rows} rows in: no head to pad")
+    weight = upcast_weight(weight) if upcast else weight
+    x, padded = x.to(weight.dtype), padded_rows(weight)
+    timed = timing.time_in_turns({
+        "padded": lambda: F.linear(x, padded)[..., :weight.shape[0]].to(model.dtype),
+        "library": lambda: F.linear(x, weight).to(model.dtype)}, runs=runs)
+    times = {way: t.median_ms for way, t in timed.items()}
+    return Choice("padded_vocab", times["padded"] < times["library"], times)
 
 
 def _upcast_prompt(model: nn.Module, rows: int, runs: int) -> Choice:

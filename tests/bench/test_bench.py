@@ -44,7 +44,8 @@ def test_forward_bench_times_plain_and_tuned_compiles_beside_eager(tmp_path, cap
     for key in ("eager_ms", "compiled_ms", "tuned_ms", "typechecked_eager_ms",
                 "roofline_flops_per_s"):
         assert row[key] > 0, key
-    assert [choice["name"] for choice in row["plan"]["choices"]] == ["upcast_products"]
+    assert [choice["name"] for choice in row["plan"]["choices"]] == ["upcast_products",
+                                                                 "padded_vocab"]
     assert "speed-up plan for GPT-2 n_layer=2" in capsys.readouterr().out
     assert plot_path.read_bytes().startswith(PNG_SIGNATURE)
 

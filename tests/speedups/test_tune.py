@@ -1,6 +1,8 @@
 """`tune`: each speed-up timed against what it replaces and used only where it won, with the
 timings kept; and what cannot be timed here said in the plan."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -38,7 +40,7 @@ def by_name(plan):
 ])
 def test_the_fastest_way_of_the_steps_products_that_beats_the_library_is_used(
         tiny_model, timings, template, kernel, used):
-    timings(library=4.0, gemm_template=template, gemv_kernel=kernel, upcast=1.0)
+    timings(library=4.0, gemm_template=template, gemv_kernel=kernel, upcast=1.0, padded=4.0)
     choices = by_name(tune(tiny_model, batch=2, seq=8))
     assert [name for name in ("gemm_template", "gemv_kernel") if choices[name].used] == \
         ([used] if used else [])
@@ -47,7 +49,7 @@ def test_the_fastest_way_of_the_steps_products_that_beats_the_library_is_used(
 
 
 def test_float32_weights_have_no_gemm_to_upcast_and_are_not_timed_for_it(tiny_model, timings):
-    timed = timings(library=4.0, gemm_template=5.0, gemv_kernel=5.0, upcast=1.0)
+    timed = timings(library=4.0, gemm_template=5.0, gemv_kernel=5.0, upcast=1.0, padded=4.0)
     choices = by_name(tune(tiny_model, batch=1, seq=8))
     assert not choices["upcast_products"].used and not choices["upcast_prompt"].used
     assert "float32 weights" in choices["upcast_products"].note
@@ -57,12 +59,29 @@ def test_float32_weights_have_no_gemm_to_upcast_and_are_not_timed_for_it(tiny_mo
 
 def test_bfloat16_gemms_are_upcast_where_that_times_faster(tiny_config, timings):
     model = GPT2(tiny_config).to(torch.bfloat16).eval()
-    timings(library=4.0, gemm_template=5.0, gemv_kernel=5.0, upcast=1.0)
+    timings(library=4.0, gemm_template=5.0, gemv_kernel=5.0, upcast=1.0, padded=4.0)
     choices = by_name(tune(model, batch=1, seq=8, decoding=False))
     # Two blocks' products at 1 ms each and the head's: (2 + 1) ms against (2 + 1) x 4 ms.
     assert choices["upcast_products"].used
     assert choices["upcast_products"].times_ms == {"upcast": 3.0, "library": 12.0}
-    assert set(choices) == {"upcast_products"}  # forward passes only
+    assert set(choices) == {"upcast_products", "padded_vocab"}  # forward passes only
+
+
+@pytest.mark.parametrize("padded", [2.0, 6.0])
+def test_the_heads_vocabulary_is_padded_where_that_times_faster(tiny_model, timings, padded):
+    timed = timings(library=4.0, upcast=1.0, padded=padded)
+    choice = by_name(tune(tiny_model, batch=1, seq=8, decoding=False))["padded_vocab"]
+    assert choice.used == (padded < 4.0)
+    assert choice.times_ms == {"padded": padded, "library": 4.0}
+    assert timed == ["padded", "library"]  # float32: nothing upcast, only the head timed
+
+
+def test_a_head_already_a_multiple_of_16_rows_is_neither_padded_nor_timed(tiny_config, timings):
+    model = GPT2(dataclasses.replace(tiny_config, vocab_size=112)).eval()
+    timed = timings(library=4.0, upcast=1.0, padded=1.0)
+    choice = by_name(tune(model, batch=1, seq=8, decoding=False))["padded_vocab"]
+    assert not choice.used and choice.times_ms == {} and "padded" not in timed
+    assert choice.note == "float32 weights of 112 rows, 8 rows in: no head to pad"
 
 
 def test_without_a_compiler_the_kernel_is_left_out_in_one_line(tiny_model, timings,
@@ -70,7 +89,7 @@ def test_without_a_compiler_the_kernel_is_left_out_in_one_line(tiny_model, timin
     monkeypatch.setenv("CXX", "no-such-compiler")
     gemv.load.cache_clear()
     try:
-        timings(library=4.0, gemm_template=5.0, gemv_kernel=1.0, upcast=1.0)
+        timings(library=4.0, gemm_template=5.0, gemv_kernel=1.0, upcast=1.0, padded=4.0)
         kernel = by_name(tune(tiny_model, seq=8))["gemv_kernel"]
     finally:
         gemv.load.cache_clear()

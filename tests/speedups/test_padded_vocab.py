@@ -1,0 +1,44 @@
+"""The output head's vocabulary padded to a multiple of 16 rows: only the head's GEMMs are
+rewritten, and the logits are the same numbers, in rows of the padded length."""
+
+import dataclasses
+
+import pytest
+import torch
+from helpers import reference_logits, rewrites_in_trace
+
+from gpt2_decl import GPT2
+from gpt2_decl.core.compiling import compile_with
+from gpt2_decl.speedups.padded_vocab import PaddedVocab
+from gpt2_decl.speedups.upcast import UpcastProducts
+
+
+@pytest.mark.parametrize("batch, seq, padded", [(1, 1, 0), (1, 2, 1), (3, 11, 1)])
+def test_only_the_heads_gemm_is_padded(tiny_model, batch, seq, padded):
+    tokens = torch.zeros(batch, seq, dtype=torch.long)
+    with torch.no_grad():
+        counts = rewrites_in_trace(tiny_model, PaddedVocab(), tokens)
+    # The blocks' weights have 48, 144 and 192 rows (multiples of 16); one row is a GEMV.
+    assert counts == ({"padded_vocab": 1} if padded else {})
+
+
+def test_a_vocabulary_of_a_multiple_of_16_is_left_alone(tiny_config, tokens):
+    model = GPT2(dataclasses.replace(tiny_config, vocab_size=112)).eval()
+    with torch.no_grad():
+        assert rewrites_in_trace(model, PaddedVocab(), tokens) == {}
+
+
+def test_padding_goes_with_the_upcast_products_it_follows(tiny_config, tokens):
+    model = GPT2(tiny_config).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        counts = rewrites_in_trace(model, PaddedVocab(UpcastProducts()), tokens)
+    assert counts == {"upcast_linear": 9, "padded_vocab": 1}
+
+
+def test_padded_logits_are_the_models_in_rows_of_the_padded_length(tiny_model, tokens):
+    with torch.no_grad():
+        logits = compile_with(tiny_model, PaddedVocab(), freeze=True, plan=None)(tokens)
+    vocab = tiny_model.config.vocab_size  # 97: padded to 112
+    assert logits.shape == (*tokens.shape, vocab) and logits.stride()[-2:] == (112, 1)
+    assert torch.allclose(logits, reference_logits(tiny_model, tokens), atol=1e-5)
+    assert logits.view(-1, vocab).shape == (tokens.numel(), vocab)
