@@ -1,11 +1,12 @@
 """The output head's GEMM with its vocabulary padded to a multiple of 16 rows.
 
-GPT-2's head has 50,257 rows, so each position's logits are 50,257 floats apart and no row of
-them but the first starts on a 64-byte boundary; the CPU GEMM writing them is slower for it
+GPT-2's head has 50,257 rows, so each position's logits are 50,257 floats apart and only every
+16th row of them starts on a 64-byte boundary; the CPU GEMM writing them is slower for it
 (measured in docs/cpu-speedups.md). `PaddedVocab` pads the head's weight with zero rows (with
 frozen weights: once, while compiling), multiplies, and slices the padding's logits off. The
 logits are the same numbers, as a view into rows of the padded length: `logits.view(-1, vocab)`
-works, flattening the vocab axis away needs `reshape`. Whether it pays is the plan's to measure.
+works; `.contiguous()`, or flattening the vocab axis, copies them. Whether it pays is the
+plan's to measure.
 """
 
 import operator
@@ -68,6 +69,7 @@ def _pad(graph: fx.Graph, product: fx.Node, weight: fx.Node) -> None:
     vocab = example_value(weight).shape[0]
     with graph.inserting_before(product):
         padded_weight = graph.call_function(padded_rows, (weight,))
+    padded_weight.meta["example_value"] = padded_rows(example_value(weight))
     if len(product.args) > 1:
         product.update_arg(1, padded_weight)
     else:
@@ -75,6 +77,9 @@ def _pad(graph: fx.Graph, product: fx.Node, weight: fx.Node) -> None:
     with graph.inserting_after(product):
         logits = graph.call_function(operator.getitem, (product, (Ellipsis, slice(None, vocab))))
     product.replace_all_uses_with(logits, delete_user_cb=lambda user: user is not logits)
+    logits.meta["example_value"] = product.meta.get("example_value")
+    x = example_value(_argument(product, 0, "input"))
+    product.meta["example_value"] = product.target(x, padded_weight.meta["example_value"])
 
 
 def _argument(node: fx.Node, position: int, name: str) -> Any:

@@ -5,6 +5,7 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import reference_logits, rewrites_in_trace
 
 from gpt2_decl import GPT2
@@ -18,7 +19,7 @@ def test_only_the_heads_gemm_is_padded(tiny_model, batch, seq, padded):
     tokens = torch.zeros(batch, seq, dtype=torch.long)
     with torch.no_grad():
         counts = rewrites_in_trace(tiny_model, PaddedVocab(), tokens)
-    # The blocks' weights have 48, 144 and 192 rows (multiples of 16); one row is a GEMV.
+    # The blocks' products have biases (and 48, 144 or 192 rows); one row is a GEMV.
     assert counts == ({"padded_vocab": 1} if padded else {})
 
 
@@ -42,3 +43,35 @@ def test_padded_logits_are_the_models_in_rows_of_the_padded_length(tiny_model, t
     assert logits.shape == (*tokens.shape, vocab) and logits.stride()[-2:] == (112, 1)
     assert torch.allclose(logits, reference_logits(tiny_model, tokens), atol=1e-5)
     assert logits.view(-1, vocab).shape == (tokens.numel(), vocab)
+
+
+class HeadByKeyword(torch.nn.Module):
+    """A head whose product names its weight, for the rewrite's keyword branch."""
+
+    def __init__(self, vocab: int, d_model: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(vocab, d_model))
+
+    def forward(self, x):
+        logits = F.linear(x, weight=self.weight)
+        return logits, logits.amax(-1)
+
+
+def test_a_weight_passed_by_keyword_is_padded_and_every_user_reads_the_slice():
+    head, x = HeadByKeyword(97, 8), torch.randn(2, 5, 8)
+    with torch.no_grad():
+        assert rewrites_in_trace(head, PaddedVocab(), x) == {"padded_vocab": 1}
+        compiled = torch.compile(head, backend=PaddedVocab(), fullgraph=True)
+        for rows in (x, x[:, :3]):  # a second sequence length: compiled again, dynamic
+            (logits, top), (expected, expected_top) = compiled(rows), head(rows)
+            assert logits.shape == expected.shape and logits.stride()[-2] == 112
+            torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+            torch.testing.assert_close(top, expected_top, atol=1e-5, rtol=0)
+
+
+def test_captured_logits_are_the_returned_ones(tiny_model, tokens):
+    compiled = compile_with(tiny_model, PaddedVocab(), freeze=True, plan=None)
+    with torch.no_grad():
+        logits, cache = compiled.run_with_cache(tokens, ["logits", "blocks.1.resid_post"])
+    torch.testing.assert_close(cache["logits"], logits, atol=0, rtol=0)
+    torch.testing.assert_close(logits, reference_logits(tiny_model, tokens), atol=1e-5, rtol=0)
