@@ -17,7 +17,13 @@ import torch.nn.functional as F
 from torch import Tensor, fx
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from gpt2_decl.speedups.rewrites import GraphRewrite, example_value, on_cpu, rows
+from gpt2_decl.speedups.rewrites import (
+    GraphRewrite,
+    example_value,
+    linear_nodes,
+    on_cpu,
+    rows,
+)
 from gpt2_decl.speedups.upcast import upcast_linear
 
 # Rows of the padded head: a multiple of this many (64 bytes of float32 logits).
@@ -50,8 +56,7 @@ class PaddedVocab(GraphRewrite):
         padded = 0
         for node in list(graph_module.graph.nodes):
             if node.op == "call_function" and node.target in (F.linear, upcast_linear):
-                x, weight, bias = (_argument(node, position, name) for position, name in
-                                   ((0, "input"), (1, "weight"), (2, "bias")))
+                x, weight, bias = linear_nodes(node)
                 if pads(example_value(x), example_value(weight), bias):
                     _pad(graph_module.graph, node, weight)
                     padded += 1
@@ -78,10 +83,6 @@ def _pad(graph: fx.Graph, product: fx.Node, weight: fx.Node) -> None:
         logits = graph.call_function(operator.getitem, (product, (Ellipsis, slice(None, vocab))))
     product.replace_all_uses_with(logits, delete_user_cb=lambda user: user is not logits)
     logits.meta["example_value"] = product.meta.get("example_value")
-    x = example_value(_argument(product, 0, "input"))
+    x = example_value(linear_nodes(product)[0])
     product.meta["example_value"] = product.target(x, padded_weight.meta["example_value"])
-
-
-def _argument(node: fx.Node, position: int, name: str) -> Any:
-    return node.args[position] if len(node.args) > position else node.kwargs.get(name)
 

@@ -51,11 +51,18 @@ def example_value(node: object) -> Tensor | None:
     return value if isinstance(value, Tensor) else None
 
 
+def linear_nodes(node: fx.Node) -> tuple[Any, Any, Any]:
+    """The input, weight and bias of a traced `F.linear` (or a call taking its arguments),
+    however they were passed."""
+    args, kwargs = node.args, node.kwargs
+    return (args[0] if args else kwargs.get("input"),
+            args[1] if len(args) > 1 else kwargs.get("weight"),
+            args[2] if len(args) > 2 else kwargs.get("bias"))
+
+
 def linear_arguments(node: fx.Node) -> tuple[Tensor | None, Tensor | None]:
     """The example input and weight of a traced `F.linear`, however they were passed."""
-    args, kwargs = node.args, node.kwargs
-    x = args[0] if args else kwargs.get("input")
-    weight = args[1] if len(args) > 1 else kwargs.get("weight")
+    x, weight, _ = linear_nodes(node)
     return example_value(x), example_value(weight)
 
 

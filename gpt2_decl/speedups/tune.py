@@ -129,9 +129,9 @@ def _padded_vocab(model: nn.Module, rows: int, runs: int, upcast: bool) -> Choic
     """The output head's GEMM with its vocabulary padded (and, with frozen weights, padded
     once) against the library's, at `rows` rows, in float32 where the plan upcasts."""
     weight = model.lm_head.weight
-    x = torch.randn(rows, model.config.d_model, generator=torch.Generator().manual_seed(0))
     if int8_rows(weight) is not None:
         return Choice("padded_vocab", False, note="int8 weights: the padding is for float heads")
+    x = torch.randn(rows, model.config.d_model, generator=torch.Generator().manual_seed(0))
     if not pads(x.to(model.dtype), weight, None):
         return Choice("padded_vocab", False, note=f"{_weights(model)} weights of "
                       f"{weight.shape[0]} rows, {rows} rows in: no head to pad")
