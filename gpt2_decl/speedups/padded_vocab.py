@@ -60,9 +60,9 @@ class PaddedVocab(GraphRewrite):
                 if pads(example_value(x), example_value(weight), bias):
                     _pad(graph_module.graph, node, weight)
                     padded += 1
-        if padded:
+        if padded:  # the products' rewrite has recompiled the graph it left
             counts["padded_vocab"] = padded
-        graph_module.recompile()
+            graph_module.recompile()
         return counts
 
     def options(self) -> dict[str, Any]:
