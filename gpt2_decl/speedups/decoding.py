@@ -2,13 +2,17 @@
 rewrites the traced one-token step before inductor compiles it. The model's code and eager runs
 are untouched.
 
-- `gemm_template`: the weights become constants of the compiled step (inductor's freezing),
-  and each product is inductor's C++ GEMM template for its shape (max-autotune with that one
-  candidate, so nothing is timed while compiling).
+- `gemm_template`: each product is inductor's C++ GEMM template for its shape (max-autotune
+  with that one candidate, so nothing is timed while compiling).
 - `gemv_kernel`: the products go to the C++ GEMV kernel (`gemv`), which streams each weight
   once, int8 rows as they are.
 - `upcast_attention`: attention of one query per head over the cache, as two float32 products
   around a masked softmax, where the library's CPU attention is slow for one bfloat16 query.
+
+With the template or the kernel, the weights become constants of the compiled step (inductor's
+freezing): the template packs them once, and Dynamo checks each weight before a step by its
+identity instead of its metadata (for torchao's int8 weights a Python call each: about a tenth
+of an int8 step).
 
 Always, inductor stores each pointwise result (LayerNorm's, say) once instead of recomputing it
 inside every reduction that reads it, and leaves out its per-call size asserts.
@@ -59,7 +63,9 @@ def upcast_attention(
 
 @dataclass(frozen=True)
 class DecodeStep(GraphRewrite):
-    """The backend of a plan's decoding step; `freezes`: compiled with frozen weights."""
+    """The backend of a plan's decoding step; `freezes`: compiled with frozen weights (where
+    the products are the template's or the kernel's; the library's int8 products would fold
+    into float32 constants)."""
 
     gemv_kernel: bool = False
     gemm_template: bool = False
@@ -67,7 +73,7 @@ class DecodeStep(GraphRewrite):
 
     @property
     def freezes(self) -> bool:
-        return self.gemm_template
+        return self.gemm_template or self.gemv_kernel
 
     def options(self) -> dict[str, Any]:
         return STORE_POINTWISE | (GEMM_TEMPLATE if self.gemm_template else {})

@@ -1,6 +1,7 @@
 """What a speed-up plan was measured on: the CPU's model and the instruction sets that decide
 which way of computing wins, and the number of threads."""
 
+import functools
 import platform
 from pathlib import Path
 
@@ -36,8 +37,11 @@ def this_machine() -> dict:
             "threads": torch.get_num_threads()}
 
 
-def _cpuinfo_lines() -> list[str]:
+@functools.cache
+def _cpuinfo_lines() -> tuple[str, ...]:
+    """/proc/cpuinfo's lines, read once a process (a plan is checked before every decoding
+    step); none where there is no such file."""
     try:
-        return CPUINFO.read_text().splitlines()
+        return tuple(CPUINFO.read_text().splitlines())
     except OSError:
-        return []
+        return ()

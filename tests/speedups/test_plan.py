@@ -163,6 +163,25 @@ def test_planned_generation_equals_eager_and_times_nothing(tiny_model, used, no_
     assert torch.equal(planned, eager)
 
 
+@pytest.mark.parametrize("used, frozen", [((), False), (("gemm_template",), True),
+                                          (("gemv_kernel",), True)])
+def test_a_planned_step_with_frozen_weights_refuses_weights_changed_since(tiny_config, used,
+                                                                           frozen):
+    model = GPT2(tiny_config).eval()
+    plan = plan_for(model, 1, used)
+    prompt = torch.randint(tiny_config.vocab_size, (1, 5),
+                           generator=torch.Generator().manual_seed(4))
+    model.generate(prompt, 3, greedy=True, plan=plan)
+    with torch.no_grad():
+        model.blocks[0].mlp.up.weight.mul_(2.0)
+    if frozen:  # the template's and the kernel's steps hold the weights as constants
+        with pytest.raises(RuntimeError, match="changed in place after a compiled step froze"):
+            model.generate(prompt, 3, greedy=True, plan=plan)
+    else:  # the library's step reads them at every call
+        assert torch.equal(model.generate(prompt, 3, greedy=True, plan=plan),
+                           model.generate(prompt, 3, greedy=True))
+
+
 # Loads a saved plan in a fresh process and generates with it and with a plain compile.
 GENERATE = """
 import json, sys, torch
