@@ -172,8 +172,8 @@ class _StepProducts(nn.Module):
 
 
 def _step_products(model: nn.Module, rows: int, runs: int) -> list[Choice]:
-    """A decoding step's products of `rows` rows, compiled: through the GEMV kernel, and with
-    inductor's C++ GEMM template over frozen weights, each against the library's. The faster of
+    """A decoding step's products of `rows` rows, compiled over frozen weights through the GEMV
+    kernel, and with inductor's C++ GEMM template, each against the library's. The faster of
     the two that beat the library is used."""
     linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
     generator = torch.Generator().manual_seed(0)
