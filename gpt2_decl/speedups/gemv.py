@@ -7,7 +7,9 @@ prefetching the next block, and multiplies each block by every input row while i
 bfloat16 and int8 weights are upcast to float32 in registers, sums are float32. Where the CPU
 has AVX512-VNNI, int8 weights meet the input rows as integers instead (each row split into two
 int8 digits, exact int32 dot products). On the machines measured it wins for weight-only int8
-weights, which torchao's own product dequantizes in full at every call (docs/cpu-speedups.md).
+weights, which torchao's own product dequantizes in full at every call (docs/cpu-speedups.md):
+in a decoding step (`decoding.DecodeStep`), and in a prompt's eager pass (`GemvLinear`), whose
+blocks' products have a row per token and whose output head has one per prompt.
 
 It is built for this machine (`-march=native`) with the C++ compiler at hand (`$CXX`, else
 c++, g++ or clang++) and ninja, on first explicit use (`load`: a plan that times it), and kept
@@ -23,12 +25,14 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from gpt2_decl.speedups.quantize import int8_rows
+from gpt2_decl.speedups.rewrites import LinearMode
 
 SOURCE = Path(__file__).parent / "kernels" / "gemv.cpp"
 # -ffp-contract=fast: multiply-adds fused, as GNU modes do by default and -std=c++17 does not.
@@ -164,3 +168,11 @@ def gemv_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
                                                 zero_point.flatten())
     product = product.to(x.dtype).reshape(*x.shape[:-1], -1)
     return product if bias is None else product + bias
+
+
+class GemvLinear(LinearMode):
+    """Within it, eager CPU products (no gradient recorded) of weights the kernel reads go
+    through it: a prompt's, before decoding. Load the kernel (`load`) first."""
+
+    def replacement(self, x: Tensor, weight: Tensor) -> Callable | None:
+        return gemv_linear if x.dtype in FLOAT_WEIGHTS and reads(weight) else None

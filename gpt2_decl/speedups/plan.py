@@ -27,10 +27,11 @@ FORMAT = "gpt2_decl speed-up plan"
 VERSION = 1
 # The speed-ups a plan chooses among (docs/cpu-speedups.md): forward passes' GEMMs upcast to
 # float32 and their output head's vocabulary padded; a decoding step's products through
-# inductor's C++ GEMM template or the GEMV kernel, its attention upcast; the prompt's GEMMs
-# upcast.
+# inductor's C++ GEMM template or the GEMV kernel, its attention upcast; the prompt's products
+# upcast or through the GEMV kernel.
 FORWARD_CHOICES = ("upcast_products", "padded_vocab")
-DECODING_CHOICES = ("gemm_template", "gemv_kernel", "upcast_attention", "upcast_prompt")
+DECODING_CHOICES = ("gemm_template", "gemv_kernel", "upcast_attention", "upcast_prompt",
+                    "gemv_prompt")
 
 
 class PlanError(ValueError):
@@ -127,7 +128,11 @@ class Plan:
         return compile_with(model, step, freeze=step.freezes, plan=self)
 
     def prefill(self, model: nn.Module) -> contextlib.AbstractContextManager:
-        """Where a prompt runs before decoding: its GEMMs upcast where the plan says."""
+        """Where a prompt runs before decoding: its products upcast, or through the GEMV
+        kernel, where the plan says."""
+        if self.used("gemv_prompt"):
+            gemv.load()
+            return gemv.GemvLinear()
         return UpcastLinear() if self.used("upcast_prompt") else contextlib.nullcontext()
 
     # Files.

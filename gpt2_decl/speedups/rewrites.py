@@ -1,5 +1,6 @@
 """Graph rewrites: torch.compile backends that change some calls of the traced graph, then hand
-it to inductor. What to rewrite is decided before (by a plan), never timed inside a backend."""
+it to inductor; and their eager counterpart for a model's products (`LinearMode`). What to
+rewrite is decided before (by a plan), never timed inside a backend or a mode."""
 
 import math
 import warnings
@@ -8,8 +9,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, fx
 from torch.fx.experimental.symbolic_shapes import optimization_hint
+from torch.overrides import TorchFunctionMode
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,32 @@ class GraphRewrite:
     def options(self) -> dict[str, Any]:
         """Inductor settings for the rewritten graph."""
         return {}
+
+
+class LinearMode(TorchFunctionMode):
+    """Within it, each eager CPU product (`F.linear`, no gradient recorded) that `replacement`
+    gives a replacement for calls it instead, with the same arguments."""
+
+    def replacement(self, x: Tensor, weight: Tensor) -> Callable | None:
+        """What the product of `x` and `weight` is to call instead; None to leave it."""
+        return None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, weight, bias = _linear_call(*args, **kwargs)
+            if isinstance(x, Tensor) and isinstance(weight, Tensor) and on_cpu(x, weight) \
+                    and not recording_gradient(x, weight):
+                product = self.replacement(x, weight)
+                if product is not None:
+                    return product(x, weight, bias)
+        return func(*args, **kwargs)
+
+
+def _linear_call(input: object = None, weight: object = None, bias: object = None
+                 ) -> tuple[object, object, object]:
+    """`F.linear`'s arguments, however they were passed."""
+    return input, weight, bias
 
 
 def example_value(node: object) -> Tensor | None:

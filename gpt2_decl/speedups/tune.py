@@ -19,7 +19,8 @@ from gpt2_decl.speedups.machine import this_machine
 from gpt2_decl.speedups.padded_vocab import padded_rows, pads
 from gpt2_decl.speedups.plan import Choice, Plan, PlanError, describe_model
 from gpt2_decl.speedups.quantize import int8_rows
-from gpt2_decl.speedups.upcast import upcast_linear, upcast_weight, upcasts
+from gpt2_decl.speedups.rewrites import LinearMode
+from gpt2_decl.speedups.upcast import UpcastLinear, upcast_weight, upcasts
 
 RUNS = 5
 # One-query attention is timed over a cache of this many keys (or the context), half visible.
@@ -53,7 +54,7 @@ def tune(model: nn.Module, *, batch: int = 1, seq: int = 128, decoding: bool = T
             if decoding:
                 choices += _step_products(model, batch, runs)
                 choices.append(_upcast_attention(model, batch, runs))
-                choices.append(_upcast_prompt(model, batch * seq, runs))
+                choices += _prompt_products(model, batch, seq, runs)
     finally:
         model.train(was_training)
     return Plan(describe_model(model), batch, seq, this_machine(), tuple(choices), decoding)
@@ -74,15 +75,17 @@ def _model_ms(model: nn.Module, times: dict[str, list[float]]) -> dict[str, floa
             times.items()}
 
 
-def _time_products(model: nn.Module, rows: int, ways: dict[str, Callable], runs: int
-                   ) -> dict[str, float]:
-    """Each way's milliseconds for the model's products of `rows` rows, eager: way(x, weight,
-    bias) for one block's weights and for the head's first rows."""
+def _time_products(model: nn.Module, rows: int, ways: dict[str, Callable], runs: int,
+                   head_rows: int | None = None) -> dict[str, float]:
+    """Each way's milliseconds for the model's products of `rows` rows (the head's of
+    `head_rows`, if given), eager: way(x, weight, bias) for one block's weights and for the
+    head's first rows."""
     generator = torch.Generator().manual_seed(0)
     linears = _linears(model)
     weights = [linear.weight if linear is not model.lm_head else _head_rows(model)
                for linear in linears]
-    inputs = [torch.randn(rows, linear.in_features, generator=generator).to(model.dtype)
+    inputs = [torch.randn(rows if linear is not model.lm_head or head_rows is None else head_rows,
+                          linear.in_features, generator=generator).to(model.dtype)
               for linear in linears]
     prepared = {way: [make(weight) for weight in weights] for way, (make, _) in ways.items()}
 
@@ -144,15 +147,35 @@ def _padded_vocab(model: nn.Module, rows: int, runs: int, upcast: bool) -> Choic
     return Choice("padded_vocab", times["padded"] < times["library"], times)
 
 
-def _upcast_prompt(model: nn.Module, rows: int, runs: int) -> Choice:
-    """A prompt's products, eager before decoding, upcast (each weight at every call) against
-    the library's, at `rows` rows."""
-    if rows < 2 or not upcasts(torch.empty(2, 1, dtype=model.dtype), model.lm_head.weight):
-        return Choice("upcast_prompt", False, note=f"{_weights(model)} weights, {rows} rows: "
-                      "no GEMM to upcast")
-    times = _time_products(model, rows, {"upcast": (_identity, upcast_linear),
-                                          "library": (_identity, F.linear)}, runs)
-    return Choice("upcast_prompt", times["upcast"] < times["library"], times)
+def _prompt_products(model: nn.Module, batch: int, seq: int, runs: int) -> list[Choice]:
+    """A prompt's products, eager before decoding (the blocks' of batch x seq rows, the output
+    head's of batch: the last token's), upcast (each weight at every call) and through the GEMV
+    kernel, each against the library's. The fastest of the three is used."""
+    ways = {"library": (_identity, F.linear)}
+    notes = {}
+    if batch * seq >= 2 and upcasts(torch.empty(2, 1, dtype=model.dtype), model.lm_head.weight):
+        ways["upcast"] = (_identity, _within(UpcastLinear))
+    else:
+        notes["upcast"] = f"{_weights(model)} weights: no GEMM to upcast"
+    try:
+        gemv.load()
+        ways["gemv_kernel"] = (_identity, _within(gemv.GemvLinear))
+    except gemv.KernelUnavailable as error:
+        notes["gemv_kernel"] = str(error)
+    times = _time_products(model, batch * seq, ways, runs, head_rows=batch)
+    fastest = min(times, key=times.__getitem__)
+    return [Choice(choice, fastest == way, {way: times[way], "library": times["library"]}
+                   if way in times else {}, notes.get(way, ""))
+            for choice, way in (("upcast_prompt", "upcast"), ("gemv_prompt", "gemv_kernel"))]
+
+
+def _within(mode: type[LinearMode]) -> Callable:
+    """F.linear(x, weight, bias) within `mode`, as the prompt runs its products."""
+    def product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        with mode():
+            return F.linear(x, weight, bias)
+
+    return product
 
 
 def _weights(model: nn.Module) -> str:

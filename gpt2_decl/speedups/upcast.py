@@ -18,15 +18,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
-from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from gpt2_decl.speedups.quantize import int8_rows
 from gpt2_decl.speedups.rewrites import (
     GraphRewrite,
+    LinearMode,
     linear_arguments,
     on_cpu,
-    recording_gradient,
     rows,
 )
 
@@ -77,22 +76,9 @@ def forward_backend(upcast: bool) -> Callable | str:
     return UpcastProducts() if upcast else GraphRewrite()
 
 
-class UpcastLinear(TorchFunctionMode):
+class UpcastLinear(LinearMode):
     """Within it, eager CPU GEMMs (two or more rows, no gradient recorded) that `upcasts`
     takes go through `upcast_linear`."""
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.linear:
-            x, weight, bias = _linear_call(*args, **kwargs)
-            if isinstance(x, Tensor) and isinstance(weight, Tensor) and on_cpu(x, weight) \
-                    and upcasts(x, weight) and rows(x) >= 2 \
-                    and not recording_gradient(x, weight):
-                return upcast_linear(x, weight, bias)
-        return func(*args, **kwargs)
-
-
-def _linear_call(input: object = None, weight: object = None, bias: object = None
-                 ) -> tuple[object, object, object]:
-    """`F.linear`'s arguments, however they were passed."""
-    return input, weight, bias
+    def replacement(self, x: Tensor, weight: Tensor) -> Callable | None:
+        return upcast_linear if upcasts(x, weight) and rows(x) >= 2 else None

@@ -59,6 +59,30 @@ def test_int8_rows_are_read_as_their_dequantized_values(kernel, tiny_model, rows
     assert torch.allclose(ours.double(), expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_prompt_within_the_mode_goes_through_the_kernel_and_gradients_do_not(
+        kernel, tiny_config, dtype, monkeypatch):
+    from gpt2_decl import GPT2
+
+    model = GPT2(tiny_config).to(dtype).eval()
+    tokens = torch.randint(tiny_config.vocab_size, (2, 7),
+                           generator=torch.Generator().manual_seed(1))
+    exact = GPT2(tiny_config).double().eval()(tokens)
+    calls = []
+    product = gemv.gemv_linear
+    monkeypatch.setattr(gemv, "gemv_linear", lambda *args: calls.append(1) or product(*args))
+    with torch.no_grad(), gemv.GemvLinear():
+        ours = model(tokens).double()
+    assert len(calls) == 9  # four products a block, two blocks, and the head
+    with torch.no_grad():
+        library = model(tokens).double()
+    # Float32 sums, rounded once to the model's dtype, as the library's.
+    assert (ours - exact).abs().max() <= 1.5 * (library - exact).abs().max() + 1e-5
+    with gemv.GemvLinear():
+        model(tokens).float().square().mean().backward()
+    assert len(calls) == 9 and model.lm_head.weight.grad is not None  # the library's, with grad
+
+
 def test_it_reads_float32_bfloat16_and_int8_weights_only():
     assert gemv.reads(torch.zeros(4, 4)) and gemv.reads(torch.zeros(4, 4, dtype=torch.bfloat16))
     assert not gemv.reads(torch.zeros(4, 4, dtype=torch.float16))

@@ -22,7 +22,7 @@ from gpt2_decl.speedups.plan import Choice, describe_model
 
 def plan_for(model, batch=1, used=(), decoding=True, **changes) -> Plan:
     names = ("upcast_products", "padded_vocab", "gemm_template", "gemv_kernel", "upcast_attention",
-             "upcast_prompt")
+             "upcast_prompt", "gemv_prompt")
     choices = tuple(Choice(name, name in used, {"ours": 1.0, "library": 2.0}) for name in names)
     plan = Plan(describe_model(model), batch, 16, this_machine(), choices, decoding)
     return dataclasses.replace(plan, **changes)
@@ -45,7 +45,7 @@ def test_a_saved_plan_loads_equal_and_reads_as_json(tmp_path, tiny_model):
     data = json.loads((tmp_path / "plan.json").read_text())
     assert data["batch"] == 2 and data["model"]["n_layer"] == tiny_model.config.n_layer
     used = [choice["used"] for choice in data["choices"]]
-    assert used == [False, False, True, False, False, False]
+    assert used == [False, False, True, False, False, False, False]
 
 
 def test_the_description_names_the_model_the_machine_and_every_choice(tiny_model):
@@ -154,7 +154,7 @@ def test_upcast_bfloat16_forward_is_within_bfloat16_rounding_of_float64(tiny_con
 
 
 @pytest.mark.parametrize("used", [(), ("gemm_template", "upcast_attention", "upcast_prompt"),
-                                  ("gemv_kernel",)])
+                                  ("gemv_kernel", "gemv_prompt")])
 def test_planned_generation_equals_eager_and_times_nothing(tiny_model, used, no_timing):
     prompt = torch.randint(tiny_model.config.vocab_size, (2, 5),
                            generator=torch.Generator().manual_seed(3))

@@ -72,10 +72,11 @@ def test_compiled_decoding_gives_eager_tokens_and_sees_weights_changed_in_place(
 
 
 @pytest.mark.skipif(gemv.unavailable_reason() is not None, reason=f"{gemv.unavailable_reason()}")
-def test_a_plan_decodes_int8_rows_through_the_kernel_as_eager_does():
+def test_a_plan_decodes_int8_rows_and_prompts_through_the_kernel_as_eager_does():
     _, quantized = float_and_int8()
-    choices = tuple(Choice(name, name == "gemv_kernel") for name in
-                    ("gemm_template", "gemv_kernel", "upcast_attention", "upcast_prompt"))
+    choices = tuple(Choice(name, name in ("gemv_kernel", "gemv_prompt")) for name in
+                    ("gemm_template", "gemv_kernel", "upcast_attention", "upcast_prompt",
+                     "gemv_prompt"))
     plan = Plan(describe_model(quantized), 1, 6, this_machine(), choices)
     prompt = torch.randint(CONFIG.vocab_size, (1, 6), generator=torch.Generator().manual_seed(2))
     assert torch.equal(quantized.generate(prompt, 12, greedy=True, plan=plan),

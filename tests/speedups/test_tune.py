@@ -84,17 +84,35 @@ def test_a_head_already_a_multiple_of_16_rows_is_neither_padded_nor_timed(tiny_c
     assert choice.note == "float32 weights of 112 rows, 8 rows in: no head to pad"
 
 
+@pytest.mark.parametrize("upcast, kernel, used", [
+    (1.0, 2.0, "upcast_prompt"),    # both beat the library's 4 ms; upcast is the faster
+    (2.0, 1.0, "gemv_prompt"),      # both do; the kernel is the faster
+    (5.0, 6.0, None),               # neither does
+])
+def test_the_prompts_products_go_the_fastest_of_three_ways(tiny_config, timings, upcast, kernel,
+                                                          used):
+    model = GPT2(tiny_config).to(torch.bfloat16).eval()
+    timings(library=4.0, gemm_template=5.0, gemv_kernel=kernel, upcast=upcast, padded=4.0)
+    choices = by_name(tune(model, batch=2, seq=8))
+    assert [name for name in ("upcast_prompt", "gemv_prompt") if choices[name].used] == \
+        ([used] if used else [])
+    # Two blocks' products and the head's, each timed way at its ms: 3 x ms for the model.
+    assert choices["upcast_prompt"].times_ms == {"upcast": 3 * upcast, "library": 12.0}
+    assert choices["gemv_prompt"].times_ms == {"gemv_kernel": 3 * kernel, "library": 12.0}
+
+
 def test_without_a_compiler_the_kernel_is_left_out_in_one_line(tiny_model, timings,
                                                               monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler")
     gemv.load.cache_clear()
     try:
         timings(library=4.0, gemm_template=5.0, gemv_kernel=1.0, upcast=1.0, padded=4.0)
-        kernel = by_name(tune(tiny_model, seq=8))["gemv_kernel"]
+        choices = by_name(tune(tiny_model, seq=8))
     finally:
         gemv.load.cache_clear()
-    assert not kernel.used and kernel.times_ms == {}
-    assert kernel.note == "no C++ compiler: $CXX='no-such-compiler' is not found"
+    for kernel in choices["gemv_kernel"], choices["gemv_prompt"]:
+        assert not kernel.used and kernel.times_ms == {}
+        assert kernel.note == "no C++ compiler: $CXX='no-such-compiler' is not found"
 
 
 def test_tune_is_for_a_cpu_model_and_sizes_that_fit(tiny_config, tiny_model):
