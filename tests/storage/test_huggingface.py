@@ -111,6 +111,7 @@ def test_hf_checkpoint_gives_the_reference_logits(tmp_path, name, typecheck):
     assert model.lm_head.weight is model.token_embedding.weight
 
 
+@pytest.mark.slow
 def test_compiled_model_from_hf_checkpoint_gives_the_reference_logits(small_hf_checkpoint):
     directory, reference = small_hf_checkpoint
     config = reference.config

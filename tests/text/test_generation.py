@@ -154,7 +154,8 @@ def test_compiled_generation_leaves_every_parameter_where_it_was():
     model = GPT2(DECISIVE.replace(n_layer=1)).eval()
     before = {name: (p.data_ptr(), p.untyped_storage().data_ptr()) for name, p in
               model.named_parameters()}
-    model.generate(torch.randint(DECISIVE.vocab_size, (1, 4), generator=seeded(2)), 3,
+    # The sizes of the test above, whose compiled step this one reuses.
+    model.generate(torch.randint(DECISIVE.vocab_size, (2, 5), generator=seeded(2)), 10,
                    greedy=True, compile=True)
     after = {name: (p.data_ptr(), p.untyped_storage().data_ptr()) for name, p in
              model.named_parameters()}
@@ -272,8 +273,9 @@ def test_cli_refuses_a_prompt_longer_than_the_context(capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("compile", [False, True])
-def test_decoding_steps_read_nothing_back_from_the_device(model, prompt, compile):
-    tokens = stream(model, prompt, 12, greedy=True, compile=compile)
+def test_decoding_steps_read_nothing_back_from_the_device(model, compile):
+    # Prompts of different lengths, 12 tokens each: the compiled step is the ragged test's below.
+    tokens = stream(model, RAGGED, 12, greedy=True, compile=compile)
     next(tokens), next(tokens)  # the prompt's pass, and the first (compiling) step
     with HostReads() as mode:
         for _ in range(8):
@@ -353,7 +355,7 @@ def test_bad_attention_masks_are_refused_clearly(model, mask, message):
 
 def test_compiled_generation_keeps_no_model_alive():
     model = GPT2(DECISIVE.replace(n_layer=1)).eval()
-    model.generate(torch.randint(DECISIVE.vocab_size, (1, 4), generator=seeded(3)), 3,
+    model.generate(torch.randint(DECISIVE.vocab_size, (2, 5), generator=seeded(3)), 10,
                    greedy=True, compile=True)
     alive = weakref.ref(model)
     del model
