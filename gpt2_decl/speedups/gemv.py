@@ -86,7 +86,7 @@ def load() -> str:
     library = cache_folder() / f"gemv-{key[:16]}.so"
     try:
         if not library.exists():
-            _build(library, cxx, flags)
+            _build_once(library, lambda: _build(library, cxx, flags))
         torch.ops.load_library(str(library))
     except Exception as error:
         lines = str(error).strip().splitlines()
@@ -113,6 +113,18 @@ def _cpu_flags() -> str:
             return next(line for line in cpuinfo if line.startswith(("flags", "Features")))
     except (OSError, StopIteration):
         return torch.backends.cpu.get_cpu_capability()
+
+
+def _build_once(library: Path, build: Callable[[], None]) -> None:
+    """`build()` unless `library` exists, one process at a time: processes that start together
+    (test workers, `torchrun`'s) wait for the first to build it, then find it built."""
+    import fcntl  # POSIX, as the kernel's x86-64 Linux and macOS are
+
+    library.parent.mkdir(parents=True, exist_ok=True)
+    with open(library.parent / f"{library.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not library.exists():
+            build()
 
 
 def _build(library: Path, cxx: str, flags: list[str]) -> None:

@@ -7,6 +7,8 @@ import platform
 import shutil
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -189,3 +191,19 @@ def test_a_nan_or_infinity_in_a_row_leaves_none_of_its_int8_products_finite(kern
     ours = torch.ops.gpt2_decl.int8_gemv(x, qdata, scale, zero_point)
     assert ours[0].isnan().all() and not ours[2].isfinite().any()
     assert ours[1].isfinite().all()
+
+
+def test_processes_that_load_it_at_once_build_it_once(tmp_path):
+    library, builds = tmp_path / "gemv.so", []
+
+    def build():
+        builds.append(1)
+        time.sleep(0.3)  # long enough for the other to look for the library meanwhile
+        library.write_bytes(b"built")
+
+    threads = [threading.Thread(target=gemv._build_once, args=(library, build)) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(builds) == 1 and library.read_bytes() == b"built"
