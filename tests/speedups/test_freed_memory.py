@@ -13,8 +13,8 @@ import pytest
 # does not fit, so the second buffer may come from fresh heap; from the third on, it is reused.
 SECOND_BUFFER_FAULTS = """
 import resource, sys, torch
-from gpt2_decl.speedups.freed_memory import keep_freed_memory
 if sys.argv[1] == "keep":
+    from gpt2_decl.speedups.freed_memory import keep_freed_memory
     assert keep_freed_memory()
 for _ in range(3):
     torch.ones(16 * 2**20)  # 64 MiB, filled and freed
