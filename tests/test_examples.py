@@ -21,13 +21,17 @@ def run_forward(*flags: str) -> str:
     return result.stdout
 
 
-def test_forward_example_runs_gpt2_small_end_to_end():
-    out = run_forward("--batch", "2", "--seq", "8", "--typecheck")
+def test_forward_example_runs_gpt2_small_end_to_end_on_a_text_prompt():
+    out = run_forward("--prompt", "Hello world", "--typecheck")
     assert "124,439,808 (tied); 163,037,184 counted untied" in out
-    assert "logits      (2, 8, 50257) torch.float32" in out
     assert "typechecked mode on" in out
+    assert "input       tokens (1, 2)" in out  # "Hello world" is [15496, 995]
+    assert "logits      (1, 2, 50257) torch.float32" in out
     next_tokens = out.split("next token  ")[1].split(" (")[0]
-    assert len(json.loads(next_tokens)) == 2  # one id per sequence
+    assert len(json.loads(next_tokens)) == 1  # one id per sequence
+    assert "after 'Hello world', most likely next tokens:" in out
+    assert out.count("  p=") == 5
+    assert "the weights are random" in out
     assert "eager forward" in out
 
 
@@ -38,14 +42,6 @@ def test_forward_example_compiled_in_bfloat16():
     )
     assert "logits      (1, 4, 50257) torch.bfloat16" in out
     assert "compiled forward" in out and "compile     " in out
-
-
-def test_forward_example_on_a_text_prompt():
-    out = run_forward("--prompt", "Hello world")
-    assert "input       tokens (1, 2)" in out  # "Hello world" is [15496, 995]
-    assert "after 'Hello world', most likely next tokens:" in out
-    assert out.count("  p=") == 5
-    assert "the weights are random" in out
 
 
 def test_forward_example_refuses_an_empty_prompt():
