@@ -156,7 +156,7 @@ def _prompt_products(model: nn.Module, batch: int, seq: int, runs: int) -> list[
     if batch * seq >= 2 and upcasts(torch.empty(2, 1, dtype=model.dtype), model.lm_head.weight):
         ways["upcast"] = (_identity, _within(UpcastLinear))
     else:
-        notes["upcast"] = f"{_weights(model)} weights: no GEMM to upcast"
+        notes["upcast"] = f"{_weights(model)} weights, {batch * seq} rows: no GEMM to upcast"
     try:
         gemv.load()
         ways["gemv_kernel"] = (_identity, _within(gemv.GemvLinear))
