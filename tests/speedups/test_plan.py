@@ -165,14 +165,15 @@ def test_planned_generation_equals_eager_and_times_nothing(tiny_model, used, no_
 
 def test_a_step_through_the_kernel_refuses_weights_changed_since_it_froze_them(tiny_config):
     model = GPT2(tiny_config).eval()
-    plan = plan_for(model, 1, ("gemv_kernel",))
-    prompt = torch.randint(tiny_config.vocab_size, (1, 5),
+    # The sizes of the planned generation above, whose compiled step this one reuses.
+    plan = plan_for(model, 2, ("gemv_kernel",))
+    prompt = torch.randint(tiny_config.vocab_size, (2, 5),
                            generator=torch.Generator().manual_seed(4))
-    model.generate(prompt, 3, greedy=True, plan=plan)
+    model.generate(prompt, 6, greedy=True, plan=plan)
     with torch.no_grad():
         model.blocks[0].mlp.up.weight.mul_(2.0)
     with pytest.raises(RuntimeError, match="changed in place after a compiled step froze"):
-        model.generate(prompt, 3, greedy=True, plan=plan)
+        model.generate(prompt, 6, greedy=True, plan=plan)
 
 
 # Loads a saved plan in a fresh process and generates with it and with a plain compile.
