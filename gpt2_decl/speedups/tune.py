@@ -84,9 +84,9 @@ def _time_products(model: nn.Module, rows: int, ways: dict[str, Callable], runs:
     linears = _linears(model)
     weights = [linear.weight if linear is not model.lm_head else _head_rows(model)
                for linear in linears]
-    inputs = [torch.randn(rows if linear is not model.lm_head or head_rows is None else head_rows,
-                          linear.in_features, generator=generator).to(model.dtype)
-              for linear in linears]
+    head_rows = rows if head_rows is None else head_rows
+    inputs = [torch.randn(head_rows if linear is model.lm_head else rows, linear.in_features,
+                          generator=generator).to(model.dtype) for linear in linears]
     prepared = {way: [make(weight) for weight in weights] for way, (make, _) in ways.items()}
 
     def products(way: str, part: slice) -> None:
