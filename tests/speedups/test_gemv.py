@@ -31,7 +31,7 @@ def float64_product(x, weight, bias=None):
 
 
 # One row and a few; K and N not multiples of the kernel's vectors and blocks.
-@pytest.mark.parametrize("rows", [1, 3, 5, 16])
+@pytest.mark.parametrize("rows", [1, 3, 5, 16, 37])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_products_are_within_float32_rounding_of_float64(kernel, rows, dtype):
     generator = torch.Generator().manual_seed(rows)

@@ -6,10 +6,10 @@
 // time, so that each weight vector loaded feeds four sums. Weights are widened to float32 in
 // registers and summed in float32, in vectors of the compiler's vector extension (the machine's
 // own vector registers: -march=native), and the lanes of many sums are added up together, by
-// folding vectors in halves. For more than four input rows, a block is used 8 rows at a time,
-// bfloat16 and int8 ones widened once into a buffer of the thread's own, from which every chunk
-// of input rows reads them, while the rows to come are prefetched a few lines at a time, so that
-// reading them overlaps the arithmetic.
+// folding vectors in halves. More than four input rows (a prompt's tokens) make a GEMM, which
+// is bound by arithmetic rather than memory: the input rows are transposed once into panels,
+// a block's bfloat16 or int8 rows upcast once into a buffer of the thread's own, and each tile
+// of weight rows multiplies a panel as outer products whose sums stay in registers.
 //
 // int8 weights meet the input rows as integers where the CPU has VNNI (AVX512-VNNI): each input
 // row is split into int8 digits and each 64 weights take one integer dot-product instruction a
@@ -109,7 +109,6 @@ inline float bfloat16_value(uint16_t bits) {
 }
 
 constexpr int64_t kRows = 16;   // weight rows read together (a block), and prefetched ahead
-constexpr int64_t kCachedRows = 8;  // weight rows multiplied together by more than kChunk rows
 constexpr int64_t kChunk = 4;   // input rows that share each weight vector, for a batch
 
 // The kinds of weight rows. Each step of a row covers kParts * kLanes of its K elements, widened
@@ -178,24 +177,6 @@ struct Int8Rows : WeightRows<int8_t, 4> {
   float value(int64_t n, int64_t k) const { return float(w[n * K + k]); }
 };
 
-// Bytes of weights still to come, prefetched evenly over the `steps` steps of the products under
-// way, so that reading them overlaps the arithmetic instead of coming in a burst; into L2, as the
-// input rows and the rows at work fill L1.
-struct Ahead {
-  const char* next = nullptr;
-  const char* end = nullptr;
-  int64_t per_step = 0;
-  Ahead() = default;
-  Ahead(const void* begin, int64_t bytes, int64_t steps)
-      : next(static_cast<const char*>(begin)), end(next + bytes) {
-    const int64_t lines = (bytes + 63) / 64;
-    per_step = steps > 0 ? std::max<int64_t>(1, (lines + steps - 1) / steps) : lines;
-  }
-  void issue() {
-    for (int64_t j = 0; j < per_step && next < end; ++j, next += 64) __builtin_prefetch(next, 0, 2);
-  }
-};
-
 // Weight rows per pass over a chunk of input rows: as many as leave the chunk's sums, its input
 // vectors and a row's widened weights in the vector registers (int8 widens in more); and per
 // pass over one input row, whose sums may take half of them.
@@ -204,22 +185,20 @@ constexpr int64_t kPassRows = std::is_same_v<Weights, Int8Rows> ? kRegisters / 1
 constexpr int64_t kOneRowPassRows = kRegisters / 2;
 
 // sums[m][r] = x[m] . w[n0 + r] over the whole steps, for Chunk input rows m (prepared, row
-// stride K) and Rows weight rows r, prefetching the rows kRows further on if asked, and what
-// `ahead` holds.
+// stride K) and Rows weight rows r, prefetching the rows kRows further on if asked.
 template <int64_t Chunk, int64_t Rows, typename Weights>
 void dot_steps(const Weights& weights, const float* x, int64_t steps, int64_t n0, bool prefetch,
-               float* sums, Ahead* ahead = nullptr) {
+               float* sums) {
   constexpr int64_t kParts = Weights::kParts;
   constexpr int64_t kStepBytes = kParts * kLanes * sizeof(*weights.w);
   Lanes acc[Chunk][Rows] = {};
   for (int64_t s = 0; s < steps; ++s) {
-    if (ahead) ahead->issue();
     Lanes xs[Chunk][kParts];
     for (int64_t m = 0; m < Chunk; ++m)
       for (int64_t p = 0; p < kParts; ++p)
         xs[m][p] = load<Lanes>(x + m * weights.K + (s * kParts + p) * kLanes);
     for (int64_t r = 0; r < Rows; ++r) {
-      if (prefetch) {  // the step's lines (two of bfloat16), into L2 as `Ahead` does
+      if (prefetch) {  // the step's lines (two of bfloat16), into L2: the rows at work fill L1
         const char* coming = reinterpret_cast<const char*>(weights.step(n0 + r + kRows, s));
         __builtin_prefetch(coming, 0, 2);
         if constexpr (kStepBytes > 64) __builtin_prefetch(coming + 64, 0, 2);
@@ -238,8 +217,7 @@ void dot_steps(const Weights& weights, const float* x, int64_t steps, int64_t n0
 // one at a time), the rest of each row, and fewer rows, one element at a time.
 template <int64_t Rows, typename Weights>
 void group_products(const Weights& weights, int64_t n0, int64_t rows, const float* x,
-                    const float* prepared, int64_t M, bool prefetch, float* y, int64_t stride,
-                    Ahead* ahead = nullptr) {
+                    const float* prepared, int64_t M, bool prefetch, float* y, int64_t stride) {
   const int64_t K = weights.K;
   const int64_t steps = rows == Rows ? K / (kLanes * Weights::kParts) : 0;
   const int64_t tail = steps * kLanes * Weights::kParts;
@@ -249,7 +227,7 @@ void group_products(const Weights& weights, int64_t n0, int64_t rows, const floa
   for (; steps > 0 && m + kChunk <= M; m += kChunk)
     for (int64_t part = 0; part < Rows; part += kPass) {
       dot_steps<kChunk, kPass>(weights, prepared + m * K, steps, n0 + part, prefetch && m == 0,
-                               sums, ahead);
+                               sums);
       for (int64_t c = 0; c < kChunk; ++c)
         for (int64_t r = 0; r < kPass; ++r) y[(m + c) * stride + part + r] = sums[c * kPass + r];
     }
@@ -257,13 +235,82 @@ void group_products(const Weights& weights, int64_t n0, int64_t rows, const floa
     constexpr int64_t kOnePass = std::min(Rows, kOneRowPassRows);
     for (int64_t part = 0; steps > 0 && part < Rows; part += kOnePass)
       dot_steps<1, kOnePass>(weights, prepared + m * K, steps, n0 + part, prefetch && m == 0,
-                             sums + part, ahead);
+                             sums + part);
     for (int64_t r = 0; r < rows; ++r) y[m * stride + r] = steps > 0 ? sums[r] : 0.0f;
   }
   for (int64_t c = 0; c < M; ++c)
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t k = tail; k < K; ++k)
         y[c * stride + r] += weights.value(n0 + r, k) * x[c * K + k];
+}
+
+// More input rows than a chunk (a prompt's tokens) make a GEMM, computed as outer products:
+// the input rows transposed into panels of two vectors' worth of rows side by side at each k,
+// and a tile of weight rows (upcast to float32 once per block) whose weight at k, broadcast,
+// multiplies the panel's two vectors at k into the tile's sums, which stay in registers for the
+// whole of K. A panel and a block of weight rows both stay in L2 while the other passes.
+constexpr int64_t kPanelVectors = 2;
+constexpr int64_t kPanelRows = kPanelVectors * kLanes;  // input rows in a panel
+// Weight rows in a tile: as many as leave a vector register each for the panel's vectors and
+// the broadcast weight (6 of ymm registers, 14 of zmm ones).
+constexpr int64_t kTileRows = (kRegisters - kPanelVectors - 1) / kPanelVectors;
+
+// The input rows x [M, K] transposed into panels: panel p holds rows p * kPanelRows on, as
+// `vectors` vectors at each k (two, or one for a last panel of kLanes rows or fewer), rows past
+// M zero.
+struct Panels {
+  std::vector<float> values;
+  int64_t M, K;
+  int64_t count() const { return (M + kPanelRows - 1) / kPanelRows; }
+  int64_t vectors(int64_t p) const {
+    return std::min(kPanelVectors, (M - p * kPanelRows + kLanes - 1) / kLanes);
+  }
+  const float* panel(int64_t p) const { return values.data() + p * kPanelRows * K; }
+};
+
+Panels transposed(const float* x, int64_t M, int64_t K) {
+  Panels panels{{}, M, K};
+  panels.values.assign(panels.count() * kPanelRows * K, 0.0f);
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t p = m / kPanelRows, width = panels.vectors(p) * kLanes;
+    float* panel = panels.values.data() + p * kPanelRows * K;
+    for (int64_t k = 0; k < K; ++k) panel[k * width + m % kPanelRows] = x[m * K + k];
+  }
+  return panels;
+}
+
+// y[m0 + i, r] = panel row i . w[r], for the panel's rows below M and Tile weight rows (float32,
+// row stride K; y's rows `stride` apart).
+template <int64_t Tile, int64_t Vectors>
+void tile_products(const float* w, int64_t K, const float* panel, int64_t m0, int64_t M,
+                   float* y, int64_t stride) {
+  Lanes acc[Tile][Vectors] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    Lanes xs[Vectors];
+    for (int64_t v = 0; v < Vectors; ++v) xs[v] = load<Lanes>(panel + (k * Vectors + v) * kLanes);
+    for (int64_t r = 0; r < Tile; ++r) {
+      const float weight = w[r * K + k];
+      for (int64_t v = 0; v < Vectors; ++v) acc[r][v] += weight * xs[v];
+    }
+  }
+  for (int64_t r = 0; r < Tile; ++r)
+    for (int64_t v = 0; v < Vectors; ++v)
+      for (int64_t lane = 0; lane < kLanes && m0 + v * kLanes + lane < M; ++lane)
+        y[(m0 + v * kLanes + lane) * stride + r] = acc[r][v][lane];
+}
+
+// tile_products for `tile` weight rows (at most Tile) and a panel of `vectors` vectors.
+template <int64_t Tile = kTileRows>
+void tile_products(int64_t tile, int64_t vectors, const float* w, int64_t K, const float* panel,
+                   int64_t m0, int64_t M, float* y, int64_t stride) {
+  if constexpr (Tile > 1) {
+    if (tile < Tile)
+      return tile_products<Tile - 1>(tile, vectors, w, K, panel, m0, M, y, stride);
+  }
+  if (vectors == kPanelVectors)
+    tile_products<Tile, kPanelVectors>(w, K, panel, m0, M, y, stride);
+  else
+    tile_products<Tile, 1>(w, K, panel, m0, M, y, stride);
 }
 
 // The block's weight rows widened to float32, in order.
@@ -273,56 +320,48 @@ void widen_block(const Weights& weights, int64_t n0, int64_t rows, float* widene
     for (int64_t k = 0; k < weights.K; ++k) widened[r * weights.K + k] = weights.value(n0 + r, k);
 }
 
-// A block's products: all its rows at once for a few input rows (x prepared for the kind of
-// weights); for more, kCachedRows at a time, which stay in cache while every chunk of input
-// rows reads them, narrow weights widened to float32 first (once, not once per chunk).
+// A block's products with many input rows: each panel in turn over the block's rows, a tile at
+// a time; float32 rows read where they are, others widened first (once, not once per panel).
 template <typename Weights>
-void block_products(const Weights& weights, int64_t n0, int64_t rows, const float* x,
-                    const float* prepared, int64_t M, bool prefetch, float* widened, float* y,
-                    int64_t stride) {
-  if (M <= kChunk) {
-    group_products<kRows>(weights, n0, rows, x, prepared, M, prefetch, y, stride);
-    return;
-  }
-  // The steps of a group's products, all as float32 rows: each chunk of input rows in passes,
-  // then each input row left over.
-  const int64_t group_steps = ((M / kChunk) * (kCachedRows / kPassRows<Float32Rows>) + M % kChunk)
-                              * (weights.K / kLanes);
-  for (int64_t r = 0; r < rows; r += kCachedRows) {
-    const int64_t group = std::min(kCachedRows, rows - r);
-    // The same rows kRows on (there are, where prefetch is asked).
-    Ahead ahead = prefetch ? Ahead(weights.w + (n0 + r + kRows) * weights.K,
-                                   group * weights.K * sizeof(*weights.w), group_steps)
-                           : Ahead();
-    if constexpr (std::is_same_v<Weights, Float32Rows>) {
-      group_products<kCachedRows>(weights, n0 + r, group, x, x, M, false, y + r, stride, &ahead);
-    } else {
-      widen_block(weights, n0 + r, group, widened);
-      group_products<kCachedRows>(Float32Rows{{widened, weights.K}}, 0, group, x, x, M, false,
-                                  y + r, stride, &ahead);
-    }
-  }
+void gemm_block(const Weights& weights, int64_t n0, int64_t rows, const Panels& panels,
+                float* widened, float* y, int64_t stride) {
+  const int64_t K = weights.K;
+  const float* w = widened;
+  if constexpr (std::is_same_v<Weights, Float32Rows>)
+    w = weights.w + n0 * K;
+  else
+    widen_block(weights, n0, rows, widened);
+  for (int64_t p = 0; p < panels.count(); ++p)
+    for (int64_t r = 0; r < rows; r += kTileRows)
+      tile_products(std::min(kTileRows, rows - r), panels.vectors(p), w + r * K, K,
+                    panels.panel(p), p * kPanelRows, panels.M, y + r, stride);
 }
 
 // Every block, split among torch's threads, then finish(y, n0, rows) on it while it is in
-// cache; for a few input rows, x prepared for the kind of weights first.
+// cache: for a few input rows, x prepared for the kind of weights first; for more, a GEMM over
+// x's panels.
 template <typename Weights, typename Finish>
 at::Tensor products(const Weights& weights, const at::Tensor& rows, int64_t N,
                     const Finish& finish) {
   const int64_t M = rows.size(0), K = rows.size(1);
   const int64_t steps = K / (kLanes * Weights::kParts);
   const float* x = rows.const_data_ptr<float>();
-  std::vector<float> prepared(M <= kChunk ? M * K : 0);
-  for (int64_t m = 0; m < M && M <= kChunk; ++m)
+  const bool gemm = M > kChunk;
+  std::vector<float> prepared(gemm ? 0 : M * K);
+  for (int64_t m = 0; m < M && !gemm; ++m)
     Weights::prepare(x + m * K, steps, prepared.data() + m * K);
+  const Panels panels = gemm ? transposed(x, M, K) : Panels{{}, 0, K};
   at::Tensor y = at::empty({M, N}, rows.options());
   float* yp = y.mutable_data_ptr<float>();
   at::parallel_for(0, (N + kRows - 1) / kRows, 4, [&](int64_t begin, int64_t end) {
-    std::vector<float> widened(M > kChunk ? kCachedRows * K : 0);
+    std::vector<float> widened(gemm ? kRows * K : 0);
     for (int64_t b = begin; b < end; ++b) {
       const int64_t n0 = b * kRows, block_rows = std::min(kRows, N - n0);
-      block_products(weights, n0, block_rows, x, prepared.data(), M, n0 + 2 * kRows <= N,
-                     widened.data(), yp + n0, N);
+      if (gemm)
+        gemm_block(weights, n0, block_rows, panels, widened.data(), yp + n0, N);
+      else
+        group_products<kRows>(weights, n0, block_rows, x, prepared.data(), M,
+                              n0 + 2 * kRows <= N, yp + n0, N);
       finish(yp, n0, block_rows);
     }
   });
