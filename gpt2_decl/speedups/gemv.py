@@ -95,6 +95,7 @@ def load() -> str:
     _register_fakes()
     threads = "OpenMP threads" if OPENMP in flags else "one thread (the compiler has no OpenMP)"
     int8 = {"digits": "int8 rows as VNNI dot products of int8 digits",
+            "int16": "int8 rows times int16 rows (AVX2), upcast for prompts",
             "widened": "int8 rows upcast to float32"}[torch.ops.gpt2_decl.int8_gemv_way()]
     return f"built with {cxx} for this CPU, on {threads}; {int8}"
 

@@ -161,26 +161,37 @@ def int8_weight(rows, columns, generator):
     return qdata, scale, zero_point
 
 
-# Where the kernel splits rows into two int8 digits of at most L = 127 (VNNI), each element it
-# reads is off by at most max|x| / (2 L * 2 L); where it widens, by nothing. (One digit alone
-# would be off by 2 L times more, which the bound does not allow.)
-DIGIT_LIMITS = {"digits": 127, "widened": None}
+# How far off each element of x may be read, as a fraction of max|x| in its row: split into two
+# int8 digits of at most L = 127 (VNNI), max|x| / (2 L * 2 L); rounded to int16 on a scale of
+# max|x| / 32767 (AVX2), half that scale; widened, nothing. (One int8 digit alone would be off by
+# 2 L times more than the digits' bound, which the bounds do not allow.)
+ELEMENT_ERRORS = {"digits": 1 / (4 * 127**2), "int16": 1 / (2 * 32767), "widened": 0.0}
 
 
 @pytest.mark.parametrize("rows", [1, 3])
-@pytest.mark.parametrize("columns", [200, 768])
-def test_int8_products_are_within_the_stated_error_of_the_digits(kernel, rows, columns):
+@pytest.mark.parametrize("columns", [200, 768, 5000])
+def test_int8_products_are_within_the_stated_error_of_the_rounded_rows(kernel, rows, columns):
     generator = torch.Generator().manual_seed(columns + rows)
     qdata, scale, zero_point = int8_weight(45, columns, generator)
     x = torch.randn(rows, columns, generator=generator) * 3
     ours = torch.ops.gpt2_decl.int8_gemv(x, qdata, scale, zero_point).double()
     dequantized = (qdata.double() - zero_point.double()[:, None]) * scale.double()[:, None]
     exact = float64_product(x, dequantized)
-    limit = DIGIT_LIMITS[torch.ops.gpt2_decl.int8_gemv_way()]
-    per_element = 0.0 if limit is None else x.abs().amax(1, keepdim=True).double() / (4 * limit**2)
+    fraction = ELEMENT_ERRORS[torch.ops.gpt2_decl.int8_gemv_way()]
+    per_element = x.abs().amax(1, keepdim=True).double() * fraction
     rounding = 1e-5 * (x.double().abs() @ dequantized.abs().T) + 1e-6  # float32 sums
     bound = per_element * dequantized.abs().sum(1) + rounding
     assert ((ours - exact).abs() <= bound).all()
+
+
+def test_the_largest_int8_products_of_long_rows_do_not_overflow(kernel):
+    # Every weight -128 and every element the row's largest, over 5,000 columns: integer sums
+    # far past what one int32 lane holds, and the product known by hand.
+    x = torch.full((1, 5000), 3.0)
+    qdata = torch.full((4, 5000), -128, dtype=torch.int8)
+    ours = torch.ops.gpt2_decl.int8_gemv(x, qdata, torch.full((4,), 0.5),
+                                         torch.zeros(4, dtype=torch.int8))
+    assert torch.allclose(ours, torch.full((1, 4), -128 * 3.0 * 5000 * 0.5), rtol=1e-6, atol=0)
 
 
 def test_a_nan_or_infinity_in_a_row_leaves_none_of_its_int8_products_finite(kernel):

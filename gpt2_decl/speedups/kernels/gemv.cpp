@@ -231,11 +231,20 @@ void group_products(const Weights& weights, int64_t n0, int64_t rows, const floa
       for (int64_t c = 0; c < kChunk; ++c)
         for (int64_t r = 0; r < kPass; ++r) y[(m + c) * stride + part + r] = sums[c * kPass + r];
     }
+  // One input row alone reads bfloat16 and int8 blocks a weight row at a time: one stream, which
+  // the hardware prefetcher follows better than several rows side by side, with a step's parts
+  // as independent sums (float32's one vector a step would leave one). Rows left over from a
+  // batch's chunks share the rows at work in a pass.
+  const bool alone = M == 1 && Weights::kParts > 1;
   for (; m < M; ++m) {
     constexpr int64_t kOnePass = std::min(Rows, kOneRowPassRows);
-    for (int64_t part = 0; steps > 0 && part < Rows; part += kOnePass)
-      dot_steps<1, kOnePass>(weights, prepared + m * K, steps, n0 + part, prefetch && m == 0,
-                             sums + part);
+    for (int64_t part = 0; steps > 0 && part < Rows; part += alone ? 1 : kOnePass) {
+      if (alone)
+        dot_steps<1, 1>(weights, prepared, steps, n0 + part, prefetch, sums + part);
+      else
+        dot_steps<1, kOnePass>(weights, prepared + m * K, steps, n0 + part, prefetch && m == 0,
+                               sums + part);
+    }
     for (int64_t r = 0; r < rows; ++r) y[m * stride + r] = steps > 0 ? sums[r] : 0.0f;
   }
   for (int64_t c = 0; c < M; ++c)
@@ -532,6 +541,116 @@ at::Tensor digit_products(const int8_t* w, const at::Tensor& rows, int64_t N,
 }
 #endif
 
+#if defined(__AVX2__) && !defined(__AVX512VNNI__)
+// int8 weights times input rows rounded to int16, where the CPU has AVX2 but not VNNI: each 16
+// weights sign-extended to int16 in one instruction and multiplied by the row's 16 elements in
+// another, with pairs summed into int32 lanes (`vpmaddwd`), where widening them to float32 takes
+// six; a weight row at a time, one stream for the hardware prefetcher. A row is rounded on a scale of max|x| / 32767, so each element is off by at most
+// max|x| / 65534: as close as the two int8 digits of the VNNI path (max|x| / 64516), and far finer
+// than the int8 weights' own rounding. The integer sums are exact.
+constexpr int64_t kInt16Limit = 32767;
+// Steps of 16 whose sums an int32 lane holds: each adds at most 2 * 128 * 32767 (2^23 - 2^9).
+constexpr int64_t kExactSteps = 255;
+
+struct Int16Row {
+  float scale;
+  bool finite;  // if not, nor are the row's products (int16 cannot carry NaN or inf)
+};
+
+// x rounded to int16 on its own scale, 16 elements at a time where they come in whole vectors.
+Int16Row round_to_int16(const float* x, int64_t K, int16_t* rounded) {
+  const int64_t vectors = K / 16 * 16;
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 top = _mm256_setzero_ps(), not_finite = _mm256_setzero_ps();
+  for (int64_t k = 0; k < vectors; k += 8) {
+    const __m256 value = _mm256_loadu_ps(x + k);
+    top = _mm256_max_ps(top, _mm256_and_ps(value, magnitude));
+    // x - x is NaN just where x is NaN or infinite
+    not_finite = _mm256_or_ps(not_finite, _mm256_cmp_ps(_mm256_sub_ps(value, value),
+                                                         _mm256_setzero_ps(), _CMP_NEQ_UQ));
+  }
+  float tops[8];
+  _mm256_storeu_ps(tops, top);
+  float largest = *std::max_element(tops, tops + 8);
+  bool finite = _mm256_movemask_ps(not_finite) == 0;
+  for (int64_t k = vectors; k < K; ++k) {
+    largest = std::max(largest, std::fabs(x[k]));
+    finite = finite && std::isfinite(x[k]);
+  }
+  const float scale = largest / float(kInt16Limit);
+  const float inverse = finite && scale > 0.0f ? 1.0f / scale : 0.0f;
+  for (int64_t k = 0; k < vectors; k += 16) {
+    // Rounded to nearest (the default), packed with saturation; packing interleaves the two
+    // halves, which the permutation puts back in order.
+    const __m256i low = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k),
+                                                         _mm256_set1_ps(inverse)));
+    const __m256i high = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k + 8),
+                                                          _mm256_set1_ps(inverse)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(rounded + k),
+                        _mm256_permute4x64_epi64(_mm256_packs_epi32(low, high), 0xD8));
+  }
+  for (int64_t k = vectors; k < K; ++k)
+    rounded[k] = int16_t(std::clamp(std::nearbyint(x[k] * inverse), -float(kInt16Limit),
+                                    float(kInt16Limit)));
+  return {scale, finite};
+}
+
+// w[n] . rounded over the whole steps of 16, prefetching the row kRows further on (a line every
+// four steps) if asked.
+float int16_steps(const int8_t* w, int64_t K, int64_t n, const int16_t* rounded, bool prefetch) {
+  const int64_t steps = K / 16;
+  Lanes total[1] = {};
+  for (int64_t first = 0; first < steps; first += kExactSteps) {
+    __m256i acc = _mm256_setzero_si256();
+    for (int64_t s = first; s < std::min(steps, first + kExactSteps); ++s) {
+      const int8_t* line = w + n * K + s * 16;
+      if (prefetch && s % 4 == 0) __builtin_prefetch(line + kRows * K, 0, 2);
+      const __m256i wide = _mm256_cvtepi8_epi16(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(line)));
+      const __m256i xs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rounded + s * 16));
+      acc = _mm256_add_epi32(acc, _mm256_madd_epi16(wide, xs));
+    }
+    const __m256 exact = _mm256_cvtepi32_ps(acc);
+    Lanes lanes;
+    std::memcpy(&lanes, &exact, sizeof lanes);
+    total[0] += lanes;
+  }
+  float sum;
+  sum_lanes<1>(total, &sum);
+  return sum;
+}
+
+// y[m, n] = x[m] . q[n] for M input rows (as given, and rounded to int16), every block of
+// weight rows split among torch's threads, each input row in turn over a block (the first
+// prefetching the next), then finish(y, n0, rows) on it while it is in cache.
+template <typename Finish>
+at::Tensor int16_products(const int8_t* w, const at::Tensor& rows, int64_t N,
+                          const Finish& finish) {
+  const int64_t M = rows.size(0), K = rows.size(1), whole = K / 16 * 16;
+  const float* x = rows.const_data_ptr<float>();
+  std::vector<int16_t> rounded(M * K);
+  std::vector<Int16Row> split;
+  for (int64_t m = 0; m < M; ++m) split.push_back(round_to_int16(x + m * K, K, &rounded[m * K]));
+  at::Tensor y = at::empty({M, N}, rows.options());
+  float* yp = y.mutable_data_ptr<float>();
+  at::parallel_for(0, (N + kRows - 1) / kRows, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t n0 = b * kRows, block_rows = std::min(kRows, N - n0);
+      for (int64_t m = 0; m < M; ++m) {
+        const bool prefetch = m == 0 && n0 + 2 * kRows <= N;
+        for (int64_t r = 0; r < block_rows; ++r) {
+          float dot = split[m].scale * int16_steps(w, K, n0 + r, &rounded[m * K], prefetch);
+          for (int64_t k = whole; k < K; ++k) dot += float(w[(n0 + r) * K + k]) * x[m * K + k];
+          yp[m * N + n0 + r] = split[m].finite ? dot : NAN;
+        }
+      }
+      finish(yp, n0, block_rows);
+    }
+  });
+  return y;
+}
+#endif
+
 // Rows dequantizing as (q - zero_point) * scale: scale * (x . q - zero_point * sum(x)).
 at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& qdata,
                              const at::Tensor& scale, const at::Tensor& zero_point) {
@@ -570,16 +689,21 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& qdata,
 #if defined(__AVX512VNNI__)
   if (K >= 64)
     return digit_products(qdata.const_data_ptr<int8_t>(), rows, N, scale_rows);
+#elif defined(__AVX2__)
+  if (M <= kChunk && K >= 16)  // more rows make a GEMM, arithmetic-bound, in float32
+    return int16_products(qdata.const_data_ptr<int8_t>(), rows, N, scale_rows);
 #endif
   return products(Int8Rows{{qdata.const_data_ptr<int8_t>(), K}}, rows, N, scale_rows);
 }
 
 }  // namespace
 
-// How int8 products are done here: "digits" (VNNI) or "widened".
+// How int8 products of a few rows are done here: "digits" (VNNI), "int16" (AVX2) or "widened".
 std::string int8_gemv_way() {
 #if defined(__AVX512VNNI__)
   return "digits";
+#elif defined(__AVX2__)
+  return "int16";
 #else
   return "widened";
 #endif
