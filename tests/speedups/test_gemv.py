@@ -185,13 +185,13 @@ def test_int8_products_are_within_the_stated_error_of_the_rounded_rows(kernel, r
 
 
 def test_the_largest_int8_products_of_long_rows_do_not_overflow(kernel):
-    # Every weight -128 and every element the row's largest, over 5,000 columns: integer sums
+    # Every weight -128 and every element the row's largest, over 10,000 columns: integer sums
     # far past what one int32 lane holds, and the product known by hand.
-    x = torch.full((1, 5000), 3.0)
-    qdata = torch.full((4, 5000), -128, dtype=torch.int8)
+    x = torch.full((1, 10000), 3.0)
+    qdata = torch.full((4, 10000), -128, dtype=torch.int8)
     ours = torch.ops.gpt2_decl.int8_gemv(x, qdata, torch.full((4,), 0.5),
                                          torch.zeros(4, dtype=torch.int8))
-    assert torch.allclose(ours, torch.full((1, 4), -128 * 3.0 * 5000 * 0.5), rtol=1e-6, atol=0)
+    assert torch.allclose(ours, torch.full((1, 4), -128 * 3.0 * 10000 * 0.5), rtol=1e-6, atol=0)
 
 
 def test_a_nan_or_infinity_in_a_row_leaves_none_of_its_int8_products_finite(kernel):

@@ -595,26 +595,41 @@ Int16Row round_to_int16(const float* x, int64_t K, int16_t* rounded) {
   return {scale, finite};
 }
 
-// w[n] . rounded over the whole steps of 16, prefetching the row kRows further on (a line every
-// four steps) if asked.
+// w[n] . rounded over the whole steps of 16: a line of 64 weights at a time, its steps on two
+// sums in turn, prefetching the line kRows rows further on if asked.
 float int16_steps(const int8_t* w, int64_t K, int64_t n, const int16_t* rounded, bool prefetch) {
-  const int64_t steps = K / 16;
+  const int8_t* row = w + n * K;
+  const int64_t steps = K / 16, lines = K / 64;
   Lanes total[1] = {};
-  for (int64_t first = 0; first < steps; first += kExactSteps) {
-    __m256i acc = _mm256_setzero_si256();
-    for (int64_t s = first; s < std::min(steps, first + kExactSteps); ++s) {
-      const int8_t* line = w + n * K + s * 16;
-      if (prefetch && s % 4 == 0) __builtin_prefetch(line + kRows * K, 0, 2);
-      const __m256i wide = _mm256_cvtepi8_epi16(
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(line)));
-      const __m256i xs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rounded + s * 16));
-      acc = _mm256_add_epi32(acc, _mm256_madd_epi16(wide, xs));
-    }
+  const auto step = [&](int64_t s, __m256i acc) {
+    const __m256i wide = _mm256_cvtepi8_epi16(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + s * 16)));
+    const __m256i xs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rounded + s * 16));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(wide, xs));
+  };
+  const auto add = [&](__m256i acc) {
     const __m256 exact = _mm256_cvtepi32_ps(acc);
     Lanes lanes;
     std::memcpy(&lanes, &exact, sizeof lanes);
     total[0] += lanes;
+  };
+  constexpr int64_t kExactLines = kExactSteps / 2;  // two steps of a line on each of two sums
+  for (int64_t first = 0; first < lines; first += kExactLines) {
+    __m256i a = _mm256_setzero_si256(), b = _mm256_setzero_si256();
+    const int64_t last = std::min(lines, first + kExactLines);
+    for (int64_t l = first; l < last; ++l) {
+      if (prefetch) __builtin_prefetch(row + l * 64 + kRows * K, 0, 2);
+      a = step(4 * l, a);
+      b = step(4 * l + 1, b);
+      a = step(4 * l + 2, a);
+      b = step(4 * l + 3, b);
+    }
+    add(a);
+    add(b);
   }
+  __m256i rest = _mm256_setzero_si256();
+  for (int64_t s = 4 * lines; s < steps; ++s) rest = step(s, rest);
+  add(rest);
   float sum;
   sum_lanes<1>(total, &sum);
   return sum;
