@@ -4,12 +4,15 @@ matrix, which a decoding step makes once per weight per token (kernels/gemv.cpp)
 Such a product reads the whole weight for a few multiply-adds per element, so it is bound by
 how fast the weight streams from memory. The kernel reads the weight in blocks of rows,
 prefetching the next block, and multiplies each block by every input row while it is in cache;
-bfloat16 and int8 weights are upcast to float32 in registers, sums are float32. Where the CPU
-has AVX512-VNNI, int8 weights meet the input rows as integers instead (each row split into two
-int8 digits, exact int32 dot products). On the machines measured it wins for weight-only int8
-weights, which torchao's own product dequantizes in full at every call (docs/cpu-speedups.md):
-in a decoding step (`decoding.DecodeStep`), and in a prompt's eager pass (`GemvLinear`), whose
-blocks' products have a row per token and whose output head has one per prompt.
+bfloat16 and int8 weights are upcast to float32 in registers, sums are float32. int8 weights
+meet the input rows as integers where the CPU allows: each row split into two int8 digits with
+AVX512-VNNI, rounded to int16 with AVX2 (exact integer dot products, each element of a row off
+by at most 1/65,000 of its largest). More than four rows (a prompt's tokens) make a GEMM, done
+as outer products over panels of the transposed rows. On the machines measured it wins for
+weight-only int8 weights, which torchao's own product dequantizes in full at every call, and
+for bfloat16 ones (docs/cpu-speedups.md): in a decoding step (`decoding.DecodeStep`), and in a
+prompt's eager pass (`GemvLinear`), whose blocks' products have a row per token and whose
+output head has one per prompt.
 
 It is built for this machine (`-march=native`) with the C++ compiler at hand (`$CXX`, else
 c++, g++ or clang++) and ninja, on first explicit use (`load`: a plan that times it), and kept
