@@ -33,21 +33,31 @@ def test_read_bandwidth_is_the_bytes_read_over_the_time():
     assert bandwidth.bytes_per_s(Timing((2.0,))) == pytest.approx(2**20 / 2e-3)
 
 
-def test_forward_bench_times_plain_and_tuned_compiles_beside_eager(tmp_path, capsys):
+def test_forward_bench_times_compiled_beside_eager(tmp_path):
     report_path, plot_path = tmp_path / "bench.json", tmp_path / "bench.png"
-    main([*TINY_CLI, "--seq", "8", "--runs", "1", "--tune", "--json", str(report_path),
+    main([*TINY_CLI, "--seq", "8", "--runs", "1", "--json", str(report_path),
           "--plot", str(plot_path)])
     report = json.loads(report_path.read_text())
     assert report["dtype"] == "float32" and report["threads"] == 1
     [row] = report["rows"]
     assert row["seq"] == 8 and row["max_abs_diff"] < 1e-4
-    for key in ("eager_ms", "compiled_ms", "tuned_ms", "typechecked_eager_ms",
-                "roofline_flops_per_s"):
+    for key in ("eager_ms", "compiled_ms", "typechecked_eager_ms", "roofline_flops_per_s"):
         assert row[key] > 0, key
+    assert "tuned_ms" not in row
+    assert plot_path.read_bytes().startswith(PNG_SIGNATURE)
+
+
+# A plan's frozen graph is compiled afresh in every process (inductor's FX cache passes over
+# frozen graphs): seconds that the default run leaves to the planned forward's own tests.
+@pytest.mark.slow
+def test_forward_bench_times_plain_and_tuned_compiles_beside_eager(tmp_path, capsys):
+    report_path = tmp_path / "bench.json"
+    main([*TINY_CLI, "--seq", "8", "--runs", "1", "--tune", "--json", str(report_path)])
+    [row] = json.loads(report_path.read_text())["rows"]
+    assert row["tuned_ms"] > 0 and row["max_abs_diff"] < 1e-4
     assert [choice["name"] for choice in row["plan"]["choices"]] == ["upcast_products",
                                                                  "padded_vocab"]
     assert "speed-up plan for GPT-2 n_layer=2" in capsys.readouterr().out
-    assert plot_path.read_bytes().startswith(PNG_SIGNATURE)
 
 
 @pytest.mark.slow

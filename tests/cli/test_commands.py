@@ -153,9 +153,10 @@ def test_tune_writes_a_plan_that_generate_takes(checkpoint, tmp_path, capsys):
     assert "speed-up plan for GPT-2 n_layer=1" in out and f"wrote {plan}" in out
     with pytest.raises(SystemExit, match="tuned for forward passes only"):
         main(["generate", "--prompt", "Hi", "--checkpoint", str(checkpoint), "--plan", str(plan)])
-    # A plan for decoding, as tune makes one: the GEMM template for the step's products.
+    # A plan for decoding, as tune makes one: one query's attention upcast (the frozen steps'
+    # choices, which compile for longer, are planned generation's tests).
     model = GPT2.from_pretrained(checkpoint)
-    choices = tuple(Choice(name, name == "gemm_template") for name in DECODING_CHOICES)
+    choices = tuple(Choice(name, name == "upcast_attention") for name in DECODING_CHOICES)
     Plan(describe_model(model), 1, 8, this_machine(), choices).save(plan)
     main(["generate", "--prompt", "Hi", "--checkpoint", str(checkpoint), "--max-new-tokens", "4",
           "--greedy", "--device", "cpu", "--plan", str(plan)])

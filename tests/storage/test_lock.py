@@ -7,12 +7,17 @@ import sys
 
 import pytest
 
+from gpt2_decl.storage import lock
 from gpt2_decl.storage.lock import LOCK_FILE, DirectoryInUseError, DirectoryLock
 
+# The holder loads the lock's module from its file alone (it needs only the standard library):
+# importing the package would start torch, seconds a process.
 HOLD_AND_WAIT = """
-import sys, time
-from gpt2_decl.storage.lock import DirectoryLock
-lock = DirectoryLock(sys.argv[1])
+import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("lock", sys.argv[2])
+lock_module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(lock_module)
+lock = lock_module.DirectoryLock(sys.argv[1])
 lock.acquire()
 print("held", flush=True)
 time.sleep(60)
@@ -22,8 +27,8 @@ time.sleep(60)
 @pytest.fixture
 def holder(tmp_path):
     """Another process holding `tmp_path / "out"`, and its Popen."""
-    process = subprocess.Popen([sys.executable, "-c", HOLD_AND_WAIT, str(tmp_path / "out")],
-                               stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, "-c", HOLD_AND_WAIT, str(tmp_path / "out"),
+                                lock.__file__], stdout=subprocess.PIPE, text=True)
     assert process.stdout.readline().strip() == "held"
     yield process
     process.kill()
