@@ -213,18 +213,19 @@ def run_decode(args: argparse.Namespace, model: GPT2) -> dict:
         kinds[f", {args.compare_dtype}"] = copy.deepcopy(model).to(DTYPES[args.compare_dtype])
     for scheme in args.quantize:
         kinds[f", {scheme}"] = quantize(copy.deepcopy(model), scheme)
+    # The model as loaded decodes at every batch asked for; the others at batch 1.
+    batches = {suffix: args.batch if not suffix else [1] for suffix in kinds}
     plans = {}
     if args.tune:
         print("tuning a plan for each kind of model and batch...", flush=True)
         for suffix, kind in kinds.items():
-            for rows in args.batch:
+            for rows in batches[suffix]:
                 plan = plans[(suffix, rows)] = tune(kind, batch=rows, seq=args.prompt_len)
                 print(plan.describe(), flush=True)
     ways = []
     for suffix, kind in kinds.items():
         ways += decode.ways_of_decoding(
-            kind, suffix=suffix, reference=not suffix, eager=not suffix,
-            batches=args.batch if not suffix else [1],
+            kind, suffix=suffix, reference=not suffix, eager=not suffix, batches=batches[suffix],
             plans={rows: plan for (of, rows), plan in plans.items() if of == suffix})
     gguf_files = tempfile.TemporaryDirectory()  # llama.cpp's copies of the weights, until the end
     if args.compare:
