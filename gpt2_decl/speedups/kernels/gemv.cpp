@@ -14,7 +14,8 @@
 // int8 weights meet the input rows as integers where the CPU has VNNI (AVX512-VNNI): each input
 // row is split into int8 digits and each 64 weights take one integer dot-product instruction a
 // digit, where widening them to float32 takes twelve instructions; the integer sums are exact.
-// A block of weight rows stays in cache while every input row passes over it.
+// A block of weight rows stays in cache while every input row passes over it. With AVX2 and no
+// VNNI, a few input rows are rounded to int16 instead, and meet int8 rows 16 weights at a time.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -545,11 +546,13 @@ at::Tensor digit_products(const int8_t* w, const at::Tensor& rows, int64_t N,
 // int8 weights times input rows rounded to int16, where the CPU has AVX2 but not VNNI: each 16
 // weights sign-extended to int16 in one instruction and multiplied by the row's 16 elements in
 // another, with pairs summed into int32 lanes (`vpmaddwd`), where widening them to float32 takes
-// six; a weight row at a time, one stream for the hardware prefetcher. A row is rounded on a scale of max|x| / 32767, so each element is off by at most
-// max|x| / 65534: as close as the two int8 digits of the VNNI path (max|x| / 64516), and far finer
-// than the int8 weights' own rounding. The integer sums are exact.
+// six; a weight row at a time, one stream for the hardware prefetcher. A row is rounded on a
+// scale of max|x| / 32767, so each element is off by at most max|x| / 65534: as close as the
+// two int8 digits of the VNNI path (max|x| / 64516), and far finer than the int8 weights' own
+// rounding. The integer sums are exact. Written in ymm registers, so for AVX-512 without VNNI
+// too.
 constexpr int64_t kInt16Limit = 32767;
-// Steps of 16 whose sums an int32 lane holds: each adds at most 2 * 128 * 32767 (2^23 - 2^9).
+// Steps of 16 whose sums an int32 lane holds: each adds at most 2 * 128 * 32767 (2^23 - 2^8).
 constexpr int64_t kExactSteps = 255;
 
 struct Int16Row {
@@ -600,19 +603,14 @@ Int16Row round_to_int16(const float* x, int64_t K, int16_t* rounded) {
 float int16_steps(const int8_t* w, int64_t K, int64_t n, const int16_t* rounded, bool prefetch) {
   const int8_t* row = w + n * K;
   const int64_t steps = K / 16, lines = K / 64;
-  Lanes total[1] = {};
+  __m256 total = _mm256_setzero_ps();
   const auto step = [&](int64_t s, __m256i acc) {
     const __m256i wide = _mm256_cvtepi8_epi16(
         _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + s * 16)));
     const __m256i xs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rounded + s * 16));
     return _mm256_add_epi32(acc, _mm256_madd_epi16(wide, xs));
   };
-  const auto add = [&](__m256i acc) {
-    const __m256 exact = _mm256_cvtepi32_ps(acc);
-    Lanes lanes;
-    std::memcpy(&lanes, &exact, sizeof lanes);
-    total[0] += lanes;
-  };
+  const auto add = [&](__m256i acc) { total = _mm256_add_ps(total, _mm256_cvtepi32_ps(acc)); };
   constexpr int64_t kExactLines = kExactSteps / 2;  // two steps of a line on each of two sums
   for (int64_t first = 0; first < lines; first += kExactLines) {
     __m256i a = _mm256_setzero_si256(), b = _mm256_setzero_si256();
@@ -630,9 +628,9 @@ float int16_steps(const int8_t* w, int64_t K, int64_t n, const int16_t* rounded,
   __m256i rest = _mm256_setzero_si256();
   for (int64_t s = 4 * lines; s < steps; ++s) rest = step(s, rest);
   add(rest);
-  float sum;
-  sum_lanes<1>(total, &sum);
-  return sum;
+  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(total), _mm256_extractf128_ps(total, 1));
+  const __m128 quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_add_ss(quarter, _mm_movehdup_ps(quarter)));
 }
 
 // y[m, n] = x[m] . q[n] for M input rows (as given, and rounded to int16), every block of
