@@ -160,20 +160,13 @@ struct BFloat16Rows : WeightRows<uint16_t, 4> {
 // int8 (scaled after the sum): a step is four vectors' worth, 64 weights (a cache line) in zmm
 // registers, 32 in ymm ones.
 struct Int8Rows : WeightRows<int8_t, 4> {
+  // Where the CPU has AVX2 or VNNI, a few rows' int8 products are integer ones (below), so this
+  // serves CPUs with neither.
   void widen(int64_t n, int64_t s, Lanes* parts) const {
     const int8_t* weights = step(n, s);
-#if defined(__AVX2__) && !defined(__AVX512F__)
-    // A vector is a ymm register: 8 weights sign-extended and converted, in two instructions.
-    for (int64_t p = 0; p < 4; ++p) {
-      const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(weights + p * kLanes));
-      const __m256 widened = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
-      std::memcpy(&parts[p], &widened, sizeof(Lanes));
-    }
-#else
     float widened[4 * kLanes];  // a plain loop: compilers vectorize it better than a vector cast
     for (int64_t i = 0; i < 4 * kLanes; ++i) widened[i] = float(weights[i]);
     for (int64_t p = 0; p < 4; ++p) parts[p] = load<Lanes>(widened + p * kLanes);
-#endif
   }
   float value(int64_t n, int64_t k) const { return float(w[n * K + k]); }
 };
