@@ -14,6 +14,8 @@ from gpt2_decl.cli import main
 from gpt2_decl.core.timing import Timing
 
 TINY_CLI = ["bench", "--n-layer", "2", "--d-model", "64", "--n-head", "4", "--threads", "1"]
+# Smokes of whole commands compile one block: each compile costs half what two blocks' would.
+ONE_BLOCK_CLI = ["bench", "--n-layer", "1", "--d-model", "64", "--n-head", "4", "--threads", "1"]
 TINY_DECODE = ["bench", "--generate", "--n-layer", "1", "--n-head", "2", "--d-model", "32",
                "--prompt-len", "4", "--new-tokens", "3", "--device", "cpu", "--threads", "1"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -35,7 +37,7 @@ def test_read_bandwidth_is_the_bytes_read_over_the_time():
 
 def test_forward_bench_times_compiled_beside_eager(tmp_path):
     report_path, plot_path = tmp_path / "bench.json", tmp_path / "bench.png"
-    main([*TINY_CLI, "--seq", "8", "--runs", "1", "--json", str(report_path),
+    main([*ONE_BLOCK_CLI, "--seq", "8", "--runs", "1", "--json", str(report_path),
           "--plot", str(plot_path)])
     report = json.loads(report_path.read_text())
     assert report["dtype"] == "float32" and report["threads"] == 1
@@ -237,16 +239,16 @@ def test_a_trial_decode_by_llama_cpp_says_how_its_own_process_ended(tmp_path):
 
 def test_capture_bench_times_each_way_and_counts_what_it_captured(tmp_path, capsys):
     report_path = tmp_path / "capture.json"
-    main([*TINY_CLI, "--capture", "--seq", "8", "--runs", "1", "--json", str(report_path)])
+    main([*ONE_BLOCK_CLI, "--capture", "--seq", "8", "--runs", "1", "--json", str(report_path)])
     rows = {row["name"]: row for row in json.loads(report_path.read_text())["rows"]}
     assert list(rows) == ["compiled, plain", "compiled, resid_post", "compiled, all but patterns",
                           "compiled, everything", "eager, everything"]
-    # By hand: 2 blocks of 15 names, 5 of the model's; 2 of each block's are the patterns.
+    # By hand: 1 block of 15 names, 5 of the model's; 2 of the block's are the patterns.
     counts = {name: row["captured"] for name, row in rows.items()}
-    assert counts == {"compiled, plain": 0, "compiled, resid_post": 2,
-                      "compiled, all but patterns": 31, "compiled, everything": 35,
-                      "eager, everything": 35}
-    assert rows["compiled, resid_post"]["captured_bytes"] == 2 * 8 * 64 * 4  # float32
+    assert counts == {"compiled, plain": 0, "compiled, resid_post": 1,
+                      "compiled, all but patterns": 18, "compiled, everything": 20,
+                      "eager, everything": 20}
+    assert rows["compiled, resid_post"]["captured_bytes"] == 8 * 64 * 4  # float32
     assert all(row["median_ms"] > 0 for row in rows.values())
     assert "over plain" in capsys.readouterr().out
 

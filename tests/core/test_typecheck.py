@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -121,16 +122,23 @@ def test_context_manager_restores_and_switches_at_runtime():
     assert gpt2_decl.is_typechecked()
 
 
-@pytest.mark.parametrize(
-    ("value", "expected"), [("1", True), ("true", True), ("0", False), ("", False)]
-)
-def test_environment_variable_switches_it_on(value, expected):
-    env = {**os.environ, "GPT2_DECL_TYPECHECK": value}
-    out = subprocess.run(
-        [sys.executable, "-c", "import gpt2_decl; print(gpt2_decl.is_typechecked())"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    assert out == str(expected)
+# Imports the package with the variable set, then reads the module afresh under other values.
+READ_THE_VARIABLE = """
+import importlib, json, os, sys
+import gpt2_decl
+from gpt2_decl.core import typecheck
+seen = {os.environ["GPT2_DECL_TYPECHECK"]: gpt2_decl.is_typechecked()}
+for value in sys.argv[1:]:
+    os.environ["GPT2_DECL_TYPECHECK"] = value
+    seen[value] = importlib.reload(typecheck).is_typechecked()
+print(json.dumps(seen))
+"""
+
+
+def test_environment_variable_switches_it_on():
+    expected = {"1": True, "true": True, " On ": True, "0": False, "": False, "no": False}
+    first, *others = expected
+    out = subprocess.run([sys.executable, "-c", READ_THE_VARIABLE, *others],
+                         env={**os.environ, "GPT2_DECL_TYPECHECK": first},
+                         capture_output=True, text=True, check=True).stdout
+    assert json.loads(out) == expected

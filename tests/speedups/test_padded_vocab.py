@@ -36,15 +36,6 @@ def test_padding_goes_with_the_upcast_products_it_follows(tiny_config, tokens):
     assert counts == {"upcast_linear": 9, "padded_vocab": 1}
 
 
-def test_padded_logits_are_the_models_in_rows_of_the_padded_length(tiny_model, tokens):
-    with torch.no_grad():
-        logits = compile_with(tiny_model, PaddedVocab(), freeze=True, plan=None)(tokens)
-    vocab = tiny_model.config.vocab_size  # 97: padded to 112
-    assert logits.shape == (*tokens.shape, vocab) and logits.stride()[-2:] == (112, 1)
-    assert torch.allclose(logits, reference_logits(tiny_model, tokens), atol=1e-5)
-    assert logits.view(-1, vocab).shape == (tokens.numel(), vocab)
-
-
 class HeadByKeyword(torch.nn.Module):
     """A head whose product names its weight, for the rewrite's keyword branch."""
 

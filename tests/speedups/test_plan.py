@@ -132,28 +132,34 @@ def test_a_plan_is_passed_alone_and_a_forward_plan_does_not_decode(tiny_model):
         tiny_model.generate(prompt, 2, plan=plan_for(tiny_model, decoding=False))
 
 
-@pytest.mark.parametrize("used", [(), ("padded_vocab",)])
-def test_a_planned_forward_equals_the_longhand_model_and_times_nothing(tiny_model, tokens, used,
+# With nothing used, a plan's forward is the frozen compile that test_compile checks.
+def test_a_planned_forward_equals_the_longhand_model_and_times_nothing(tiny_model, tokens,
                                                                        no_timing):
+    plan = plan_for(tiny_model, 3, ("padded_vocab",))
     with torch.no_grad():
-        logits = gpt2_decl.compile(tiny_model, plan=plan_for(tiny_model, 3, used))(tokens)
+        logits = gpt2_decl.compile(tiny_model, plan=plan)(tokens)
+    vocab = tiny_model.config.vocab_size  # 97: padded to 112
+    assert logits.shape == (*tokens.shape, vocab) and logits.stride()[-2:] == (112, 1)
     assert torch.allclose(logits, reference_logits(tiny_model, tokens), atol=1e-5)
-    assert logits.stride()[-2] == (112 if used else 97)  # a vocab of 97, padded to 112
+    assert logits.view(-1, vocab).shape == (tokens.numel(), vocab)
 
 
-@pytest.mark.parametrize("used", [("upcast_products",), ("upcast_products", "padded_vocab")])
-def test_upcast_bfloat16_forward_is_within_bfloat16_rounding_of_float64(tiny_config, tokens, used,
+def test_upcast_bfloat16_forward_is_within_bfloat16_rounding_of_float64(tiny_config, tokens,
                                                                           no_timing):
     model = GPT2(tiny_config).to(torch.bfloat16).eval()
     exact = reference_logits(GPT2(tiny_config).double().eval(), tokens)
     with torch.no_grad():
+        # Both, as tune picks them for bfloat16: the padded head's product is upcast too.
+        used = ("upcast_products", "padded_vocab")
         planned = gpt2_decl.compile(model, plan=plan_for(model, 3, used=used))
         upcast, library = planned(tokens).double(), model(tokens).double()
     # The upcast products round once where the library's bfloat16 ones round the same way.
     assert (upcast - exact).abs().max() <= 1.5 * (library - exact).abs().max() + 1e-2
 
 
-@pytest.mark.parametrize("used", [(), ("gemm_template", "upcast_attention", "upcast_prompt"),
+# With nothing used, a plan's step is the same backend rewriting nothing, with the options
+# that both cases below also take.
+@pytest.mark.parametrize("used", [("gemm_template", "upcast_attention", "upcast_prompt"),
                                   ("gemv_kernel", "gemv_prompt")])
 def test_planned_generation_equals_eager_and_times_nothing(tiny_model, used, no_timing):
     prompt = torch.randint(tiny_model.config.vocab_size, (2, 5),
