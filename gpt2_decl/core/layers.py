@@ -97,12 +97,13 @@ def attention_scores(
     visible: Bool[Tensor, "#batch 1 seq kv_seq"] | None,
 ) -> Float[Tensor, "batch head seq kv_seq"]:
     """Each query's dot product with every key, scaled by 1/sqrt(d_head); -inf where the key is
-    hidden (`visible`, or with no mask, the keys after the query's own position)."""
-    scores = q @ keys.mT / math.sqrt(q.shape[-1])
+    hidden (`visible`, or with no mask, the keys after the query's own position). The scale
+    goes on the queries (d_head numbers a row, not kv_seq) and the mask into the new scores."""
+    scores = (q / math.sqrt(q.shape[-1])) @ keys.mT
     if visible is None:
         seq, kv_seq = scores.shape[-2:]
         visible = torch.ones(seq, kv_seq, dtype=torch.bool, device=q.device).tril(kv_seq - seq)
-    return scores.masked_fill(~visible, float("-inf"))
+    return scores.masked_fill_(~visible, float("-inf"))
 
 
 @shape_checked
