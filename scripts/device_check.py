@@ -383,12 +383,10 @@ def ddp(model: gpt2_decl.GPT2, sizes: Sizes, dtype: torch.dtype) -> dict:
 def capture(model: gpt2_decl.GPT2, sizes: Sizes, dtype: torch.dtype) -> dict:
     """Capturing activations, compiled, beside the plain compiled forward, at the forward
     part's sizes; and TransformerLens' run_with_cache on the same weights where installed."""
-    ours = gpt2_decl.GPT2(model.config).to(device=model.device, dtype=dtype).eval()
-    ours.load_state_dict(model.state_dict())
     batch, seq = sizes.forward
-    tokens = random_tokens(model.config.vocab_size, batch, seq, model.device, 0)
-    lens = bench_capture.transformer_lens_copy(ours)
-    rows = bench_capture.benchmark_capture(ours, tokens, runs=sizes.runs, warmup=2, lens=lens)
+    setup = bench_capture.Setup(model.config, dtype, str(model.device), batch, seq)
+    rows = bench_capture.benchmark_capture(
+        setup, runs=sizes.runs, warmup=2, compare_lens=bench_capture.transformer_lens_installed())
     print(bench_capture.format_table(rows))
     result = {"batch": batch, "seq": seq,
               **{f"{row.name} ms": row.timing.median_ms for row in rows},

@@ -58,7 +58,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="compile the plain model with inductor's weight freezing")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="first have malloc keep large freed buffers for reuse, for the "
-                        "whole process: every model timed (speedups.freed_memory)")
+                        "whole process: every model timed (with --capture, in every way's own "
+                        "process) (speedups.freed_memory)")
     parser.add_argument("--tune", action="store_true",
                         help="also time the model compiled with a speed-up plan tuned here, for "
                         "each sequence length (forward) or batch and kind of model (decoding)")
@@ -172,10 +173,13 @@ def run_capture(args: argparse.Namespace, model: GPT2) -> dict:
     if seq > model.config.n_ctx:
         raise SystemExit(f"error: --seq {seq} longer than the context of {model.config.n_ctx}")
     print(f"{describe(model)}, batch {batch}, {seq} tokens, {model.dtype} on {model.device}")
-    lens = capture.transformer_lens_copy(model) if args.compare == "transformer_lens" else None
-    tokens = random_tokens(model.config.vocab_size, batch, seq, model.device, args.seed)
-    rows = capture.benchmark_capture(model, tokens, runs=args.runs, warmup=args.warmup,
-                                     lens=lens, log=lambda message: print(message, flush=True))
+    compare_lens = args.compare == "transformer_lens" and capture.transformer_lens_installed()
+    setup = capture.Setup(model.config, model.dtype, str(model.device), batch, seq, args.seed,
+                          threads=args.threads, typecheck=is_typechecked(),
+                          keep_freed_memory=bool(args.keep_freed_memory))
+    rows = capture.benchmark_capture(setup, runs=args.runs, warmup=args.warmup,
+                                     compare_lens=compare_lens,
+                                     log=lambda message: print(message, flush=True))
     print("\n" + capture.format_table(rows))
     figures = {}
     for ours in ("compiled, everything", "eager, everything"):
@@ -190,7 +194,8 @@ def run_capture(args: argparse.Namespace, model: GPT2) -> dict:
     return {"batch": batch, "seq": seq, "speed_ratios": figures,
             "rows": [{"name": row.name, "median_ms": row.timing.median_ms,
                       "runs_ms": list(row.timing.times_ms), "captured": row.captured,
-                      "captured_bytes": row.captured_bytes, "peak_bytes": row.peak_bytes}
+                      "captured_bytes": row.captured_bytes, "fresh_bytes": row.fresh_bytes,
+                      "peak_bytes": row.peak_bytes}
                      for row in rows]}
 
 

@@ -8,9 +8,10 @@ import sys
 import pytest
 import torch
 
-from gpt2_decl.bench import decode, engines
+from gpt2_decl.bench import capture, decode, engines
 from gpt2_decl.bench.measure import ReadBandwidth
 from gpt2_decl.cli import main
+from gpt2_decl.core.config import GPT2Config
 from gpt2_decl.core.timing import Timing
 
 TINY_CLI = ["bench", "--n-layer", "2", "--d-model", "64", "--n-head", "4", "--threads", "1"]
@@ -249,8 +250,15 @@ def test_capture_bench_times_each_way_and_counts_what_it_captured(tmp_path, caps
                       "compiled, all but patterns": 18, "compiled, everything": 20,
                       "eager, everything": 20}
     assert rows["compiled, resid_post"]["captured_bytes"] == 8 * 64 * 4  # float32
-    assert all(row["median_ms"] > 0 for row in rows.values())
+    assert all(row["median_ms"] > 0 and row["fresh_bytes"] >= 0 for row in rows.values())
     assert "over plain" in capsys.readouterr().out
+
+
+def test_a_way_that_fails_in_its_process_is_an_error_naming_the_way():
+    config = GPT2Config(n_layer=1, n_head=2, d_model=32, n_ctx=8)
+    too_long = capture.Setup(config, torch.float32, "cpu", batch=1, seq=9)
+    with pytest.raises(RuntimeError, match=r"(?s)compiled, plain: its process failed.*9 tokens"):
+        capture.benchmark_capture(too_long, runs=1, warmup=0, log=lambda message: None)
 
 
 def test_transformer_lens_is_for_capture():
