@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from gpt2_decl.bench.measure import random_tokens
 from gpt2_decl.core.activations import PATTERN_SITES, all_names, site_of
+from gpt2_decl.core.compiling import SpeedPlan
 from gpt2_decl.core.compiling import compile as compile_model
 from gpt2_decl.core.config import GPT2Config
 from gpt2_decl.core.devices import synchronize
@@ -50,7 +51,8 @@ class CaptureRow:
 class Setup:
     """What every way's process builds: GPT-2 of `config` (its seeded random weights) in
     `dtype` on `device`, random tokens (`batch` x `seq`, from `seed`), and the process's
-    settings (`threads`, typechecked mode, malloc keeping freed memory)."""
+    settings (`threads`, typechecked mode, malloc keeping freed memory). With a speed-up
+    `plan`, the compiled ways compile with it."""
 
     config: GPT2Config
     dtype: torch.dtype
@@ -61,6 +63,7 @@ class Setup:
     threads: int | None = None
     typecheck: bool = False
     keep_freed_memory: bool = False
+    plan: SpeedPlan | None = None
 
 
 def ways_of_capturing(model: nn.Module) -> dict[str, object]:
@@ -197,7 +200,7 @@ def _build(way: str, setup: Setup) -> tuple[Callable[[], tuple[Tensor, dict]], t
     if way == "eager, everything":
         return (lambda: model.run_with_cache(tokens)), model.device
     names = ways_of_capturing(model)[way.removeprefix("compiled, ")]
-    compiled = compile_model(model)
+    compiled = compile_model(model, plan=setup.plan)
     if names is None:
         return (lambda: (compiled(tokens), {})), model.device
     return (lambda: compiled.run_with_cache(tokens, names)), model.device

@@ -62,7 +62,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "process) (speedups.freed_memory)")
     parser.add_argument("--tune", action="store_true",
                         help="also time the model compiled with a speed-up plan tuned here, for "
-                        "each sequence length (forward) or batch and kind of model (decoding)")
+                        "each sequence length (forward) or batch and kind of model (decoding); "
+                        "with --capture, compile the compiled ways with it instead")
     parser.add_argument("--compare", choices=["llama.cpp", "transformers", "transformer_lens"],
                         help="forward passes: also transformers' model compiled, on the same "
                         "weights; decoding: also llama.cpp on the same weights, F32 and BF16, "
@@ -174,9 +175,12 @@ def run_capture(args: argparse.Namespace, model: GPT2) -> dict:
         raise SystemExit(f"error: --seq {seq} longer than the context of {model.config.n_ctx}")
     print(f"{describe(model)}, batch {batch}, {seq} tokens, {model.dtype} on {model.device}")
     compare_lens = args.compare == "transformer_lens" and capture.transformer_lens_installed()
+    plan = tune(model, batch=batch, seq=seq, decoding=False) if args.tune else None
+    if plan is not None:
+        print(f"the compiled ways compile with this plan:\n{plan}", flush=True)
     setup = capture.Setup(model.config, model.dtype, str(model.device), batch, seq, args.seed,
                           threads=args.threads, typecheck=is_typechecked(),
-                          keep_freed_memory=bool(args.keep_freed_memory))
+                          keep_freed_memory=bool(args.keep_freed_memory), plan=plan)
     rows = capture.benchmark_capture(setup, runs=args.runs, warmup=args.warmup,
                                      compare_lens=compare_lens,
                                      log=lambda message: print(message, flush=True))
@@ -191,7 +195,8 @@ def run_capture(args: argparse.Namespace, model: GPT2) -> dict:
     for way in ("resid_post", "all but patterns", "everything"):
         figures[f"compiled, {way} / plain"] = 1 / capture.turn_ratio(
             rows, f"compiled, {way}", "compiled, plain")
-    return {"batch": batch, "seq": seq, "speed_ratios": figures,
+    return {"batch": batch, "seq": seq, "plan": None if plan is None else plan.to_dict(),
+            "speed_ratios": figures,
             "rows": [{"name": row.name, "median_ms": row.timing.median_ms,
                       "runs_ms": list(row.timing.times_ms), "captured": row.captured,
                       "captured_bytes": row.captured_bytes, "fresh_bytes": row.fresh_bytes,

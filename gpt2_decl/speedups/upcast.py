@@ -7,11 +7,13 @@ float32, up to the order of the sums. Weight-only int8 weights (`quantize`) are 
 float32 the same way: torchao's own product of many rows dequantizes them to bfloat16 first.
 
 `UpcastProducts` rewrites the compiled graph's products of two or more rows (GEMMs; one row is
-a GEMV, decoding's); `UpcastLinear` does it for eager products within it (a prompt before
-decoding). Whether either pays is the plan's to measure (`tune`): where the CPU has bfloat16
-arithmetic, the library's product wins.
+a GEMV, decoding's) and the batched products of two activations: queries by keys and patterns
+by values, in the layers whose patterns are captured or patched. `UpcastLinear` does it for
+eager products within it (a prompt before decoding). Whether either pays is the plan's to
+measure (`tune`): where the CPU has bfloat16 arithmetic, the library's product wins.
 """
 
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,6 +26,7 @@ from gpt2_decl.speedups.quantize import int8_rows
 from gpt2_decl.speedups.rewrites import (
     GraphRewrite,
     LinearMode,
+    example_value,
     linear_arguments,
     on_cpu,
     rows,
@@ -48,6 +51,11 @@ def upcast_weight(weight: Tensor) -> Tensor:
     return (qdata.float() - zero_point.float()) * scale.float()
 
 
+def upcast_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """`a @ b` in float32, the result in `a`'s dtype."""
+    return torch.matmul(a.float(), b.float()).to(a.dtype)
+
+
 def upcasts(x: Tensor, weight: Tensor) -> bool:
     """Whether a product of `x` and `weight` is one to upcast: a bfloat16 (or float16) weight
     and input, or a weight-only int8 weight."""
@@ -60,9 +68,16 @@ def upcasts(x: Tensor, weight: Tensor) -> bool:
 
 @dataclass(frozen=True)
 class UpcastProducts(GraphRewrite):
-    """A compile backend: the CPU GEMMs (two or more rows) that `upcasts` takes, upcast."""
+    """A compile backend: the CPU GEMMs (two or more rows) that `upcasts` takes, and the
+    CPU products of two bfloat16 (or float16) activations, upcast."""
 
     def replacement(self, node: fx.Node) -> Callable | None:
+        if node.target in (operator.matmul, torch.matmul):
+            a, b = (example_value(arg) for arg in node.args[:2])
+            if a is None or b is None or not on_cpu(a, b) or a.dtype not in NARROW_DTYPES \
+                    or b.dtype != a.dtype:
+                return None
+            return upcast_matmul if rows(a) >= 2 else None
         if node.target is not F.linear:
             return None
         x, weight = linear_arguments(node)

@@ -254,6 +254,19 @@ def test_capture_bench_times_each_way_and_counts_what_it_captured(tmp_path, caps
     assert "over plain" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_capture_bench_compiles_the_compiled_ways_with_a_tuned_plan(tmp_path):
+    report_path = tmp_path / "capture.json"
+    main([*ONE_BLOCK_CLI, "--capture", "--tune", "--dtype", "bfloat16", "--seq", "8",
+          "--runs", "1", "--warmup", "0", "--json", str(report_path)])
+    report = json.loads(report_path.read_text())
+    assert report["plan"]["format"] == "gpt2_decl speed-up plan"
+    assert report["plan"]["decoding"] is False
+    rows = {row["name"]: row for row in report["rows"]}
+    assert rows["compiled, everything"]["captured"] == 20
+    assert rows["compiled, resid_post"]["captured_bytes"] == 8 * 64 * 2  # bfloat16
+
+
 def test_a_way_that_fails_in_its_process_is_an_error_naming_the_way():
     config = GPT2Config(n_layer=1, n_head=2, d_model=32, n_ctx=8)
     too_long = capture.Setup(config, torch.float32, "cpu", batch=1, seq=9)

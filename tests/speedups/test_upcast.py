@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from helpers import rewrites_in_trace
 
 from gpt2_decl import GPT2
-from gpt2_decl.speedups.upcast import UpcastLinear, UpcastProducts, upcast_linear
+from gpt2_decl.core.activations import Taps
+from gpt2_decl.speedups.upcast import UpcastLinear, UpcastProducts, upcast_linear, upcast_matmul
 
 
 def test_an_upcast_product_rounds_once_as_the_library_does():
@@ -30,6 +31,32 @@ def test_gemms_of_bfloat16_weights_are_upcast_and_gemvs_are_not(tiny_config, bat
         counts = rewrites_in_trace(model, UpcastProducts(), tokens)
     # Four products a block, two blocks, and the head.
     assert counts == ({"upcast_linear": upcast} if upcast else {})
+
+
+def test_a_batched_product_of_activations_rounds_once_as_the_library_does():
+    generator = torch.Generator().manual_seed(0)
+    q, keys = (torch.randn(size, generator=generator).to(torch.bfloat16)
+               for size in ((2, 3, 9, 64), (2, 3, 64, 11)))
+    exact = q.double() @ keys.double()
+    ours, library = upcast_matmul(q, keys), q @ keys
+    assert ours.dtype == torch.bfloat16
+    assert ((ours.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-3).all()
+    assert (ours.double() - library.double()).abs().max() <= 2 * 2**-8 * exact.abs().max()
+
+
+@pytest.mark.parametrize("dtype, upcast", [(torch.bfloat16, {"upcast_linear": 9,
+                                                             "upcast_matmul": 2}),
+                                           (torch.float32, {})])
+def test_the_products_of_a_layer_that_gives_its_pattern_are_upcast_too(tiny_config, dtype,
+                                                                       upcast):
+    model = GPT2(tiny_config).to(dtype).eval()
+    taps = Taps(capture=frozenset({"blocks.1.pattern"}))
+    with torch.no_grad():
+        counts = rewrites_in_trace(model, UpcastProducts(), torch.zeros(1, 5, dtype=torch.long),
+                                   taps=taps)
+    # Block 1 multiplies queries by keys and its pattern by the values; block 0 uses the
+    # library's attention, which has no product in the graph.
+    assert counts == upcast
 
 
 def test_float32_products_are_left_alone(tiny_model, tokens):
