@@ -174,7 +174,7 @@ def _serve(way: str, setup: Setup, connection) -> None:
         if setup.threads:
             torch.set_num_threads(setup.threads)
         set_typechecked(setup.typecheck)
-        call, device = _build(way, setup)
+        call, device = _build(way, setup), torch.device(setup.device)
         with torch.no_grad():
             call()
             connection.send(("ready", None))
@@ -189,21 +189,21 @@ def _serve(way: str, setup: Setup, connection) -> None:
         connection.send(("error", traceback.format_exc()))
 
 
-def _build(way: str, setup: Setup) -> tuple[Callable[[], tuple[Tensor, dict]], torch.device]:
+def _build(way: str, setup: Setup) -> Callable[[], tuple[Tensor, dict]]:
     """The way's call (logits and what it captured) on its own copy of the model and tokens."""
     model = GPT2(setup.config).to(device=setup.device, dtype=setup.dtype).eval()
     tokens = random_tokens(setup.config.vocab_size, setup.batch, setup.seq, model.device,
                            setup.seed)
     if way == TRANSFORMER_LENS:
         lens = transformer_lens_copy(model)
-        return (lambda: lens.run_with_cache(tokens)), model.device
+        return lambda: lens.run_with_cache(tokens)
     if way == "eager, everything":
-        return (lambda: model.run_with_cache(tokens)), model.device
+        return lambda: model.run_with_cache(tokens)
     names = ways_of_capturing(model)[way.removeprefix("compiled, ")]
     compiled = compile_model(model, plan=setup.plan)
     if names is None:
-        return (lambda: (compiled(tokens), {})), model.device
-    return (lambda: compiled.run_with_cache(tokens, names)), model.device
+        return lambda: (compiled(tokens), {})
+    return lambda: compiled.run_with_cache(tokens, names)
 
 
 def _measure(call: Callable[[], tuple[Tensor, dict]], device: torch.device
