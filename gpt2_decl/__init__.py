@@ -1,6 +1,6 @@
 """gpt2_decl: GPT-2 written as shape-annotated, declarative PyTorch."""
 
-import importlib
+from importlib import import_module as _import_module
 
 from gpt2_decl.core.activations import ActivationCache, Patch
 from gpt2_decl.core.compiling import CompiledGPT2, compile
@@ -49,9 +49,9 @@ __all__ = [
 
 def __getattr__(name: str) -> object:
     if name in _ON_FIRST_USE:
-        return getattr(importlib.import_module(_ON_FIRST_USE[name]), name)
+        return getattr(_import_module(_ON_FIRST_USE[name]), name)
     if name in _SUBPACKAGES:
-        return importlib.import_module(f"{__name__}.{name}")
+        return _import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
