@@ -66,20 +66,19 @@ class Setup:
     plan: SpeedPlan | None = None
 
 
-def ways_of_capturing(model: nn.Module) -> dict[str, object]:
+def ways_of_capturing(config: GPT2Config) -> dict[str, object]:
     """The names each compiled way captures: none, every block's resid_post, every name but
     the patterns (and scores), every name."""
-    names = all_names(model.config)
+    names = all_names(config)
     return {"plain": None,
             "resid_post": "blocks.*.resid_post",
             "all but patterns": [name for name in names if site_of(name) not in PATTERN_SITES],
             "everything": names}
 
 
-def way_names(compare_lens: bool) -> list[str]:
+def way_names(config: GPT2Config, compare_lens: bool) -> list[str]:
     """Every way the bench times, in the order of its turns and its table."""
-    compiled = [f"compiled, {way}" for way in ("plain", "resid_post", "all but patterns",
-                                                "everything")]
+    compiled = [f"compiled, {way}" for way in ways_of_capturing(config)]
     return [*compiled, "eager, everything", *([TRANSFORMER_LENS] if compare_lens else [])]
 
 
@@ -97,7 +96,7 @@ def benchmark_capture(setup: Setup, *, runs: int, warmup: int, compare_lens: boo
     turns, then measure each way's captures, fresh memory and peak over one more call."""
     with contextlib.ExitStack() as stack:
         processes: dict[str, WayProcess] = {}
-        for way in way_names(compare_lens):
+        for way in way_names(setup.config, compare_lens):
             log(f"compiling / warming up in a process of its own: {way}")
             processes[way] = stack.enter_context(WayProcess(way, setup))
         log(f"timing {len(processes)} ways in turn ({warmup} warm-up, {runs} runs)...")
@@ -199,7 +198,7 @@ def _build(way: str, setup: Setup) -> Callable[[], tuple[Tensor, dict]]:
         return lambda: lens.run_with_cache(tokens)
     if way == "eager, everything":
         return lambda: model.run_with_cache(tokens)
-    names = ways_of_capturing(model)[way.removeprefix("compiled, ")]
+    names = ways_of_capturing(setup.config)[way.removeprefix("compiled, ")]
     compiled = compile_model(model, plan=setup.plan)
     if names is None:
         return lambda: (compiled(tokens), {})
