@@ -11,6 +11,7 @@ graph. See docs/activations.md.
 
 import difflib
 import fnmatch
+import operator
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -274,24 +275,14 @@ def _axis_mask(name: str, what: str, chosen: object, axes: list[str], shape: tup
     """A boolean mask over `axis` (and the batch, for per-row choices) that broadcasts to the
     activation: True where `chosen` picks."""
     size, batch = shape[axes.index(axis)], shape[0]
-    if isinstance(chosen, Tensor) and chosen.dtype == torch.bool:
-        if tuple(chosen.shape) not in ((size,), (batch, size)):
-            raise ShapeError(f"patch of {name}: {what} as booleans must have shape [{size}] or "
-                             f"[{batch}, {size}] ({axis} or batch {axis}), got "
-                             f"{list(chosen.shape)}")
+    if isinstance(chosen, Tensor) and chosen.dtype == torch.bool and chosen.dim() == 2:
+        if tuple(chosen.shape) != (batch, size):
+            raise ShapeError(f"patch of {name}: {what} as booleans per row must have shape "
+                             f"[{batch}, {size}] (batch {axis}), got {list(chosen.shape)}")
         picked = chosen.to(device)
     else:
-        indices = _indices(chosen, size)
-        if indices is None:
-            raise TypeError(f"patch of {name}: {what} must be an int, a list, a slice or "
-                            f"booleans, got {type(chosen).__name__}")
-        bad = [index for index in indices if not isinstance(index, int)
-               or isinstance(index, bool) or not -size <= index < size]
-        if bad:
-            raise ValueError(f"patch of {name}: {what} {bad[0]!r} is out of range for {axis} "
-                             f"of size {size}")
         picked = torch.zeros(size, dtype=torch.bool, device=device)
-        picked[[index % size for index in indices]] = True
+        picked[_indices(chosen, size, f"patch of {name}: {what}", axis)] = True
     # To the activation's axes: batch first (if per row), the chosen axis in its place.
     view = [1] * len(axes)
     view[axes.index(axis)] = size
@@ -308,31 +299,45 @@ def _dtype(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _indices(chosen: object, size: int) -> list | None:
-    """The indices an int, a slice, an integer tensor or a list picks along an axis of
-    `size` (not yet checked against it), or None for anything else."""
+def _indices(chosen: object, size: int, what: str, axis: str) -> list[int]:
+    """The indices, from 0, that `chosen` picks along an axis of `size`: an int, a slice, ints
+    (a list or an integer tensor, negative from the end) or booleans (one per index, True where
+    picked); a one-line error beginning with `what` for anything else or out of range."""
     if isinstance(chosen, slice):
         return list(range(size))[chosen]
-    if isinstance(chosen, int) and not isinstance(chosen, bool):
-        return [chosen]
-    if isinstance(chosen, Tensor) and not chosen.dtype.is_floating_point:
-        return chosen.flatten().tolist()
-    if isinstance(chosen, Iterable) and not isinstance(chosen, str | bytes):
-        return list(chosen)
-    return None
+    if isinstance(chosen, Tensor):
+        if chosen.dim() > 1 or chosen.dtype.is_floating_point or chosen.dtype.is_complex:
+            raise TypeError(f"{what} as a tensor must be one axis of integers or booleans, got "
+                            f"{_dtype(chosen.dtype)}{list(chosen.shape)}")
+        chosen = chosen.tolist()
+    entries = (list(chosen) if isinstance(chosen, Iterable) and not isinstance(chosen, str | bytes)
+               else [chosen])
+    if entries and all(isinstance(entry, bool) for entry in entries):
+        if len(entries) != size:
+            raise ShapeError(f"{what} as booleans must be one per {axis} ({size}), got "
+                             f"{len(entries)}")
+        return [index for index, entry in enumerate(entries) if entry]
+    indices = []
+    for entry in entries:
+        try:
+            if isinstance(entry, bool):
+                raise TypeError
+            index = operator.index(entry)
+        except TypeError:
+            raise TypeError(f"{what} must be an int, a list of ints, a slice or booleans, got "
+                            f"{entry!r}") from None
+        if not -size <= index < size:
+            raise ValueError(f"{what} {index} is out of range for {axis} of size {size}")
+        indices.append(index % size)
+    return indices
 
 
 def positions_index(positions: object, seq: int, device: torch.device) -> Tensor:
     """The sequence positions to keep of what is captured, as an index tensor."""
-    indices = _indices(positions, seq)
-    if indices is None:
-        raise TypeError(f"positions must be an int, a list or a slice, got "
-                        f"{type(positions).__name__}")
-    indices = [int(index) for index in indices]
-    if not indices or any(not -seq <= index < seq for index in indices):
-        raise ValueError(f"positions {positions!r} pick no position, or one out of range, of a "
-                         f"sequence of {seq}")
-    return torch.tensor([index % seq for index in indices], dtype=torch.long, device=device)
+    indices = _indices(positions, seq, "positions", "seq")
+    if not indices:
+        raise ValueError(f"positions {positions!r} pick no position of a sequence of {seq}")
+    return torch.tensor(indices, dtype=torch.long, device=device)
 
 
 class ActivationCache(Mapping[str, Tensor]):

@@ -158,6 +158,32 @@ def test_positions_dtype_and_device_are_how_captures_are_kept(model, tokens):
     assert torch.equal(some["blocks.0.pattern"], whole["blocks.0.pattern"][:, :, [8, 2]].double())
 
 
+def test_positions_as_booleans_pick_where_true_for_capture_and_patches(model, tokens):
+    chosen = [False, True, False, False, True, False, False, False, True]
+    with torch.no_grad():
+        _, whole = model.run_with_cache(tokens, "blocks.0.resid_post")
+        for positions in (chosen, torch.tensor(chosen)):
+            _, some = model.run_with_cache(tokens, "blocks.0.resid_post", positions=positions)
+            assert torch.equal(some["blocks.0.resid_post"],
+                               whole["blocks.0.resid_post"][:, [1, 4, 8]])
+        by_mask = model.run_with_patches(tokens, {"blocks.0.mlp_out": Patch(0.0, positions=chosen)})
+        by_index = model.run_with_patches(tokens, {"blocks.0.mlp_out": Patch(0.0, [1, 4, -1])})
+    assert torch.equal(by_mask, by_index)
+
+
+@pytest.mark.parametrize("positions, error, message", [
+    ([1.7], TypeError, "positions must be an int, a list of ints, a slice or booleans, got 1.7"),
+    (torch.tensor([0.5]), TypeError, "positions as a tensor must be one axis of integers"),
+    ([True, False], ShapeError, r"positions as booleans must be one per seq \(9\), got 2"),
+    ([2, -10], ValueError, "positions -10 is out of range for seq of size 9"),
+    ([], ValueError, r"positions \[\] pick no position of a sequence of 9"),
+])
+def test_bad_capture_positions_are_one_line(model, tokens, positions, error, message):
+    with pytest.raises(error, match=message) as raised:
+        model.run_with_cache(tokens, "blocks.0.resid_post", positions=positions)
+    assert "\n" not in str(raised.value)
+
+
 def test_patching_with_its_own_value_changes_nothing(model, tokens):
     with torch.no_grad():
         plain = model(tokens)
@@ -248,6 +274,25 @@ def test_each_row_of_a_left_padded_batch_gets_the_activations_it_has_alone(model
                                       atol=1e-5), name
             assert torch.allclose(together["blocks.1.pattern"][index, :, real, real],
                                   alone["blocks.1.pattern"][0], atol=1e-6)
+
+
+def test_patches_reach_each_row_of_a_left_padded_batch_as_they_would_alone(model):
+    rows = [[5, 17, 60, 2], [9, 8, 7, 6, 5, 4, 3]]
+    padded = torch.tensor([[0] * 3 + rows[0], rows[1]])
+    mask = torch.tensor([[0] * 3 + [1] * 4, [1] * 7])
+    # Negative positions name the same token of every row of a left-padded batch.
+    patches = {"blocks.0.z": Patch(0.0, heads=[1], positions=[-1, -2]),
+               "blocks.1.mlp_out": lambda x: 2 * x}
+    counter = CompileCounter()
+    with torch.no_grad():
+        together = model.run_with_patches(padded, patches, attention_mask=mask)
+        compiled = gpt2_decl.compile(model, backend=counter).run_with_patches(
+            padded, patches, attention_mask=mask)
+        for index, row in enumerate(rows):
+            alone = model.run_with_patches(torch.tensor([row]), patches)
+            assert not torch.allclose(alone, model(torch.tensor([row])), atol=1e-3)
+            assert torch.allclose(together[index, -len(row):], alone[0], atol=1e-5)
+    assert counter.frame_count == 1 and torch.allclose(compiled, together, atol=1e-5)
 
 
 def test_gradients_of_a_metric_come_from_the_same_run(model, tokens):
