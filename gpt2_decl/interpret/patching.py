@@ -26,9 +26,7 @@ def patch_sweep(model, clean: Tensor, corrupted: Tensor, site: str, metric: Metr
     is what runs the passes (the model, or it compiled; default the model)."""
     runner = runner or model
     config = model.config
-    if clean.shape != corrupted.shape or clean.dim() != 2 or clean.shape[0] != 1:
-        raise ValueError(f"clean and corrupted must be two [1, seq] prompts of one length, got "
-                         f"{list(clean.shape)} and {list(corrupted.shape)}")
+    _check_prompts(clean, corrupted)
     if per not in ("position", "head"):
         raise ValueError(f"per must be 'position' or 'head', got {per!r}")
     names = resolve(f"blocks.*.{site}", config, "patch_sweep")
@@ -64,10 +62,22 @@ def attribution_patching(model, clean: Tensor, corrupted: Tensor, site: str,
     corrupted run, summed over the site's last axis: [n_layer, seq] ([n_layer, n_head, seq] for
     a site with a head axis)."""
     runner = runner or model
+    _check_prompts(clean, corrupted)
     names = resolve(f"blocks.*.{site}", model.config, "attribution_patching")
     with torch.no_grad():
         _, clean_cache = runner.run_with_cache(clean, names)
     logits, cache = runner.run_with_cache(corrupted, names, gradients=True)
     metric(logits).sum().backward()
-    return torch.stack([((clean_cache[name] - cache[name]) * cache.grad(name)).sum(-1)[0]
+    return torch.stack([(_difference(clean_cache[name], cache[name]) * cache.grad(name)).sum(-1)[0]
                         for name in names]).detach()
+
+
+def _difference(clean: Tensor, corrupted: Tensor) -> Tensor:
+    """clean - corrupted, 0 where they are equal: the scores of hidden keys are -inf in both."""
+    return torch.where(clean == corrupted, 0.0, clean - corrupted)
+
+
+def _check_prompts(clean: Tensor, corrupted: Tensor) -> None:
+    if clean.shape != corrupted.shape or clean.dim() != 2 or clean.shape[0] != 1:
+        raise ValueError(f"clean and corrupted must be two [1, seq] prompts of one length, got "
+                         f"{list(clean.shape)} and {list(corrupted.shape)}")

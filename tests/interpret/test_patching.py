@@ -82,6 +82,14 @@ def test_attribution_patching_is_the_difference_times_the_gradient(model, prompt
     assert torch.allclose(estimate[1], by_hand, atol=1e-5)
 
 
+def test_attribution_patching_of_scores_is_zero_where_the_runs_agree(model, prompts):
+    clean, corrupted = prompts  # they differ at position 2 only
+    estimate = attribution_patching(model, clean, corrupted, "scores", logit_difference)
+    assert estimate.shape == (2, 4, 7) and estimate.isfinite().all()
+    # Queries before the corrupted token see the same keys in both runs.
+    assert (estimate[:, :, :2] == 0).all() and (estimate[:, :, 2:] != 0).any()
+
+
 def test_bad_sweeps_are_refused_in_one_line(model, prompts):
     clean, corrupted = prompts
     with pytest.raises(ValueError, match="per='head' needs a site with a head axis"):
@@ -90,6 +98,9 @@ def test_bad_sweeps_are_refused_in_one_line(model, prompts):
         patch_sweep(model, clean, corrupted[:, :5], "resid_pre", logit_difference)
     with pytest.raises(ValueError, match="no activation is named 'blocks.\\*.resid'"):
         patch_sweep(model, clean, corrupted, "resid", logit_difference)
+    with pytest.raises(ValueError, match="two \\[1, seq\\] prompts of one length"):
+        attribution_patching(model, clean.expand(2, 7), corrupted.expand(2, 7), "resid_post",
+                             logit_difference)
 
 
 def test_inspect_draws_the_patterns_and_the_logit_lens(tmp_path, capsys):
