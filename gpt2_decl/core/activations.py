@@ -200,7 +200,7 @@ class Taps:
             patch, mask = self.replace[name]
             value = torch.where(mask, patch, value)
         if name in self.functions:
-            value = self.functions[name](value)
+            value = _function_result(name, self.functions[name](value), value)
         if name in self.deltas:
             value = value + self.deltas[name]
         if name in self.expected and not torch.compiler.is_compiling() \
@@ -220,6 +220,21 @@ class Taps:
     @property
     def empty(self) -> bool:
         return not (self.capture or self.replace or self.functions or self.deltas)
+
+
+def _function_result(name: str, result: object, activation: Tensor) -> Tensor:
+    """What a function patch of `name` gave, if it is a tensor like the activation it was
+    given (its shape, dtype and device); a one-line error naming `name` otherwise."""
+    if not isinstance(result, Tensor):
+        raise TypeError(f"patch of {name}: the function must return a tensor, got "
+                        f"{type(result).__name__}")
+    if result.shape != activation.shape:
+        raise ShapeError(f"patch of {name}: the function must return {' '.join(axes_of(name))} "
+                         f"= {list(activation.shape)}, got {list(result.shape)}")
+    if result.dtype != activation.dtype or result.device != activation.device:
+        raise TypeError(f"patch of {name}: the function must return {_dtype(activation.dtype)} "
+                        f"on {activation.device}, got {_dtype(result.dtype)} on {result.device}")
+    return result
 
 
 def plain_site(name: str, value: Tensor) -> Tensor:
@@ -460,7 +475,8 @@ def run(
         taps.deltas = {name: torch.zeros(shape_of(name, config, batch, seq, kv_seq),
                                          dtype=model.dtype, device=model.device,
                                          requires_grad=True) for name in captured}
-    logits = forward(tokens, cache, taps=taps, check_values=False)
+    # Nothing to capture or patch: the plain pass (compiled, the plain graph).
+    logits = forward(tokens, cache, taps=None if taps.empty else taps, check_values=False)
     activations = {name: taps.captured[name] for name in captured}
     if is_typechecked():
         kept = seq if taps.positions is None else len(taps.positions)

@@ -93,9 +93,16 @@ class CompiledGPT2:
                 " times (models, dtypes, batch sizes, with and without a cache): raise "
                 "torch._dynamo.config.recompile_limit, or call torch._dynamo.reset() between uses"
             ) from None
-        except Exception:
+        except Exception as error:
             if checking:
                 self._check(signature)  # raises ShapeError if a shape is at fault
+            if taps is not None and taps.functions and isinstance(
+                    error, torch._dynamo.exc.TorchDynamoException):
+                # A function patch that cannot be traced fails eagerly too, with its own error
+                # (or the site's one line on what it returned) rather than Dynamo's.
+                with torch.compiler.set_stance("force_eager"):
+                    self.compiled(tokens, cache, last_only=last_only, check_values=False,
+                                  taps=taps)
             raise
         if checking and CompiledGPT2.compilations != compilations:
             self._check(signature)

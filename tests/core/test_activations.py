@@ -241,6 +241,21 @@ def test_a_bad_patch_is_one_line_naming_the_activation(model, tokens, patch, err
     assert "\n" not in str(raised.value)
 
 
+@pytest.mark.parametrize("function, error, message", [
+    (lambda x: x[..., :40], ShapeError,
+     r"must return batch seq d_model = \[2, 9, 48\], got \[2, 9, 40\]"),
+    (lambda x: x.double(), TypeError, "must return float32 on cpu, got float64 on cpu"),
+    (lambda x: None, TypeError, "must return a tensor, got NoneType"),
+])
+def test_a_function_patch_giving_the_wrong_thing_is_one_line_eager_and_compiled(
+        model, tokens, function, error, message):
+    for runner in (model, gpt2_decl.compile(model, backend=CompileCounter())):
+        expected = f"patch of blocks.1.mlp_out: the function {message}"
+        with pytest.raises(error, match=expected) as raised:
+            runner.run_with_patches(tokens, {"blocks.1.mlp_out": function})
+        assert "\n" not in str(raised.value)
+
+
 def test_heads_out_of_range_are_refused(model, tokens):
     with pytest.raises(ValueError, match="heads 4 is out of range for head of size 4"):
         model.run_with_patches(tokens, {"blocks.0.z": Patch(0.0, heads=[4])})
@@ -330,6 +345,32 @@ def test_compiled_capture_is_one_graph_matching_eager_and_patches_never_recompil
         assert counter.frame_count == 3
         explanation = torch._dynamo.explain(model)(tokens, taps=_taps(model, tokens))
     assert explanation.graph_count == 1 and explanation.graph_break_count == 0
+
+
+def test_a_function_patch_reuses_its_graph_for_new_tensors_it_closes_over(model, tokens):
+    counter = CompileCounter()
+    compiled = gpt2_decl.compile(model, backend=counter)
+    with torch.no_grad():
+        for scale in (torch.tensor(0.5), torch.tensor(2.0)):
+            patches = {"blocks.1.mlp_out": lambda x, scale=scale: x * scale}
+            patched = compiled.run_with_patches(tokens, patches)
+            expected = model.run_with_patches(tokens, patches)
+            assert torch.allclose(patched, expected, atol=1e-5)
+        assert counter.frame_count == 1
+        # A Python number it closes over is a constant of the graph: a new one, a new graph.
+        compiled.run_with_patches(tokens, {"blocks.1.mlp_out": lambda x: x * 3.0})
+        assert counter.frame_count == 2
+
+
+def test_nothing_to_capture_or_patch_runs_the_plain_graph(model, tokens):
+    counter = CompileCounter()
+    compiled = gpt2_decl.compile(model, backend=counter)
+    with torch.no_grad():
+        plain = compiled(tokens)
+        logits, cache = compiled.run_with_cache(tokens, [])
+        patched = compiled.run_with_patches(tokens, {})
+    assert counter.frame_count == 1 and len(cache) == 0
+    assert torch.equal(logits, plain) and torch.equal(patched, plain)
 
 
 def _taps(model, tokens):
