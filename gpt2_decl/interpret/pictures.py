@@ -42,39 +42,52 @@ def _figure(width: float, height: float):
     return figure
 
 
+# Past these, a picture would grow with the prompt beyond what can be drawn or read: a panel
+# of attention stops growing and labels every few tokens; the logit lens shows the last
+# positions.
+PANEL_INCHES = 10.0
+LABELLED_TOKENS = 48
+LENS_POSITIONS = 40
+
+
 def draw_attention(pattern: Tensor, labels: Sequence[str], path: Path, title: str) -> Path:
     """A layer's attention patterns ([head, seq, seq], one prompt), a panel per head: queries
-    down, keys across, the tokens on both axes."""
+    down, keys across, the tokens on both axes (every few tokens, for long prompts)."""
     heads, seq = pattern.shape[0], pattern.shape[1]
     columns = min(4, heads)
     rows = math.ceil(heads / columns)
-    side = max(2.5, 0.22 * seq)
+    side = min(PANEL_INCHES, max(2.5, 0.22 * seq))
     figure = _figure(columns * side, rows * side + 0.6)
     figure.suptitle(title)
+    ticks = range(0, seq, math.ceil(seq / LABELLED_TOKENS))
     for head in range(heads):
         axes = figure.add_subplot(rows, columns, head + 1)
         axes.imshow(pattern[head].float().cpu().numpy(), cmap="Blues", vmin=0.0, vmax=1.0)
         axes.set_title(f"head {head}", fontsize=9)
-        ticks = range(seq)
-        axes.set_xticks(ticks, labels, rotation=90, fontsize=6)
-        axes.set_yticks(ticks, labels, fontsize=6)
+        shown = [labels[tick] for tick in ticks]
+        axes.set_xticks(ticks, shown, rotation=90, fontsize=6, parse_math=False)
+        axes.set_yticks(ticks, shown, fontsize=6, parse_math=False)
     return _save(figure, path)
 
 
 def draw_logit_lens(lens: LogitLens, labels: Sequence[str], decode: Callable[[int], str],
                     path: Path, title: str) -> Path:
-    """The logit lens as a grid: a row per layer (the input first), a column per position,
-    each cell the top next token, shaded by its probability."""
+    """The logit lens as a grid: a row per layer (the input first), a column per position
+    (the last `LENS_POSITIONS` of a longer prompt), each cell the top next token, shaded by
+    its probability."""
     rows, seq = lens.top_ids.shape
-    figure = _figure(max(4.0, 0.9 * seq + 1.5), 0.45 * rows + 1.5)
+    shown = min(seq, LENS_POSITIONS)
+    top_ids, probabilities = lens.top_ids[:, -shown:], lens.top_probabilities[:, -shown:]
+    if shown < seq:
+        title = f"{title} (the last {shown} of {seq} positions)"
+    figure = _figure(max(4.0, 0.9 * shown + 1.5), 0.45 * rows + 1.5)
     axes = figure.add_subplot()
-    axes.imshow(lens.top_probabilities.cpu().numpy(), cmap="Greens", vmin=0.0, vmax=1.0,
-                aspect="auto")
+    axes.imshow(probabilities.cpu().numpy(), cmap="Greens", vmin=0.0, vmax=1.0, aspect="auto")
     for row in range(rows):
-        for column in range(seq):
-            axes.text(column, row, decode(int(lens.top_ids[row, column])), ha="center",
-                      va="center", fontsize=7)
-    axes.set_xticks(range(seq), labels, rotation=90, fontsize=7)
+        for column in range(shown):
+            axes.text(column, row, decode(int(top_ids[row, column])), ha="center",
+                      va="center", fontsize=7, parse_math=False)
+    axes.set_xticks(range(shown), labels[-shown:], rotation=90, fontsize=7, parse_math=False)
     axes.set_yticks(range(rows), ["embed", *(f"after {i}" for i in range(rows - 1))],
                     fontsize=7)
     axes.set_title(title)

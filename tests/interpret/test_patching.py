@@ -8,6 +8,7 @@ import gpt2_decl
 from gpt2_decl import GPT2, GPT2Config, Patch
 from gpt2_decl.cli import main
 from gpt2_decl.interpret import attribution_patching, patch_sweep
+from gpt2_decl.interpret.pictures import LogitLens, draw_attention, draw_logit_lens
 
 CONFIG = GPT2Config(vocab_size=97, n_ctx=32, d_model=48, n_layer=2, n_head=4, seed=3,
                     init_std=0.2)
@@ -106,7 +107,8 @@ def test_bad_sweeps_are_refused_in_one_line(model, prompts):
 def test_inspect_draws_the_patterns_and_the_logit_lens(tmp_path, capsys):
     checkpoint = tmp_path / "checkpoint"
     GPT2(GPT2Config(n_ctx=64, d_model=32, n_layer=2, n_head=2)).eval().save_pretrained(checkpoint)
-    main(["inspect", "--checkpoint", str(checkpoint), "--prompt", "Hello world, hello",
+    # Dollar signs are text, not matplotlib's mathematics.
+    main(["inspect", "--checkpoint", str(checkpoint), "--prompt", "Hello $$x_1$$ world, $hello",
           "--layer", "1", "--out", str(tmp_path / "pictures"), "--device", "cpu"])
     out = capsys.readouterr().out
     for name in ("attention-block-1.png", "logit-lens.png"):
@@ -115,3 +117,20 @@ def test_inspect_draws_the_patterns_and_the_logit_lens(tmp_path, capsys):
     assert not (tmp_path / "pictures" / "attention-block-0.png").exists()
     with pytest.raises(SystemExit, match="--layer 2: the model has blocks 0 to 1"):
         main(["inspect", "--checkpoint", str(checkpoint), "--prompt", "Hi", "--layer", "2"])
+
+
+def png_size(path):
+    header = path.read_bytes()[:24]  # the signature, then the IHDR chunk: width, height
+    return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+
+
+def test_pictures_of_a_long_prompt_stay_a_size_that_can_be_drawn(tmp_path):
+    seq = 120
+    labels = [f"t{i}" for i in range(seq)]
+    pattern = torch.rand(4, seq, seq).softmax(-1)
+    # 110 dots per inch: four panels of at most 10 inches side by side.
+    width, height = png_size(draw_attention(pattern, labels, tmp_path / "a.png", "a"))
+    assert width <= 4400 and height <= 1166
+    lens = LogitLens(torch.randint(97, (3, seq)), torch.rand(3, seq))
+    width, _ = png_size(draw_logit_lens(lens, labels, str, tmp_path / "lens.png", "lens"))
+    assert width <= (0.9 * 40 + 1.5) * 110  # the last 40 positions
