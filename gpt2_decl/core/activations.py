@@ -114,6 +114,9 @@ def resolve(names: NameSpec, config: GPT2Config, what: str = "capture") -> list[
         return [name for name in valid if name in chosen]
     if isinstance(names, str):
         names = [names]
+    if not isinstance(names, Iterable):
+        raise TypeError(f"names to {what}: expected a name, a glob, a list of them, a predicate "
+                        f"or None, got {type(names).__name__}")
     chosen = set()
     for pattern in names:
         if not isinstance(pattern, str):
@@ -147,7 +150,9 @@ def _unknown(pattern: str, valid: list[str], config: GPT2Config, what: str) -> s
     if layer is not None and layer >= config.n_layer:
         return (f"{what}: {pattern!r} names block {layer}, but the model has blocks 0 to "
                 f"{config.n_layer - 1}")
-    close = difflib.get_close_matches(pattern, valid + list(ALIASES), n=3, cutoff=0.6)
+    aliases = [alias.replace("{i}", str(i)) for alias in ALIASES
+               for i in (range(config.n_layer) if "{i}" in alias else [0])]
+    close = difflib.get_close_matches(pattern, valid + aliases, n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     return (f"{what}: no activation is named {pattern!r}{hint} (gpt2-decl summary --shapes "
             "lists every name)")
@@ -438,6 +443,9 @@ def run(
         raise ValueError("capture and patching run every position: drop last_only (keep only "
                          "the last position's activations with positions=-1)")
     check_tokens(tokens, config, model.device, cache=cache, values=check_values)
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype of the captures: expected a torch.dtype (torch.float16, ...), "
+                        f"got {dtype!r}")
     batch, seq = tokens.shape
     captured = resolve(names, config, "capture") if names != () else []
     patched = {name: patch for pattern, patch in (patches or {}).items()

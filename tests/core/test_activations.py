@@ -138,6 +138,7 @@ def test_the_cache_stacks_accumulates_and_splits_by_head(model, tokens):
 
 @pytest.mark.parametrize("names, message", [
     ("blocks.1.resid_pst", "did you mean blocks.1.resid_post"),
+    ("blocks.1.hook_resid_pr", "did you mean blocks.1.hook_resid_pre,"),
     ("blocks.5.q", "names block 5, but the model has blocks 0 to 1"),
     ("blocks.*.nothing", "no activation is named 'blocks.*.nothing'"),
     (lambda name: False, "the predicate given to capture accepts no activation name"),
@@ -146,6 +147,14 @@ def test_an_unknown_name_is_one_line_naming_the_closest(model, tokens, names, me
     with pytest.raises(ValueError, match=message) as error:
         model.run_with_cache(tokens, names)
     assert "\n" not in str(error.value)
+
+
+def test_names_and_dtypes_of_the_wrong_kind_are_one_line(model, tokens):
+    with pytest.raises(TypeError, match="names to capture: expected a name, a glob, a list of "
+                                        "them, a predicate or None, got int"):
+        model.run_with_cache(tokens, 3)
+    with pytest.raises(TypeError, match="expected a torch.dtype .* got 'float16'"):
+        model.run_with_cache(tokens, "blocks.0.q", dtype="float16")
 
 
 def test_positions_dtype_and_device_are_how_captures_are_kept(model, tokens):
