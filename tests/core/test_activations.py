@@ -82,10 +82,19 @@ def test_each_activation_is_what_the_longhand_model_computes(model, tokens):
                               atol=1e-5)
 
 
-def test_patterns_are_computed_only_where_asked_and_keep_the_logits(model, tokens):
+def test_patterns_are_computed_only_where_asked_and_keep_the_logits(model, tokens, monkeypatch):
+    from gpt2_decl.core import layers
+
+    calls = []
+    for name in ("attend", "attention_scores"):
+        function = getattr(layers, name)
+        monkeypatch.setattr(layers, name, lambda *args, name=name, function=function, **kw: (
+            calls.append(name), function(*args, **kw))[1])
     with torch.no_grad():
         plain = model(tokens)
+        assert calls == ["attend", "attend"]
         logits, cache = model.run_with_cache(tokens, "blocks.1.pattern")
+    assert calls[2:] == ["attend", "attention_scores"]  # block 0 fused, block 1 explicit
     assert list(cache) == ["blocks.1.pattern"]
     assert (logits - plain).abs().max() <= 1e-5
 

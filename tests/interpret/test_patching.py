@@ -3,6 +3,7 @@ patching against gradients taken by hand; the pictures."""
 
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounter
 
 import gpt2_decl
 from gpt2_decl import GPT2, GPT2Config, Patch
@@ -53,9 +54,11 @@ def test_a_position_sweep_equals_the_same_patches_one_at_a_time(model, prompts):
 
 def test_a_head_sweep_compiled_equals_the_same_patches_one_at_a_time(model, prompts):
     clean, corrupted = prompts
+    counter = CompileCounter()
     swept = patch_sweep(model, clean, corrupted, "z", logit_difference, per="head", batch=3,
-                        runner=gpt2_decl.compile(model))
-    assert swept.shape == (2, 4)
+                        runner=gpt2_decl.compile(model, backend=counter))
+    # One graph captures the clean run; one runs all three batches of patched runs.
+    assert swept.shape == (2, 4) and counter.frame_count == 2
     with torch.no_grad():
         _, cache = model.run_with_cache(clean, "blocks.*.z")
         for layer in range(2):
