@@ -385,8 +385,10 @@ def capture(model: gpt2_decl.GPT2, sizes: Sizes, dtype: torch.dtype) -> dict:
     part's sizes; and TransformerLens' run_with_cache on the same weights where installed."""
     batch, seq = sizes.forward
     setup = bench_capture.Setup(model.config, dtype, str(model.device), batch, seq)
+    # The ways compile side by side (on the CPU too, where this runs at tiny sizes).
     rows = bench_capture.benchmark_capture(
-        setup, runs=sizes.runs, warmup=2, compare_lens=bench_capture.transformer_lens_installed())
+        setup, runs=sizes.runs, warmup=2, compare_lens=bench_capture.transformer_lens_installed(),
+        together=True)
     print(bench_capture.format_table(rows))
     result = {"batch": batch, "seq": seq,
               **{f"{row.name} ms": row.timing.median_ms for row in rows},

@@ -91,14 +91,24 @@ def transformer_lens_installed() -> bool:
 
 
 def benchmark_capture(setup: Setup, *, runs: int, warmup: int, compare_lens: bool = False,
-                      log: Callable[[str], None] = print) -> list[CaptureRow]:
-    """Start each way's process (which builds, compiles and warms it up), time the ways in
-    turns, then measure each way's captures, fresh memory and peak over one more call."""
+                      together: bool | None = None, log: Callable[[str], None] = print
+                      ) -> list[CaptureRow]:
+    """Start each way's process (which builds, compiles and warms it up; `together`: all at
+    once, by default on a GPU), time the ways in turns, then measure each way's captures,
+    fresh memory and peak over one more call."""
+    if together is None:
+        # A GPU machine compiles the ways side by side on its many cores; a CPU one at a
+        # time, each with every core, and never with two ways' memory at its peak at once.
+        together = torch.device(setup.device).type != "cpu"
     with contextlib.ExitStack() as stack:
         processes: dict[str, WayProcess] = {}
         for way in way_names(setup.config, compare_lens):
             log(f"compiling / warming up in a process of its own: {way}")
             processes[way] = stack.enter_context(WayProcess(way, setup))
+            if not together:
+                processes[way].wait_until_ready()
+        for process in processes.values():
+            process.wait_until_ready()
         log(f"timing {len(processes)} ways in turn ({warmup} warm-up, {runs} runs)...")
         timings = time_in_turns({way: process.run for way, process in processes.items()},
                                 runs=runs, warmup=warmup)
@@ -113,13 +123,18 @@ class WayProcess:
     when the process's device has finished."""
 
     def __init__(self, way: str, setup: Setup):
-        self.way = way
+        self.way, self.ready = way, False
         context = _process_context()
         self.connection, theirs = context.Pipe()
         self.process = context.Process(target=_serve, args=(way, setup, theirs), daemon=True)
         self.process.start()
         theirs.close()
-        self._answer()
+
+    def wait_until_ready(self) -> None:
+        """Wait until the way is built, compiled and warmed up."""
+        if not self.ready:
+            self._answer()
+            self.ready = True
 
     def run(self) -> None:
         self.connection.send("run")

@@ -267,11 +267,13 @@ def test_capture_bench_compiles_the_compiled_ways_with_a_tuned_plan(tmp_path):
     assert rows["compiled, resid_post"]["captured_bytes"] == 8 * 64 * 2  # bfloat16
 
 
-def test_a_way_that_fails_in_its_process_is_an_error_naming_the_way():
+@pytest.mark.parametrize("together", [False, True])
+def test_a_way_that_fails_in_its_process_is_an_error_naming_the_way(together):
     config = GPT2Config(n_layer=1, n_head=2, d_model=32, n_ctx=8)
     too_long = capture.Setup(config, torch.float32, "cpu", batch=1, seq=9)
     with pytest.raises(RuntimeError, match=r"(?s)compiled, plain: its process failed.*9 tokens"):
-        capture.benchmark_capture(too_long, runs=1, warmup=0, log=lambda message: None)
+        capture.benchmark_capture(too_long, runs=1, warmup=0, together=together,
+                                  log=lambda message: None)
 
 
 def test_transformer_lens_is_for_capture():
