@@ -330,6 +330,8 @@ def _indices(chosen: object, size: int, what: str, axis: str) -> list[int]:
             raise TypeError(f"{what} as a tensor must be one axis of integers or booleans, got "
                             f"{_dtype(chosen.dtype)}{list(chosen.shape)}")
         chosen = chosen.tolist()
+    elif hasattr(chosen, "tolist"):  # a NumPy array or scalar
+        chosen = chosen.tolist()
     entries = (list(chosen) if isinstance(chosen, Iterable) and not isinstance(chosen, str | bytes)
                else [chosen])
     if entries and all(isinstance(entry, bool) for entry in entries):

@@ -3,6 +3,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
@@ -180,7 +181,7 @@ def test_positions_as_booleans_pick_where_true_for_capture_and_patches(model, to
     chosen = [False, True, False, False, True, False, False, False, True]
     with torch.no_grad():
         _, whole = model.run_with_cache(tokens, "blocks.0.resid_post")
-        for positions in (chosen, torch.tensor(chosen)):
+        for positions in (chosen, torch.tensor(chosen), np.array(chosen)):
             _, some = model.run_with_cache(tokens, "blocks.0.resid_post", positions=positions)
             assert torch.equal(some["blocks.0.resid_post"],
                                whole["blocks.0.resid_post"][:, [1, 4, 8]])
