@@ -49,19 +49,21 @@ AFTER_BLOCKS = {
 }
 # Sites that exist only where attention is computed explicitly, not by the fused kernel.
 PATTERN_SITES = ("scores", "pattern")
-# TransformerLens' hook names for the same activations (its layouts may differ: ours are the
-# axes above; its q, k, v and z put the position before the head).
+# TransformerLens' hook names for the same activations, in the same layout.
 ALIASES = {
     "hook_embed": "embed", "hook_pos_embed": "pos_embed",
     "ln_final.hook_normalized": "ln_final",
     **{f"blocks.{{i}}.{alias}": f"blocks.{{i}}.{site}" for alias, site in {
         "hook_resid_pre": "resid_pre", "ln1.hook_normalized": "attn_in",
-        "attn.hook_q": "q", "attn.hook_k": "k", "attn.hook_v": "v",
-        "attn.hook_attn_scores": "scores", "attn.hook_pattern": "pattern", "attn.hook_z": "z",
+        "attn.hook_attn_scores": "scores", "attn.hook_pattern": "pattern",
         "hook_attn_out": "attn_out", "hook_resid_mid": "resid_mid",
         "ln2.hook_normalized": "mlp_in", "mlp.hook_pre": "mlp_pre", "mlp.hook_post": "mlp_post",
         "hook_mlp_out": "mlp_out", "hook_resid_post": "resid_post"}.items()},
 }
+# TransformerLens' q, k, v and z put the position before the head (batch pos head_index
+# d_head): not aliases, since an index meant for one layout silently picks another element
+# of the other; these names are refused, naming ours.
+OTHER_LAYOUT = {"attn.hook_q": "q", "attn.hook_k": "k", "attn.hook_v": "v", "attn.hook_z": "z"}
 
 
 def all_names(config: GPT2Config) -> list[str]:
@@ -129,10 +131,24 @@ def resolve(names: NameSpec, config: GPT2Config, what: str = "capture") -> list[
 
 
 def _matches(pattern: str, valid: list[str], config: GPT2Config) -> list[str]:
+    if other_layout := _other_layout(pattern):
+        raise ValueError(other_layout)
     pattern = _unaliased(pattern)
     if any(character in pattern for character in "*?["):
         return fnmatch.filter(valid, pattern)
     return [pattern] if pattern in valid else []
+
+
+def _other_layout(name: str) -> str | None:
+    """Why `name`, TransformerLens' for an activation in another layout, is not ours; None
+    for any other name."""
+    match = re.fullmatch(r"blocks\.([^.]+)\.(attn\.hook_[qkvz])", name)
+    if not match:
+        return None
+    site = OTHER_LAYOUT[match.group(2)]
+    return (f"{name} is TransformerLens' {site}, laid out batch pos head_index d_head; ours is "
+            f"blocks.{match.group(1)}.{site}, laid out batch head seq d_head (.transpose(1, 2) "
+            "turns one into the other)")
 
 
 def _unaliased(name: str) -> str:
@@ -371,6 +387,8 @@ class ActivationCache(Mapping[str, Tensor]):
         self._activations, self._model, self._deltas = activations, model, deltas
 
     def __getitem__(self, name: str) -> Tensor:
+        if other_layout := _other_layout(name):
+            raise KeyError(other_layout)
         key = _unaliased(name)
         if key not in self._activations:
             valid = list(self._activations)

@@ -10,6 +10,7 @@ from torch._dynamo.testing import CompileCounter
 
 import gpt2_decl
 from gpt2_decl import GPT2, GPT2Config, KVCache, Patch, ShapeError
+from gpt2_decl.core.activations import ALIASES, OTHER_LAYOUT
 
 CONFIG = GPT2Config(vocab_size=97, n_ctx=32, d_model=48, n_layer=2, n_head=4, seed=1)
 BLOCK = ["resid_pre", "attn_in", "q", "k", "v", "scores", "pattern", "z", "attn_out",
@@ -108,6 +109,19 @@ def test_transformer_lens_names_are_aliases_of_ours(model, tokens):
     assert cache["blocks.1.attn.hook_pattern"] is cache["blocks.1.pattern"]
 
 
+def test_transformer_lens_names_for_another_layout_are_refused_naming_ours(model, tokens):
+    message = ("blocks.1.attn.hook_z is TransformerLens' z, laid out batch pos head_index "
+               r"d_head; ours is blocks.1.z, laid out batch head seq d_head")
+    with pytest.raises(ValueError, match=message):
+        model.run_with_cache(tokens, "blocks.1.attn.hook_z")
+    with pytest.raises(ValueError, match="ours is blocks.0.q"):
+        model.run_with_patches(tokens, {"blocks.0.attn.hook_q": torch.zeros(2, 9, 4, 12)})
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, "blocks.1.z")
+    with pytest.raises(KeyError, match=message):
+        cache["blocks.1.attn.hook_z"]
+
+
 def test_each_alias_holds_what_transformer_lens_captures_under_that_name(model, tokens):
     pytest.importorskip("transformer_lens.model_bridge")
     from gpt2_decl.bench.capture import transformer_lens_copy
@@ -116,22 +130,18 @@ def test_each_alias_holds_what_transformer_lens_captures_under_that_name(model, 
         lens_logits, lens_cache = transformer_lens_copy(model).run_with_cache(tokens)
         logits, cache = model.run_with_cache(tokens)
     assert (logits - lens_logits).abs().max() <= 1e-5
-    compared = 0
-    for name in lens_cache:
-        if not name.startswith(("hook_", "blocks.", "ln_final.")):
-            continue
-        try:
-            ours = cache[name]
-        except KeyError:
-            continue
-        theirs = lens_cache[name]
-        if ours.shape != theirs.shape:  # q, k, v, z: TransformerLens puts the head after seq
+    pairs = [(alias.replace("{i}", str(i)), name.replace("{i}", str(i)))
+             for alias, name in ALIASES.items() for i in range(CONFIG.n_layer)]
+    # q, k, v, z: in TransformerLens' layout, the position before the head.
+    pairs += [(f"blocks.{i}.{alias}", f"blocks.{i}.{site}") for alias, site in OTHER_LAYOUT.items()
+              for i in range(CONFIG.n_layer)]
+    for alias, name in dict(pairs).items():
+        theirs, ours = lens_cache[alias], cache[name]
+        if alias.endswith(tuple(OTHER_LAYOUT)):
             theirs = theirs.transpose(1, 2)
         masked = ours == -math.inf  # scores: TransformerLens masks with the dtype's lowest
         assert (theirs[masked] <= torch.finfo(theirs.dtype).min / 2).all(), name
         assert (ours[~masked] - theirs[~masked]).abs().max() <= 1e-5, name
-        compared += 1
-    assert compared >= 30
 
 
 def test_the_cache_stacks_accumulates_and_splits_by_head(model, tokens):
