@@ -13,7 +13,7 @@ import difflib
 import fnmatch
 import operator
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -131,24 +131,26 @@ def resolve(names: NameSpec, config: GPT2Config, what: str = "capture") -> list[
 
 
 def _matches(pattern: str, valid: list[str], config: GPT2Config) -> list[str]:
-    if other_layout := _other_layout(pattern):
-        raise ValueError(other_layout)
+    other_layout = _other_layout(pattern)
+    if other_layout and fnmatch.filter(valid, other_layout[1]):
+        raise ValueError(other_layout[0])
     pattern = _unaliased(pattern)
     if any(character in pattern for character in "*?["):
         return fnmatch.filter(valid, pattern)
     return [pattern] if pattern in valid else []
 
 
-def _other_layout(name: str) -> str | None:
-    """Why `name`, TransformerLens' for an activation in another layout, is not ours; None
-    for any other name."""
+def _other_layout(name: str) -> tuple[str, str] | None:
+    """For TransformerLens' name of an activation in another layout: why it is not ours, and
+    ours; None for any other name."""
     match = re.fullmatch(r"blocks\.([^.]+)\.(attn\.hook_[qkvz])", name)
     if not match:
         return None
     site = OTHER_LAYOUT[match.group(2)]
+    ours = f"blocks.{match.group(1)}.{site}"
     return (f"{name} is TransformerLens' {site}, laid out batch pos head_index d_head; ours is "
-            f"blocks.{match.group(1)}.{site}, laid out batch head seq d_head (.transpose(1, 2) "
-            "turns one into the other)")
+            f"{ours}, laid out batch head seq d_head (.transpose(1, 2) turns one into the "
+            "other)"), ours
 
 
 def _unaliased(name: str) -> str:
@@ -311,14 +313,23 @@ def _axis_mask(name: str, what: str, chosen: object, axes: list[str], shape: tup
     """A boolean mask over `axis` (and the batch, for per-row choices) that broadcasts to the
     activation: True where `chosen` picks."""
     size, batch = shape[axes.index(axis)], shape[0]
+    if not isinstance(chosen, Tensor) and hasattr(chosen, "tolist"):  # a NumPy array
+        chosen = chosen.tolist()
+    if isinstance(chosen, list | tuple) and chosen and all(
+            isinstance(row, list | tuple) for row in chosen):  # booleans per row
+        chosen = torch.tensor(chosen, device=device)
     if isinstance(chosen, Tensor) and chosen.dtype == torch.bool and chosen.dim() == 2:
         if tuple(chosen.shape) != (batch, size):
             raise ShapeError(f"patch of {name}: {what} as booleans per row must have shape "
                              f"[{batch}, {size}] (batch {axis}), got {list(chosen.shape)}")
         picked = chosen.to(device)
     else:
+        indices = _indices(chosen, size, f"patch of {name}: {what}", axis)
+        if not indices:
+            raise ValueError(f"patch of {name}: {what} {chosen!r} pick none of the {size} "
+                             f"along {axis}")
         picked = torch.zeros(size, dtype=torch.bool, device=device)
-        picked[_indices(chosen, size, f"patch of {name}: {what}", axis)] = True
+        picked[indices] = True
     # To the activation's axes: batch first (if per row), the chosen axis in its place.
     view = [1] * len(axes)
     view[axes.index(axis)] = size
@@ -340,6 +351,8 @@ def _indices(chosen: object, size: int, what: str, axis: str) -> list[int]:
     (a list or an integer tensor, negative from the end) or booleans (one per index, True where
     picked); a one-line error beginning with `what` for anything else or out of range."""
     if isinstance(chosen, slice):
+        if chosen.step == 0:
+            raise ValueError(f"{what} {chosen} has a step of 0")
         return list(range(size))[chosen]
     if isinstance(chosen, Tensor):
         if chosen.dim() > 1 or chosen.dtype.is_floating_point or chosen.dtype.is_complex:
@@ -348,8 +361,13 @@ def _indices(chosen: object, size: int, what: str, axis: str) -> list[int]:
         chosen = chosen.tolist()
     elif hasattr(chosen, "tolist"):  # a NumPy array or scalar
         chosen = chosen.tolist()
-    entries = (list(chosen) if isinstance(chosen, Iterable) and not isinstance(chosen, str | bytes)
-               else [chosen])
+    if isinstance(chosen, Iterable) and not isinstance(chosen, Sequence | str | bytes):
+        raise TypeError(f"{what} must be an int, a list of ints, a slice or booleans, got "
+                        f"{type(chosen).__name__}")
+    entries = list(chosen) if isinstance(chosen, Sequence) and not isinstance(
+        chosen, str | bytes) else [chosen]
+    # NumPy's and torch's scalars as Python's (a NumPy bool is no Python bool).
+    entries = [entry.item() if hasattr(entry, "item") else entry for entry in entries]
     if entries and all(isinstance(entry, bool) for entry in entries):
         if len(entries) != size:
             raise ShapeError(f"{what} as booleans must be one per {axis} ({size}), got "
@@ -387,9 +405,7 @@ class ActivationCache(Mapping[str, Tensor]):
         self._activations, self._model, self._deltas = activations, model, deltas
 
     def __getitem__(self, name: str) -> Tensor:
-        if other_layout := _other_layout(name):
-            raise KeyError(other_layout)
-        key = _unaliased(name)
+        key = self._key(name)
         if key not in self._activations:
             valid = list(self._activations)
             close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
@@ -399,6 +415,12 @@ class ActivationCache(Mapping[str, Tensor]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._activations)
+
+    @staticmethod
+    def _key(name: str) -> str:
+        if other_layout := _other_layout(name):
+            raise KeyError(other_layout[0])
+        return _unaliased(name)
 
     def __len__(self) -> int:
         return len(self._activations)
@@ -429,7 +451,7 @@ class ActivationCache(Mapping[str, Tensor]):
     def grad(self, name: str) -> Tensor:
         """The gradient, with respect to the activation, of what `backward` was called on
         (run_with_cache(..., gradients=True))."""
-        key = _unaliased(name)
+        key = self._key(name)
         if key not in self._deltas:
             raise KeyError(f"no gradient of {name!r}: capture it with gradients=True")
         if self._deltas[key].grad is None:

@@ -98,15 +98,24 @@ class CompiledGPT2:
                 self._check(signature)  # raises ShapeError if a shape is at fault
             if taps is not None and taps.functions and isinstance(
                     error, torch._dynamo.exc.TorchDynamoException):
-                # A function patch that cannot be traced fails eagerly too, with its own error
-                # (or the site's one line on what it returned) rather than Dynamo's.
-                with torch.compiler.set_stance("force_eager"):
-                    self.compiled(tokens, cache, last_only=last_only, check_values=False,
-                                  taps=taps)
+                self._explain_function_patches(error, tokens, cache, last_only, taps)
             raise
         if checking and CompiledGPT2.compilations != compilations:
             self._check(signature)
         return logits
+
+    def _explain_function_patches(self, error: Exception, tokens: Tensor,
+                                  cache: KVCache | None, last_only: bool, taps: Taps) -> None:
+        """Dynamo failed on a call with function patches: run it eagerly, where a function
+        that gives the wrong thing fails in one line naming its activation; if it runs, the
+        functions could not be traced: say so in one line."""
+        with torch.compiler.set_stance("force_eager"):
+            self.compiled(tokens, cache, last_only=last_only, check_values=False, taps=taps)
+        reason = str(error).strip().splitlines()[0]
+        raise RuntimeError(
+            f"the function patches of {', '.join(taps.functions)} run eagerly but did not "
+            f"compile into one graph ({reason}): patch with tensors or gpt2_decl.Patch, or "
+            "run them on the model itself") from None
 
     def run_with_cache(self, tokens: Tensor, names: NameSpec = None, *,
                        patches: Mapping | None = None, **options) -> tuple[Tensor, ActivationCache]:

@@ -135,6 +135,7 @@ def test_each_alias_holds_what_transformer_lens_captures_under_that_name(model, 
     # q, k, v, z: in TransformerLens' layout, the position before the head.
     pairs += [(f"blocks.{i}.{alias}", f"blocks.{i}.{site}") for alias, site in OTHER_LAYOUT.items()
               for i in range(CONFIG.n_layer)]
+    assert len(dict(pairs)) == 3 + 15 * CONFIG.n_layer  # 3 of the model's 5 names, all 15 a block
     for alias, name in dict(pairs).items():
         theirs, ours = lens_cache[alias], cache[name]
         if alias.endswith(tuple(OTHER_LAYOUT)):
@@ -197,7 +198,12 @@ def test_positions_as_booleans_pick_where_true_for_capture_and_patches(model, to
                                whole["blocks.0.resid_post"][:, [1, 4, 8]])
         by_mask = model.run_with_patches(tokens, {"blocks.0.mlp_out": Patch(0.0, positions=chosen)})
         by_index = model.run_with_patches(tokens, {"blocks.0.mlp_out": Patch(0.0, [1, 4, -1])})
+        per_row = [[False] * 9, chosen]
+        by_row = [model.run_with_patches(tokens, {"blocks.0.mlp_out": Patch(0.0, rows)})
+                  for rows in (per_row, np.array(per_row), torch.tensor(per_row))]
     assert torch.equal(by_mask, by_index)
+    assert all(torch.equal(logits[1], by_index[1]) for logits in by_row)
+    assert all(torch.equal(logits, by_row[0]) for logits in by_row)
 
 
 @pytest.mark.parametrize("positions, error, message", [
@@ -206,6 +212,8 @@ def test_positions_as_booleans_pick_where_true_for_capture_and_patches(model, to
     ([True, False], ShapeError, r"positions as booleans must be one per seq \(9\), got 2"),
     ([2, -10], ValueError, "positions -10 is out of range for seq of size 9"),
     ([], ValueError, r"positions \[\] pick no position of a sequence of 9"),
+    ({1, 2}, TypeError, "positions must be an int, a list of ints, a slice or booleans, got set"),
+    (slice(None, None, 0), ValueError, r"positions slice\(None, None, 0\) has a step of 0"),
 ])
 def test_bad_capture_positions_are_one_line(model, tokens, positions, error, message):
     with pytest.raises(error, match=message) as raised:
@@ -218,7 +226,11 @@ def test_patching_with_its_own_value_changes_nothing(model, tokens):
         plain = model(tokens)
         _, cache = model.run_with_cache(tokens, "blocks.1.mlp_post")
         same = model.run_with_patches(tokens, {"blocks.1.mlp_post": cache["blocks.1.mlp_post"]})
+        # A pattern patched makes its block compute attention explicitly: as close as capture.
+        _, cache = model.run_with_cache(tokens, "blocks.0.pattern")
+        explicit = model.run_with_patches(tokens, {"blocks.0.pattern": cache["blocks.0.pattern"]})
     assert torch.equal(same, plain)
+    assert (explicit - plain).abs().max() <= 1e-5
 
 
 def test_the_clean_residual_patched_into_the_corrupted_run_gives_the_clean_logits(model):
@@ -262,6 +274,7 @@ def test_a_function_patches_what_it_is_given(model, tokens):
     (torch.zeros(2, 9, 48, dtype=torch.float64), TypeError, "expected dtype float32, got float64"),
     (Patch(0.0, heads=[0]), ValueError, "heads= is for activations with a head axis"),
     (Patch(0.0, positions=[9]), ValueError, "positions 9 is out of range for seq of size 9"),
+    (Patch(0.0, positions=[False] * 9), ValueError, "pick none of the 9 along seq"),
     ("zeros", TypeError, "expected a tensor, a function of the activation or gpt2_decl.Patch"),
 ])
 def test_a_bad_patch_is_one_line_naming_the_activation(model, tokens, patch, error, message):
@@ -386,9 +399,17 @@ def test_a_function_patch_reuses_its_graph_for_new_tensors_it_closes_over(model,
             expected = model.run_with_patches(tokens, patches)
             assert torch.allclose(patched, expected, atol=1e-5)
         assert counter.frame_count == 1
-        # A Python number it closes over is a constant of the graph: a new one, a new graph.
-        compiled.run_with_patches(tokens, {"blocks.1.mlp_out": lambda x: x * 3.0})
-        assert counter.frame_count == 2
+
+
+def test_a_function_patch_that_runs_eagerly_but_cannot_compile_says_so_in_one_line(model, tokens):
+    compiled = gpt2_decl.compile(model, backend=CompileCounter())
+    branching = {"blocks.1.mlp_out": lambda x: x * 2 if x.sum() > 0 else x}
+    with torch.no_grad():
+        model.run_with_patches(tokens, branching)
+        with pytest.raises(RuntimeError, match="the function patches of blocks.1.mlp_out run "
+                                               "eagerly but did not compile") as raised:
+            compiled.run_with_patches(tokens, branching)
+    assert "\n" not in str(raised.value)
 
 
 def test_nothing_to_capture_or_patch_runs_the_plain_graph(model, tokens):
