@@ -316,6 +316,16 @@ def test_what_capture_cannot_do_is_refused_in_one_line(model, tokens):
     assert captured["blocks.1.resid_post"].shape == (2, 1, 48)
 
 
+def test_a_prompt_into_an_empty_cache_gives_its_pattern_over_the_cache_slots(model, tokens):
+    cache = KVCache(CONFIG, 2, 12, dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        _, alone = model.run_with_cache(tokens, "blocks.1.pattern")
+        _, cached = model.run_with_cache(tokens, "blocks.1.pattern", cache=cache)
+    pattern = cached["blocks.1.pattern"]
+    assert pattern.shape == (2, 4, 9, 12) and (pattern[..., 9:] == 0).all()
+    assert torch.allclose(pattern[..., :9], alone["blocks.1.pattern"], atol=1e-6)
+
+
 def test_each_row_of_a_left_padded_batch_gets_the_activations_it_has_alone(model):
     rows = [[5, 17, 60, 2], [9, 8, 7, 6, 5, 4, 3]]
     padded = torch.tensor([[0] * 3 + rows[0], rows[1]])
