@@ -492,11 +492,10 @@ def run(
     captured = resolve(names, config, "capture") if names != () else []
     patched = {name: patch for pattern, patch in (patches or {}).items()
                for name in resolve(pattern, config, "patch")}
-    if cache is not None and int(cache.length) > 0:  # an empty cache: a prompt, whole
-        wanted = [name for name in [*captured, *patched] if site_of(name) in PATTERN_SITES]
-        if wanted:
-            raise ValueError(f"{wanted[0]}: a pass that continues a cache has no full sequence "
-                             "to take a pattern over; run the whole sequence without a cache")
+    wanted = [name for name in [*captured, *patched] if site_of(name) in PATTERN_SITES]
+    if wanted and cache is not None and int(cache.length) > 0:  # (an empty one: a prompt)
+        raise ValueError(f"{wanted[0]}: a pass that continues a cache has no full sequence "
+                         "to take a pattern over; run the whole sequence without a cache")
     if attention_mask is not None:
         if cache is not None:
             raise ValueError("attention_mask pads a whole batch of prompts; a cache continues "

@@ -419,7 +419,11 @@ def test_a_function_patch_that_runs_eagerly_but_cannot_compile_says_so_in_one_li
         with pytest.raises(RuntimeError, match="the function patches of blocks.1.mlp_out run "
                                                "eagerly but did not compile") as raised:
             compiled.run_with_patches(tokens, branching)
-    assert "\n" not in str(raised.value)
+        assert "\n" not in str(raised.value)
+        cache = KVCache(CONFIG, 2, 12, dtype=torch.float32, device="cpu")
+        with pytest.raises(RuntimeError, match="did not compile"):
+            compiled.run_with_patches(tokens, branching, cache=cache)
+    assert int(cache.length) == 0  # the failed call left nothing in the cache
 
 
 def test_nothing_to_capture_or_patch_runs_the_plain_graph(model, tokens):
