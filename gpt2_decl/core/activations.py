@@ -524,8 +524,14 @@ def run(
         taps.deltas = {name: torch.zeros(shape_of(name, config, batch, seq, kv_seq),
                                          dtype=model.dtype, device=model.device,
                                          requires_grad=True) for name in captured}
-    # Nothing to capture or patch: the plain pass (compiled, the plain graph).
-    logits = forward(tokens, cache, taps=None if taps.empty else taps, check_values=False)
+    length = None if cache is None else cache.length.clone()
+    try:
+        # Nothing to capture or patch: the plain pass (compiled, the plain graph).
+        logits = forward(tokens, cache, taps=None if taps.empty else taps, check_values=False)
+    except BaseException:
+        if length is not None:  # a pass that failed (a patch, say) leaves the cache as it was
+            cache.length.copy_(length)
+        raise
     activations = {name: taps.captured[name] for name in captured}
     if is_typechecked():
         kept = seq if taps.positions is None else len(taps.positions)

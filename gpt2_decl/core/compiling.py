@@ -109,13 +109,8 @@ class CompiledGPT2:
         """Dynamo failed on a call with function patches: run it eagerly, where a function
         that gives the wrong thing fails in one line naming its activation; if it runs, the
         functions could not be traced: say so in one line."""
-        length = None if cache is None else cache.length.clone()
-        try:
-            with torch.compiler.set_stance("force_eager"):
-                self.compiled(tokens, cache, last_only=last_only, check_values=False, taps=taps)
-        finally:
-            if cache is not None:  # the call failed: its tokens are not in the cache
-                cache.length.copy_(length)
+        with torch.compiler.set_stance("force_eager"):
+            self.compiled(tokens, cache, last_only=last_only, check_values=False, taps=taps)
         reason = str(error).strip().splitlines()[0]
         raise RuntimeError(
             f"the function patches of {', '.join(taps.functions)} run eagerly but did not "
