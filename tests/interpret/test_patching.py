@@ -8,7 +8,7 @@ from torch._dynamo.testing import CompileCounter
 import gpt2_decl
 from gpt2_decl import GPT2, GPT2Config, Patch
 from gpt2_decl.cli import main
-from gpt2_decl.interpret import attribution_patching, patch_sweep
+from gpt2_decl.interpret import attribution_patching, patch_sweep, pictures
 from gpt2_decl.interpret.pictures import LogitLens, draw_attention, draw_logit_lens
 
 CONFIG = GPT2Config(vocab_size=97, n_ctx=32, d_model=48, n_layer=2, n_head=4, seed=3,
@@ -127,7 +127,8 @@ def png_size(path):
     return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
 
 
-def test_pictures_of_a_long_prompt_stay_a_size_that_can_be_drawn(tmp_path):
+def test_pictures_of_a_long_prompt_stay_a_size_that_can_be_drawn(tmp_path, monkeypatch):
+    save = pictures._save
     seq = 120
     labels = [f"t{i}" for i in range(seq)]
     pattern = torch.rand(4, seq, seq).softmax(-1)
@@ -135,5 +136,10 @@ def test_pictures_of_a_long_prompt_stay_a_size_that_can_be_drawn(tmp_path):
     width, height = png_size(draw_attention(pattern, labels, tmp_path / "a.png", "a"))
     assert width <= 4400 and height <= 1166
     lens = LogitLens(torch.randint(97, (3, seq)), torch.rand(3, seq))
+    drawn = []
+    monkeypatch.setattr(pictures, "_save", lambda figure, path: drawn.append(figure) or
+                        save(figure, path))
     width, _ = png_size(draw_logit_lens(lens, labels, str, tmp_path / "lens.png", "lens"))
-    assert width <= (0.9 * 40 + 1.5) * 110  # the last 40 positions
+    assert width <= (0.9 * 40 + 1.5) * 110
+    shown = [label.get_text() for label in drawn[0].axes[0].get_xticklabels()]
+    assert shown == labels[-40:]  # the last 40 positions
