@@ -296,11 +296,11 @@ def test_a_function_patch_giving_the_wrong_thing_is_one_line_eager_and_compiled(
         with pytest.raises(error, match=expected) as raised:
             runner.run_with_patches(tokens, {"blocks.1.mlp_out": function})
         assert "\n" not in str(raised.value)
-        # A pass that fails partway leaves a cache it was continuing as it was.
-        cache = KVCache(CONFIG, 2, 12, dtype=torch.float32, device="cpu")
-        with pytest.raises(error, match=expected):
-            runner.run_with_patches(tokens, {"blocks.1.mlp_out": function}, cache=cache)
-        assert int(cache.length) == 0
+    # A pass that fails partway leaves a cache it was continuing as it was.
+    cache = KVCache(CONFIG, 2, 12, dtype=torch.float32, device="cpu")
+    with pytest.raises(error, match=expected):
+        model.run_with_patches(tokens, {"blocks.1.mlp_out": function}, cache=cache)
+    assert int(cache.length) == 0
 
 
 def test_heads_out_of_range_are_refused(model, tokens):
