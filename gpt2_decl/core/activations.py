@@ -143,8 +143,8 @@ def _matches(pattern: str, valid: list[str], config: GPT2Config) -> list[str]:
 def _other_layout(name: str) -> tuple[str, str] | None:
     """For TransformerLens' name of an activation in another layout: why it is not ours, and
     ours; None for any other name."""
-    match = re.fullmatch(r"blocks\.([^.]+)\.(attn\.hook_[qkvz])", name)
-    if not match:
+    match = re.fullmatch(r"blocks\.([^.]+)\.(.+)", name)
+    if not match or match.group(2) not in OTHER_LAYOUT:
         return None
     site = OTHER_LAYOUT[match.group(2)]
     ours = f"blocks.{match.group(1)}.{site}"
